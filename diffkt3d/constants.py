@@ -1,0 +1,46 @@
+"""Constants shared by training, inference, the server and the Slicer logic.
+
+Defined once here (house style rule 5): change a value here and every layer follows.
+"""
+
+from __future__ import annotations
+
+# The seven modalities of the DiffKT3D paper, in slot order (the 4D RoPE slot index is the
+# position in this tuple, so never reorder: checkpoints depend on it).
+MODALITIES: tuple[str, ...] = ("ct", "ptv", "oar", "body", "beam", "angle", "dose")
+
+# Modalities a user may ask the model to impute (besides dose prediction).
+IMPUTABLE: tuple[str, ...] = ("ct", "ptv", "oar")
+
+# CT window (HU) used before scaling to [-1, 1] (paper supplement B.1).
+CT_WINDOW_HU: tuple[float, float] = (-1000.0, 1000.0)
+
+# Dose normalisation: Gy / DOSE_SCALE_GY maps the highest usual prescription to ~1 before the
+# affine map to [-1, 1]. 80 Gy leaves head-room for hot spots above 70 Gy (PTV70 D1 ~ 75 Gy).
+DOSE_SCALE_GY: float = 80.0
+
+# OpenKBP structure names (the benchmark's 7 OARs and 3 PTVs).
+OPENKBP_OARS: tuple[str, ...] = (
+    "Brainstem",
+    "SpinalCord",
+    "RightParotid",
+    "LeftParotid",
+    "Esophagus",
+    "Larynx",
+    "Mandible",
+)
+OPENKBP_PTVS: tuple[str, ...] = ("PTV56", "PTV63", "PTV70")
+OPENKBP_FRACTIONS: int = 35
+# OpenKBP plans: 9 coplanar 6 MV fields at 0, 40, ..., 320 degrees (documented preset).
+OPENKBP_GANTRY_ANGLES_DEG: tuple[float, ...] = tuple(float(a) for a in range(0, 360, 40))
+
+# Source-axis distance of a linac (mm), used to rasterise the beam plate.
+SAD_MM: float = 1000.0
+
+# File names inside a case folder (shared/docs/INTERFACES.md).
+CT_FILE = "ct.nii.gz"
+DOSE_FILE = "dose.nii.gz"
+BODY_FILES: tuple[str, ...] = ("possible_dose_mask.nii.gz", "body.nii.gz")
+PLAN_FILE = "plan.json"
+BEAM_FILE = "beam_plate.nii.gz"
+ANGLE_FILE = "angle_plate.nii.gz"

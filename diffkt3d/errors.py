@@ -1,0 +1,36 @@
+"""Exceptions that carry a user-facing message naming the case, file and problem.
+
+The CLI and the server turn these into one line / a 4xx response; anything else escaping is a bug.
+"""
+
+from __future__ import annotations
+
+
+class DiffKT3DError(Exception):
+    """Base class for errors caused by user input (bad files, bad config, bad request)."""
+
+
+class CaseError(DiffKT3DError):
+    """A case (folder, DICOM series, npz ...) cannot be used as given.
+
+    Args:
+        message: what is wrong, with expected vs found where it helps.
+        case: case id or folder.
+        file: the offending file, if one.
+    """
+
+    def __init__(self, message: str, case: str | None = None, file: str | None = None):
+        self.case = case
+        self.file = file
+        self.problem = message
+        where = []
+        if case:
+            where.append(f"case {case}")
+        if file:
+            where.append(f"file {file}")
+        prefix = (", ".join(where) + ": ") if where else ""
+        super().__init__(prefix + message)
+
+
+class ConfigError(DiffKT3DError):
+    """A config, template or preset is invalid (unknown name, bad value)."""
