@@ -71,6 +71,9 @@ def load_nifti(path: Path, case_id: str, dtype: type = np.float32) -> tuple[np.n
         if not np.isfinite(data).all():
             raise CaseError("mask contains NaN/Inf", case=case_id, file=str(path))
         return data > 0.5, img.affine
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise CaseError(f"contains {bad} NaN/Inf voxels", case=case_id, file=str(path))
     return data.astype(dtype, copy=False), img.affine
 
 
@@ -151,6 +154,8 @@ def load_case_folder(folder: str | Path, *, with_dose: bool = True) -> Case:
         if role == "body" and body is None:
             body = mask
             continue
+        if role == "target" and not mask.any():
+            raise CaseError(f"target {name} is empty (no voxels)", case=case_id, file=str(path))
         structures[name] = Structure(name=name, mask=mask, role=role,
                                      prescription_gy=None if rx is None else float(rx))
     for name in structures_cfg:

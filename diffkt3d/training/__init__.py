@@ -1,0 +1,9 @@
+"""Training: Stage A Any2Any, Stage B dose fine-tune (and ScardNFT when present).
+
+Entry point for the CLI and the MONAI Label train task: `run_training(TrainConfig, ...)`.
+"""
+
+from diffkt3d.training.config import StageConfig, TrainConfig
+from diffkt3d.training.trainer import Trainer, run_training
+
+__all__ = ["StageConfig", "TrainConfig", "Trainer", "run_training"]

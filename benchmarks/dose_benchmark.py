@@ -1,0 +1,209 @@
+"""Dose + imputation benchmark on the OpenKBP validation cases, DiT vs the MONAI peer, one run.
+
+For every validation case (40): the shipped DiT with 10 steps and with the 1-step preview, and the
+BasicUNet peer trained with the same CPU budget (benchmarks/peer.py). Figures: OpenKBP dose score
+and DVH score (official definitions, diffkt3d.metrics.openkbp), PSNR, SSIM, Scorecard total
+(openkbp_hn), seconds per case, and peak memory (each model runs in its own child process, so
+ru_maxrss is that model's peak). Imputation (DiT): CT MAE (HU, inside the body) and PSNR, PTV and
+OAR Dice per structure, on cases that have the modality.
+
+    python benchmarks/dose_benchmark.py --peer runs/peer/basicunet.pt
+
+writes benchmarks/results/dose_benchmark.md and .json with the machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from diffkt3d.data.dataset import list_case_dirs  # noqa: E402
+from diffkt3d.io.case_folder import load_case_folder  # noqa: E402
+from diffkt3d.metrics.image import dice, masked_mae_hu, psnr, ssim  # noqa: E402
+from diffkt3d.metrics.openkbp import score_case_object  # noqa: E402
+
+log = logging.getLogger("dose_benchmark")
+
+
+def machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def dose_figures(case, dose_gy: np.ndarray, template) -> dict:
+    from diffkt3d.scorecard import score_case
+
+    s = score_case_object(case, dose_gy)
+    return {"dose_score": s.dose_score, "dvh_errors": [float(v) for v in s.dvh_errors.values()],
+            "psnr": psnr(dose_gy, case.dose_gy), "ssim": ssim(dose_gy, case.dose_gy),
+            "scorecard": float(score_case(dose_gy, case, template).to_dict()["total"]), "_score": s}
+
+
+def run_child(args: argparse.Namespace) -> None:
+    """Evaluate one model variant on all cases; write JSON lines to args.child_out."""
+    from diffkt3d.scorecard import load_template
+
+    torch.set_num_threads(args.threads)
+    template = load_template(args.template)
+    cases = list_case_dirs([args.cases])[: args.limit or None]
+    rows = []
+    if args.child in ("dit10", "dit1", "impute"):
+        from diffkt3d.inference import Predictor
+
+        predictor = Predictor.load(args.model)
+    else:
+        from peer import load_peer, predict_peer
+
+        from diffkt3d.data.dataset import prepare_case
+        from diffkt3d.data.encoding import decode_dose, encode_case
+
+        model, enc, peer_meta = load_peer(args.peer)
+    for folder in cases:
+        ref = load_case_folder(folder)
+        if ref.dose_gy is None:
+            continue
+        row: dict = {"case": ref.case_id}
+        if args.child in ("dit10", "dit1"):
+            inp = load_case_folder(folder, with_dose=False)
+            t0 = time.perf_counter()
+            pred = predictor.predict_dose(inp, steps=10 if args.child == "dit10" else 1, seed=0, template=None)
+            row["seconds"] = time.perf_counter() - t0
+            row.update({k: v for k, v in dose_figures(ref, pred.dose_gy, template).items() if k != "_score"})
+        elif args.child == "peer":
+            t0 = time.perf_counter()
+            inp = prepare_case(folder)
+            inp.dose_gy = None
+            tensors = encode_case(inp, enc, tuple(m for m in ("ct", "ptv", "oar", "body", "beam", "angle") if inp.has(m)
+                                                  or (m == "oar" and inp.oars)))
+            dose = decode_dose(predict_peer(model, tensors, enc), inp.grid, enc, inp.body)
+            row["seconds"] = time.perf_counter() - t0
+            row.update({k: v for k, v in dose_figures(ref, dose, template).items() if k != "_score"})
+            row["peer"] = peer_meta
+        else:  # imputation
+            t0 = time.perf_counter()
+            if ref.ct_hu is not None:
+                ct = predictor.impute(ref, "ct", steps=10, seed=0).ct_hu
+                row["ct_mae_hu"] = masked_mae_hu(ct, ref.ct_hu, ref.body)
+                row["ct_psnr"] = psnr(np.clip(ct, -1000, 1000), np.clip(ref.ct_hu, -1000, 1000), data_range=2000.0)
+            ptv = predictor.impute(ref, "ptv", steps=10, seed=0).masks
+            row["ptv_dice"] = {n: dice(ptv.get(n, np.zeros_like(s.mask)), s.mask) for n, s in ref.targets.items()}
+            oar = predictor.impute(ref, "oar", steps=10, seed=0).masks
+            row["oar_dice"] = {n: dice(oar[n], s.mask) for n, s in ref.oars.items() if n in oar}
+            row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        log.info("%s %s %s", args.child, ref.case_id, {k: v for k, v in row.items() if isinstance(v, float)})
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(args.child_out).write_text(json.dumps({"rows": rows, "peak_rss_mb": peak_mb}))
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {"n": len(rows)}
+    if rows and "dose_score" in rows[0]:
+        out["dose_score"] = float(np.mean([r["dose_score"] for r in rows]))
+        out["dvh_score"] = float(np.mean([e for r in rows for e in r["dvh_errors"]]))
+        for k in ("psnr", "ssim", "scorecard"):
+            out[k] = float(np.mean([r[k] for r in rows]))
+    out["seconds_median"] = float(statistics.median(r["seconds"] for r in rows)) if rows else float("nan")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default=str(ROOT.parent / "shared/datasets/openkbp/validation"))
+    p.add_argument("--model", default=None, help="DiT checkpoint (default: shipped)")
+    p.add_argument("--peer", default=str(ROOT / "runs/peer/basicunet.pt"))
+    p.add_argument("--template", default="openkbp_hn")
+    p.add_argument("--limit", type=int, default=0, help="first N cases only (0 = all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", nargs="+", default=["dit10", "dit1", "peer", "impute"])
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/dose_benchmark"))
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.child:
+        run_child(args)
+        return
+    results = {}
+    started = dt.datetime.now(dt.timezone.utc)
+    for variant in args.variants:
+        child_out = f"{args.out}.{variant}.tmp.json"
+        cmd = [sys.executable, __file__, "--child", variant, "--child-out", child_out, "--cases", args.cases,
+               "--peer", args.peer, "--template", args.template, "--limit", str(args.limit),
+               "--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
+        log.info("running %s", " ".join(cmd))
+        subprocess.run(cmd, check=True)
+        blob = json.loads(Path(child_out).read_text())
+        Path(child_out).unlink()
+        results[variant] = {"summary": summarise(blob["rows"]), "peak_rss_mb": blob["peak_rss_mb"], "rows": blob["rows"]}
+    write_report(args, results, started)
+
+
+def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "date": started.isoformat(),
+                                                    "args": vars(args), "results": results}, indent=1))
+    names = {"dit10": "DiffKT3D cpu-default, 10 steps", "dit1": "DiffKT3D cpu-default, 1-step preview",
+             "peer": "MONAI BasicUNet peer (same CPU budget)"}
+    lines = [f"# Dose benchmark: OpenKBP validation ({started:%Y-%m-%d %H:%M} UTC)", "",
+             f"Machine: {machine()}", "",
+             f"Command: `python benchmarks/dose_benchmark.py {' '.join(sys.argv[1:])}`", "",
+             "| model | cases | dose score (Gy) | DVH score (Gy) | PSNR (dB) | SSIM | Scorecard | s/case (median) | peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, name in names.items():
+        if key not in results:
+            continue
+        s = results[key]["summary"]
+        lines.append(f"| {name} | {s['n']} | {s['dose_score']:.3f} | {s['dvh_score']:.3f} | {s['psnr']:.2f} | "
+                     f"{s['ssim']:.4f} | {s['scorecard']:.2f} | {s['seconds_median']:.2f} | "
+                     f"{results[key]['peak_rss_mb']:.0f} |")
+    if "impute" in results:
+        rows = results["impute"]["rows"]
+        ct = [r for r in rows if "ct_mae_hu" in r]
+        lines += ["", "## Imputation (DiffKT3D cpu-default, 10 steps)", "",
+                  "| modality | cases | figure |", "|---|---|---|"]
+        if ct:
+            lines.append(f"| CT | {len(ct)} | MAE {np.mean([r['ct_mae_hu'] for r in ct]):.1f} HU inside the body, "
+                         f"PSNR {np.mean([r['ct_psnr'] for r in ct]):.2f} dB (range 2000 HU) |")
+        for key, label in (("ptv_dice", "PTV"), ("oar_dice", "OAR")):
+            per: dict[str, list[float]] = {}
+            for r in rows:
+                for n, d in r[key].items():
+                    per.setdefault(n, []).append(d)
+            for n, ds in sorted(per.items()):
+                lines.append(f"| {label} {n} | {len(ds)} | Dice {np.mean(ds):.3f} |")
+        lines.append(f"\nImputation seconds per case (CT+PTV+OAR, median): "
+                     f"{results['impute']['summary']['seconds_median']:.1f}")
+    if "peer" in results and results["peer"]["rows"]:
+        meta = results["peer"]["rows"][0].get("peer", {})
+        lines.append(f"\nPeer training: {meta.get('steps')} steps in {meta.get('cpu_minutes', 0):.1f} CPU-minutes.")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

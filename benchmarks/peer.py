@@ -1,0 +1,115 @@
+"""MONAI regression peer for the dose benchmark: BasicUNet on the same encoded inputs.
+
+Same working grid, same condition modalities as the shipped DiT (ct, ptv, oar, body, beam, angle,
+concatenated as channels; a missing CT is a channel of -1 = air), trained with an L1 loss on the
+[-1, 1] dose under the same CPU-time budget as the DiT. `python benchmarks/peer.py train ...`
+trains it; `benchmarks/dose_benchmark.py` evaluates it beside the DiT in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+from monai.networks.nets import BasicUNet
+
+from diffkt3d.data.dataset import EncodedCaseSet, build_cache, list_case_dirs
+from diffkt3d.data.encoding import EncodingConfig
+
+log = logging.getLogger("peer")
+
+CONDITIONS = ("ct", "ptv", "oar", "body", "beam", "angle")
+FEATURES = (16, 32, 64, 128, 256, 16)
+
+
+def stack_inputs(tensors: dict[str, torch.Tensor], enc: EncodingConfig) -> torch.Tensor:
+    """{modality: (C, D, H, W)} -> (C_total, D, H, W); absent modalities become -1 (empty/air)."""
+    chans = enc.channels()
+    parts = []
+    for m in CONDITIONS:
+        if m in tensors:
+            parts.append(tensors[m].float())
+        else:
+            parts.append(-torch.ones((chans[m], *enc.grid)))
+    return torch.cat(parts, dim=0)
+
+
+def build_peer(enc: EncodingConfig) -> BasicUNet:
+    in_ch = sum(enc.channels()[m] for m in CONDITIONS)
+    return BasicUNet(spatial_dims=3, in_channels=in_ch, out_channels=1, features=FEATURES)
+
+
+def train(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    enc = EncodingConfig(grid=tuple(args.grid))
+    files = build_cache(list_case_dirs(args.train_roots), enc, args.cache_dir, with_plates=True)
+    data = EncodedCaseSet.from_cache(files)
+    cases = data.with_modality("dose")
+    model = build_peer(enc)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    rng = random.Random(args.seed)
+    cpu0 = time.process_time()
+    step = 0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    while time.process_time() - cpu0 < args.cpu_minutes * 60:
+        batch = rng.sample(cases, k=args.batch_size)
+        x = torch.stack([stack_inputs(c.tensors, enc) for c in batch])
+        y = torch.stack([c.tensors["dose"].float() for c in batch])
+        pred = torch.tanh(model(x))
+        loss = (pred - y).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 20 == 0:
+            used = (time.process_time() - cpu0) / 60
+            log.info("step %d loss %.4f (cpu %.1f / %.1f min)", step, loss.item(), used, args.cpu_minutes)
+            torch.save({"state_dict": model.state_dict(), "grid": list(enc.grid), "features": FEATURES,
+                        "steps": step, "cpu_minutes": used}, out)
+    torch.save({"state_dict": model.state_dict(), "grid": list(enc.grid), "features": FEATURES,
+                "steps": step, "cpu_minutes": (time.process_time() - cpu0) / 60}, out)
+    log.info("peer done: %d steps, %s", step, json.dumps({"out": str(out)}))
+
+
+def load_peer(path: str | Path) -> tuple[BasicUNet, EncodingConfig, dict]:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    enc = EncodingConfig(grid=tuple(blob["grid"]))
+    model = build_peer(enc)
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), enc, {"steps": blob["steps"], "cpu_minutes": blob["cpu_minutes"]}
+
+
+@torch.no_grad()
+def predict_peer(model: BasicUNet, tensors: dict[str, torch.Tensor], enc: EncodingConfig) -> torch.Tensor:
+    """(1, D, H, W) dose in [-1, 1] on the working grid."""
+    return torch.tanh(model(stack_inputs(tensors, enc)[None]))[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--train-roots", nargs="+", default=["../shared/datasets/openkbp/train"])
+    t.add_argument("--cache-dir", default="runs/cache")
+    t.add_argument("--grid", nargs=3, type=int, default=[64, 64, 64])
+    t.add_argument("--cpu-minutes", type=float, required=True, help="process CPU-time budget")
+    t.add_argument("--batch-size", type=int, default=2)
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="runs/peer/basicunet.pt")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.cmd == "train":
+        train(args)
+
+
+if __name__ == "__main__":
+    main()

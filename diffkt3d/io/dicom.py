@@ -1,0 +1,13 @@
+"""DICOM RT import/export: `read_dicom_case(folder) -> Case`, `write_dicom_case(case, out_dir)`.
+
+The implementation is split for reading top to bottom: `dicom_read` (CT series, RTSTRUCT
+rasterisation, RTPLAN beams, RTDOSE resampling), `dicom_write` (CT, RTSTRUCT, RTPLAN, RTDOSE on
+the CT grid) and `dicom_common` (SOP classes and the LPS <-> RAS convention, documented there).
+"""
+
+from __future__ import annotations
+
+from diffkt3d.io.dicom_read import read_dicom_case
+from diffkt3d.io.dicom_write import write_dicom_case
+
+__all__ = ["read_dicom_case", "write_dicom_case"]

@@ -1,0 +1,301 @@
+"""Any2Any DiT: Wan 2.1 blocks without cross-attention over the tokens of all given modalities.
+
+One model predicts the flow velocity of any modality (dose, CT, PTV, OAR ...) from any subset of
+the others (DiffKT3D, seeds 001/003): each modality has its own Conv3d patch embedding and a
+domain embedding; clean condition tokens and the noised target tokens are concatenated and
+processed with full self-attention; a binary role embedding (target / condition) is added to the
+timestep embedding, so the AdaLN modulation differs per token; a 4D RoPE (slot = modality, D, H,
+W) tells modalities and positions apart; the output head reads the target tokens only.
+
+Parameter names mirror Wan's original layout where the structure is the same (so Wan 2.1
+checkpoints can be mapped in): ``blocks.N.self_attn.{q,k,v,o,norm_q,norm_k}``,
+``blocks.N.norm1/norm2`` (no affine), ``blocks.N.ffn.{0,2}``, ``blocks.N.modulation`` (1, 6, dim),
+``time_embedding.{0,2}``, ``time_projection.1``, ``head.norm``, ``head.head.<modality>``,
+``head.modulation`` (1, 2, dim). New: ``patch_embedding.<modality>``, ``domain_embedding``,
+``role_embedding``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from diffkt3d.models.config import DiTConfig
+from diffkt3d.models.layers import (
+    FP32LayerNorm,
+    RMSNorm,
+    apply_rope,
+    init_modulation_table,
+    modulate,
+    rope_axis_dims,
+    rope_cos_sin,
+    sinusoidal_embedding,
+)
+
+__all__ = ["Any2AnyDiT", "ROLE_TARGET", "ROLE_CONDITION"]
+
+logger = logging.getLogger(__name__)
+
+ROLE_TARGET = 0
+ROLE_CONDITION = 1
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with q/k RMSNorm over all heads and RoPE (Wan ``WanSelfAttention``)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim = config.dim
+        self.heads = config.heads
+        self.head_dim = config.head_dim
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps=config.eps) if config.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps=config.eps) if config.qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """``x`` (B, N, dim); ``cos``/``sin`` (N, head_dim/2) -> (B, N, dim)."""
+        b, n, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, n, self.heads, self.head_dim)  # (B, N, h, hd)
+        k = self.norm_k(self.k(x)).view(b, n, self.heads, self.head_dim)
+        v = self.v(x).view(b, n, self.heads, self.head_dim)
+        q = apply_rope(q, cos, sin).to(v.dtype)
+        k = apply_rope(k, cos, sin).to(v.dtype)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )  # (B, h, N, hd)
+        return self.o(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, dim)
+
+
+class DiTBlock(nn.Module):
+    """Wan 2.1 attention block with the cross-attention removed.
+
+    x += gate_msa * SA(LN(x) * (1 + scale_msa) + shift_msa)
+    x += gate_ffn * FFN(LN(x) * (1 + scale_ffn) + shift_ffn)
+    with (shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn) = modulation + e0 per token.
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim = config.dim
+        self.norm1 = FP32LayerNorm(dim, eps=config.eps)
+        self.self_attn = SelfAttention(config)
+        self.norm2 = FP32LayerNorm(dim, eps=config.eps)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
+        )
+        self.modulation = init_modulation_table(6, dim, zero=config.zero_init_modulation)
+
+    def forward(self, x: Tensor, e0_role: Tensor, role_ids: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """One block.
+
+        Args:
+            x: (B, N, dim) tokens, kept in fp32 between blocks (residual stream).
+            e0_role: (B, 2, 6, dim) fp32 ``time_projection(e_t + e_role)`` for role 0 and 1.
+            role_ids: (N,) long, the role of each token.
+            cos, sin: (N, head_dim/2) RoPE tables.
+        """
+        # 0. Per-token modulation (fp32): block table + the projection of the token's role.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            e = (self.modulation.float().unsqueeze(0) + e0_role)[:, role_ids]  # (B, N, 6, dim)
+            shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = e.unbind(dim=2)
+        # 1. Self-attention over all tokens, gated residual.
+        y = self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin)
+        x = x + y.float() * gate_msa  # (B, N, dim) fp32
+        # 2. Feed-forward, gated residual.
+        y = self.ffn(modulate(self.norm2(x), shift_ffn, scale_ffn))
+        return x + y.float() * gate_ffn
+
+
+class Head(nn.Module):
+    """Output head on target tokens: LN, 2-way modulation, per-modality Linear(dim, C_m * prod(patch))."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim = config.dim
+        self.norm = FP32LayerNorm(dim, eps=config.eps)
+        self.head = nn.ModuleDict(
+            {m: nn.Linear(dim, config.in_channels[m] * config.patch_volume) for m in config.modalities}
+        )
+        self.modulation = init_modulation_table(2, dim, zero=False)
+
+    def forward(self, x: Tensor, e_target: Tensor, target: str) -> Tensor:
+        """``x`` (B, n, dim) target tokens, ``e_target`` (B, dim) fp32 -> (B, n, C_t * prod(patch))."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            shift, scale = (self.modulation.float() + e_target.float().unsqueeze(1)).unbind(dim=1)  # (B, dim)
+        return self.head[target](modulate(self.norm(x), shift.unsqueeze(1), scale.unsqueeze(1)))
+
+
+class Any2AnyDiT(nn.Module):
+    """Velocity predictor for any target modality given any subset of the others.
+
+    Token order: the target's tokens first, then the conditions in slot order
+    (``config.modalities`` order); within a modality, tokens run over the patch grid in (d, h, w)
+    raster order. The order only matters for :meth:`forward`'s bookkeeping: attention is
+    permutation-equivariant and positions come from the 4D RoPE.
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        dim = config.dim
+        self.slot = {m: i for i, m in enumerate(config.modalities)}
+        self.rope_dims = rope_axis_dims(config.head_dim, config.rope_slot_dims)
+
+        # Embeddings: one Conv3d patch embedding per modality (kernel = stride = patch).
+        self.patch_embedding = nn.ModuleDict(
+            {
+                m: nn.Conv3d(config.in_channels[m], dim, kernel_size=config.patch, stride=config.patch)
+                for m in config.modalities
+            }
+        )
+        self.domain_embedding = nn.Embedding(len(config.modalities), dim)
+        self.role_embedding = nn.Embedding(2, dim)  # 0 = target, 1 = condition
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+        self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
+        self.head = Head(config)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Wan's init (xavier Linears / patch convs, N(0, 0.02) embeddings) plus zero-inits.
+
+        The output head is zero-initialised so the first prediction is v = 0 (a neutral guess for
+        targets scaled to [-1, 1]) and training starts from a smooth point instead of a random
+        map; with ``zero_init_modulation`` every block also starts as the identity (adaLN-Zero,
+        DiT), which keeps the residual stream stable when training from scratch.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for conv in self.patch_embedding.values():
+            nn.init.xavier_uniform_(conv.weight.flatten(1))
+            nn.init.zeros_(conv.bias)
+        for emb in (self.domain_embedding, self.role_embedding):
+            nn.init.normal_(emb.weight, std=0.02)
+        for layer in self.time_embedding:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        for linear in self.head.head.values():
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        if self.config.zero_init_modulation:
+            nn.init.zeros_(self.time_projection[1].weight)
+            nn.init.zeros_(self.time_projection[1].bias)
+
+    # ------------------------------------------------------------------------------------------
+    def _check_inputs(self, volumes: dict[str, Tensor], target: str, t: Tensor) -> tuple[int, ...]:
+        """Validate the call; returns the common spatial size (D, H, W)."""
+        cfg = self.config
+        unknown = [m for m in volumes if m not in self.slot]
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; this model knows {list(cfg.modalities)}")
+        if target not in volumes:
+            raise ValueError(f"target {target!r} missing from volumes (given: {list(volumes)})")
+        spatial = None
+        for m, vol in volumes.items():
+            if vol.ndim != 5 or vol.shape[1] != cfg.in_channels[m]:
+                raise ValueError(
+                    f"volume {m!r}: expected (B, {cfg.in_channels[m]}, D, H, W), found {tuple(vol.shape)}"
+                )
+            if spatial is None:
+                spatial, batch = tuple(vol.shape[2:]), vol.shape[0]
+            elif tuple(vol.shape[2:]) != spatial or vol.shape[0] != batch:
+                raise ValueError(
+                    f"volume {m!r}: shape {tuple(vol.shape)} differs from the others "
+                    f"(batch {batch}, spatial {spatial})"
+                )
+        if any(s % p for s, p in zip(spatial, cfg.patch, strict=True)):
+            raise ValueError(f"spatial size {spatial} is not a multiple of the patch {cfg.patch}")
+        if t.ndim != 1 or t.shape[0] != batch:
+            raise ValueError(f"t: expected shape ({batch},), found {tuple(t.shape)}")
+        return spatial
+
+    def _positions(self, order: list[str], grid: tuple[int, int, int], device: torch.device) -> Tensor:
+        """(N, 4) long positions (slot, d, h, w) of all tokens in ``order``."""
+        d, h, w = grid
+        zz, yy, xx = torch.meshgrid(
+            torch.arange(d, device=device),
+            torch.arange(h, device=device),
+            torch.arange(w, device=device),
+            indexing="ij",
+        )
+        spatial = torch.stack([zz, yy, xx], dim=-1).reshape(-1, 3)  # (n, 3) raster order
+        rows = []
+        for m in order:
+            slot = torch.full((spatial.shape[0], 1), self.slot[m], device=device, dtype=spatial.dtype)
+            rows.append(torch.cat([slot, spatial], dim=1))
+        return torch.cat(rows, dim=0)
+
+    def forward(self, volumes: dict[str, Tensor], target: str, t: Tensor) -> Tensor:
+        """Predict the flow velocity of ``target``.
+
+        Args:
+            volumes: modality -> (B, C_m, D, H, W) float in [-1, 1], all the same size (a multiple
+                of ``config.patch``). ``volumes[target]`` is the noised target x_t; every other
+                entry is a clean condition (any subset of the modalities; absent = not given).
+            target: the modality to predict.
+            t: (B,) flow time in [0, 1] (1 = pure noise).
+
+        Returns:
+            v_hat: (B, C_target, D, H, W) velocity (eps - x0 convention), dtype of the head.
+        """
+        cfg = self.config
+        spatial = self._check_inputs(volumes, target, t)
+        grid = tuple(s // p for s, p in zip(spatial, cfg.patch, strict=True))  # (d, h, w) tokens per axis
+        order = [target] + [m for m in cfg.modalities if m in volumes and m != target]
+        device = volumes[target].device
+
+        # 1. Patch + domain embedding per modality, concatenated: target first.
+        tokens = []
+        for m in order:
+            x_m = self.patch_embedding[m](volumes[m])  # (B, dim, d, h, w)
+            x_m = x_m.flatten(2).transpose(1, 2)  # (B, n, dim)
+            tokens.append(x_m + self.domain_embedding.weight[self.slot[m]])
+        x = torch.cat(tokens, dim=1).float()  # (B, N, dim), N = len(order) * n
+        n_target = tokens[0].shape[1]
+        role_ids = torch.full((x.shape[1],), ROLE_CONDITION, dtype=torch.long, device=device)
+        role_ids[:n_target] = ROLE_TARGET  # (N,)
+
+        # 2. Time + role embedding and modulation inputs, fp32 island.
+        with torch.autocast(device_type=device.type, enabled=False):
+            e_t = self.time_embedding(sinusoidal_embedding(t * cfg.time_scale, cfg.freq_dim))  # (B, dim)
+            e_role = e_t.unsqueeze(1) + self.role_embedding.weight.float().unsqueeze(0)  # (B, 2, dim)
+            e0_role = self.time_projection(e_role).unflatten(2, (6, cfg.dim))  # (B, 2, 6, dim)
+            assert e0_role.dtype == torch.float32
+
+        # 3. 4D RoPE tables (slot, d, h, w), fp32.
+        cos, sin = rope_cos_sin(self._positions(order, grid, device), self.rope_dims, cfg.rope_theta)
+
+        # 4. Blocks: full self-attention over condition and target tokens.
+        for block in self.blocks:
+            if cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, e0_role, role_ids, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, e0_role, role_ids, cos, sin)
+
+        # 5. Head on the target tokens only, modulated by the target's embedding; unpatchify.
+        out = self.head(x[:, :n_target], e_role[:, ROLE_TARGET], target)  # (B, n, C * p^3)
+        return self.unpatchify(out, grid, cfg.in_channels[target])
+
+    def unpatchify(self, tokens: Tensor, grid: tuple[int, ...], channels: int) -> Tensor:
+        """(B, d*h*w, C * pd*ph*pw) -> (B, C, d*pd, h*ph, w*pw), inverse of the Conv3d patching."""
+        b = tokens.shape[0]
+        d, h, w = grid
+        pd, ph, pw = self.config.patch
+        x = tokens.reshape(b, d, h, w, channels, pd, ph, pw)
+        x = x.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, C, d, pd, h, ph, w, pw)
+        return x.reshape(b, channels, d * pd, h * ph, w * pw)
+
+    def num_parameters(self) -> int:
+        """Number of parameters (all trainable)."""
+        return sum(p.numel() for p in self.parameters())

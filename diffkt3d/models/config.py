@@ -1,0 +1,206 @@
+"""Configuration and named size presets of the Any2Any DiT (house style rule 3).
+
+A :class:`DiTConfig` fully describes the architecture; checkpoints store ``config.to_dict()`` and
+loading rebuilds the model with ``DiTConfig.from_dict(...)`` (house style rule 4). CLIs and apps
+pick a preset with :func:`get_config` and override single fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffkt3d.constants import MODALITIES, OPENKBP_OARS
+from diffkt3d.errors import ConfigError
+
+__all__ = ["DiTConfig", "DiTConfigError", "PRESETS", "get_config", "default_in_channels"]
+
+
+class DiTConfigError(ConfigError, ValueError):
+    """Invalid model config or preset name.
+
+    A ``ConfigError`` (so the CLI prints one line) and a ``ValueError`` (the API promise).
+    """
+
+
+def default_in_channels() -> dict[str, int]:
+    """Channels per modality: 1 each, the 7 OpenKBP OARs stacked as 7 channels of ``oar``."""
+    channels = {m: 1 for m in MODALITIES}
+    channels["oar"] = len(OPENKBP_OARS)
+    return channels
+
+
+@dataclass
+class DiTConfig:
+    """Architecture of :class:`diffkt3d.models.any2any_dit.Any2AnyDiT`.
+
+    Args:
+        modalities: modality names in slot order. The position of a modality in this tuple is
+            its 4D-RoPE slot index and its domain-embedding row, so reordering changes the
+            model (checkpoints depend on it). Default ``constants.MODALITIES``.
+        in_channels: channels per modality of the input volumes ``(B, C_m, D, H, W)``; also the
+            number of output channels when that modality is the target. Default 1 each and 7
+            for ``oar`` (one channel per OpenKBP OAR).
+        patch: patch size in voxels (of the working grid) along (D, H, W); the Conv3d patch
+            embedding uses kernel = stride = patch. Input sizes must be multiples of it.
+        dim: token width (hidden size).
+        depth: number of DiT blocks.
+        heads: attention heads; ``dim // heads`` is the head dim, which must be even (RoPE
+            rotates pairs of channels) and at least 8.
+        ffn_dim: hidden width of the GELU(tanh) feed-forward network.
+        freq_dim: width of the sinusoidal timestep embedding (Wan: 256).
+        eps: epsilon of the LayerNorms and q/k RMSNorms (Wan: 1e-6).
+        rope_theta: RoPE base period (Wan: 10000).
+        qk_norm: RMSNorm over all heads of q and k before RoPE (Wan: True).
+        time_scale: the flow time t in [0, 1] is embedded as sinusoid(t * time_scale); 1000
+            matches Wan, whose timesteps run over [0, 1000].
+        rope_slot_dims: head-dim channels given to the RoPE slot (modality) axis; ``None`` =
+            ``max(2, 2 * (head_dim // 16))``. See ``layers.rope_axis_dims``.
+        gradient_checkpointing: recompute each block in the backward pass (saves activation
+            memory on GPU at ~30 % more compute; only active in ``train()`` mode).
+        zero_init_modulation: adaLN-Zero (DiT): zero ``time_projection`` and block modulation
+            tables so every block starts as the identity. Good when training from scratch; set
+            False to keep Wan's random modulation init (weights are loaded anyway).
+    """
+
+    modalities: tuple[str, ...] = MODALITIES
+    in_channels: dict[str, int] = field(default_factory=default_in_channels)
+    patch: tuple[int, int, int] = (4, 4, 4)
+    dim: int = 48
+    depth: int = 2
+    heads: int = 2
+    ffn_dim: int = 128
+    freq_dim: int = 256
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    qk_norm: bool = True
+    time_scale: float = 1000.0
+    rope_slot_dims: int | None = None
+    gradient_checkpointing: bool = False
+    zero_init_modulation: bool = True
+
+    def __post_init__(self) -> None:
+        self.modalities = tuple(self.modalities)
+        self.patch = tuple(int(p) for p in self.patch)  # type: ignore[assignment]
+        self.in_channels = {str(k): int(v) for k, v in self.in_channels.items()}
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head (``dim // heads``)."""
+        return self.dim // self.heads
+
+    @property
+    def patch_volume(self) -> int:
+        """Voxels per patch (``prod(patch)``)."""
+        return math.prod(self.patch)
+
+    def validate(self) -> None:
+        """Raise :class:`DiTConfigError` naming the field if the config cannot build a model."""
+        problems = []
+        if not self.modalities:
+            problems.append("modalities is empty")
+        if len(set(self.modalities)) != len(self.modalities):
+            problems.append(f"modalities has duplicates: {self.modalities}")
+        missing = [m for m in self.modalities if m not in self.in_channels]
+        if missing:
+            problems.append(f"in_channels has no entry for {missing}")
+        if any(c < 1 for c in self.in_channels.values()):
+            problems.append(f"in_channels must be >= 1, found {self.in_channels}")
+        if len(self.patch) != 3 or any(p < 1 for p in self.patch):
+            problems.append(f"patch must be 3 positive ints (D, H, W), found {self.patch}")
+        for name in ("dim", "depth", "heads", "ffn_dim", "freq_dim"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be >= 1, found {getattr(self, name)}")
+        if self.freq_dim % 2:
+            problems.append(f"freq_dim must be even (cos/sin halves), found {self.freq_dim}")
+        if self.heads >= 1 and self.dim % self.heads:
+            problems.append(f"dim {self.dim} is not divisible by heads {self.heads}")
+        elif self.heads >= 1 and (self.head_dim % 2 or self.head_dim < 8):
+            problems.append(f"head dim dim/heads = {self.head_dim} must be even and >= 8 (RoPE pairs)")
+        if self.rope_slot_dims is not None and (
+            self.rope_slot_dims < 2 or self.rope_slot_dims % 2 or self.rope_slot_dims > self.head_dim - 6
+        ):
+            problems.append(
+                f"rope_slot_dims must be even, >= 2 and leave >= 6 dims for D/H/W, found {self.rope_slot_dims}"
+            )
+        if problems:
+            raise DiTConfigError("invalid DiTConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-safe dict (tuples become lists) for checkpoints."""
+        out = dataclasses.asdict(self)
+        out["modalities"] = list(self.modalities)
+        out["patch"] = list(self.patch)
+        out["in_channels"] = dict(self.in_channels)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiTConfig:
+        """Rebuild from :meth:`to_dict` output; unknown keys are an error (no silent ignore)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DiTConfigError(f"unknown DiTConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+
+def _tiny() -> DiTConfig:
+    """2 layers, dim 48, 2 heads, patch 4: for unit tests (well under a second per forward)."""
+    return DiTConfig(patch=(4, 4, 4), dim=48, depth=2, heads=2, ffn_dim=128)
+
+
+def _cpu_default() -> DiTConfig:
+    """The shipped CPU model for the 64^3 working grid (OpenKBP 128^3 pooled 2x).
+
+    Patch 8 -> 8^3 = 512 tokens per modality, 3584 tokens with all 7 modalities; 2.66 M
+    parameters. Full self-attention over 3584 tokens dominates the cost (~65 % of a forward), so
+    depth and width are kept small to fit the CPU budget: one forward (batch 1, all 7 modalities)
+    <= ~1 s and one training step (batch 2) <= ~3 s on 2 threads. Measured with
+    ``benchmarks/model_speed.py`` (torch 2.13 CPU, 2 threads) on the shared 2-core machine:
+    see MEASUREMENTS below (wall times were inflated by other jobs; CPU time / threads is the
+    estimate for an idle machine).
+
+    MEASUREMENTS
+    """
+    return DiTConfig(patch=(8, 8, 8), dim=128, depth=4, heads=4, ffn_dim=512)
+
+
+def _wan_1_3b() -> DiTConfig:
+    """Wan 2.1 1.3B dimensions (dim 1536, ffn 8960, 12 heads of 128, 30 layers, patch (1, 2, 2)).
+
+    Meant for the latent space of the frozen Wan VAE (16 channels) on a GPU; the default
+    per-modality channels here are the voxel-space ones and are overridden by the latent path.
+    Wan keeps its random modulation init, hence ``zero_init_modulation=False``.
+    """
+    return DiTConfig(
+        patch=(1, 2, 2),
+        dim=1536,
+        depth=30,
+        heads=12,
+        ffn_dim=8960,
+        freq_dim=256,
+        eps=1e-6,
+        zero_init_modulation=False,
+    )
+
+
+PRESETS = {"tiny": _tiny, "cpu-default": _cpu_default, "wan-1.3b": _wan_1_3b}
+
+
+def get_config(name: str, **overrides: Any) -> DiTConfig:
+    """Preset ``name`` with fields replaced by ``overrides``.
+
+    Raises:
+        DiTConfigError (a ValueError): unknown preset (lists the presets) or unknown field.
+    """
+    if name not in PRESETS:
+        raise DiTConfigError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}")
+    base = PRESETS[name]().to_dict()
+    unknown = sorted(set(overrides) - set(base))
+    if unknown:
+        raise DiTConfigError(f"unknown DiTConfig fields {unknown} for preset {name!r}; known: {sorted(base)}")
+    base.update(overrides)
+    return DiTConfig.from_dict(base)

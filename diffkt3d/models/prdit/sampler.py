@@ -1,0 +1,193 @@
+"""Samplers for the cos/sin process: predictor-corrector (seed 004, Algorithm 1) and ancestral.
+
+Notation: theta(t) = pi t / (2T); x_t = cos(theta) x0 + sin(theta) eps. Along this path
+d x_t / d theta = -(sin(theta) x0 - cos(theta) eps) = -g_t.
+
+Predictor-corrector step from t to t' = t - dt with multiplier k >= 1 (non-integer allowed):
+
+    g      = sin(theta_t) x0_hat - cos(theta_t) eps_hat
+    t_pred = max(t - k dt, 0)                        cold predictor: jump k steps
+    x~     = x_t - (theta_pred - theta_t) g          (Euler step in angle)
+    alpha  = cos(theta_t') / cos(theta_pred),  sigma = sqrt(1 - alpha^2)
+    x_t'   = alpha x~ + sigma z,  z ~ N(0, I)        hot corrector: exact Gaussian t_pred -> t'
+
+k = 1 gives t_pred = t', alpha = 1, sigma = 0: the deterministic "cold" update of Zhang et al.
+Clamping t_pred at 0 is ours: Algorithm 1 does not treat the last steps, where t - k dt < 0 would
+give cos(theta_pred) < cos(theta_t') and alpha > 1 (no real sigma); clamped, those steps are
+cold steps that land on t' (the final step to t' = 0 is always deterministic).
+
+The ancestral ("conventional hot", A.6.3 eq. 7, DDPM / DDIM eta = 1) sampler uses eps_hat only:
+with sqrt(abar_t) = cos(theta_t), x0 = (x_t - sin(theta_t) eps_hat) / cos(theta_t),
+x_t' = sqrt(abar_t') x0 + sqrt(1 - abar_t' - s^2) eps_hat + s z,
+s = sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t'). At t = T (cos = 0) the eps
+formula is undefined; there we use the model's own x0_hat (the only step where it is used).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from diffkt3d.models.prdit.model import DenoiseFn, angle
+
+__all__ = [
+    "timestep_schedule",
+    "predictor_corrector_step",
+    "ancestral_step",
+    "sample_predictor_corrector",
+    "sample_ancestral",
+    "SampleResult",
+]
+
+
+def timestep_schedule(steps: int, num_timesteps: int) -> list[float]:
+    """0 = t_0 < t_1 < ... < t_L = T, uniform: t_l = T l / L (floats; non-integer t is fine)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, found {steps}")
+    return [num_timesteps * i / steps for i in range(steps + 1)]
+
+
+@dataclass
+class SampleResult:
+    """Final sample (B, C, D, H, W) and, if kept, the trajectory (x_{t_L}, ..., x_{t_0}) and x0_hat per step."""
+
+    sample: Tensor
+    trajectory: list[Tensor] = field(default_factory=list)
+    x0_predictions: list[Tensor] = field(default_factory=list)
+
+
+def predictor_corrector_step(
+    x_t: Tensor,
+    x0_hat: Tensor,
+    eps_hat: Tensor,
+    t: float,
+    t_next: float,
+    k: float,
+    num_timesteps: int,
+    noise: Tensor | None,
+) -> Tensor:
+    """One step of Algorithm 1 from t to t_next < t (see module docstring).
+
+    Args:
+        noise: standard normal like ``x_t`` for the corrector; may be None only when sigma = 0
+            (k = 1, or the clamped final steps).
+    """
+    if k < 1:
+        raise ValueError(f"predictor multiplier k must be >= 1, found {k}")
+    dt = t - t_next
+    t_pred = max(t - k * dt, 0.0)
+    th_t, th_next, th_pred = (float(angle(v, num_timesteps)) for v in (t, t_next, t_pred))
+    g = math.sin(th_t) * x0_hat - math.cos(th_t) * eps_hat
+    x_pred = x_t - (th_pred - th_t) * g
+    alpha = math.cos(th_next) / math.cos(th_pred)
+    sigma = math.sqrt(max(0.0, 1.0 - alpha * alpha))
+    if sigma == 0.0:
+        return alpha * x_pred
+    if noise is None:
+        raise ValueError("the corrector needs noise when k > 1")
+    return alpha * x_pred + sigma * noise
+
+
+def ancestral_step(
+    x_t: Tensor,
+    x0_hat: Tensor,
+    eps_hat: Tensor,
+    t: float,
+    t_next: float,
+    num_timesteps: int,
+    noise: Tensor | None,
+) -> Tensor:
+    """One conventional ancestral step t -> t_next driven by eps_hat (module docstring)."""
+    th_t, th_next = float(angle(t, num_timesteps)), float(angle(t_next, num_timesteps))
+    abar_t, abar_next = math.cos(th_t) ** 2, math.cos(th_next) ** 2
+    if math.cos(th_t) > 1e-6:
+        x0 = (x_t - math.sin(th_t) * eps_hat) / math.cos(th_t)
+    else:
+        x0 = x0_hat  # t = T: cos(theta_T) = 0, the eps-only estimate is undefined
+    s2 = (1.0 - abar_next) / (1.0 - abar_t) * (1.0 - abar_t / abar_next) if abar_t < 1.0 else 0.0
+    s2 = min(max(s2, 0.0), 1.0 - abar_next)
+    out = math.sqrt(abar_next) * x0 + math.sqrt(max(0.0, 1.0 - abar_next - s2)) * eps_hat
+    if s2 > 0.0:
+        if noise is None:
+            raise ValueError("the ancestral step needs noise")
+        out = out + math.sqrt(s2) * noise
+    return out
+
+
+def _run(
+    denoise: DenoiseFn,
+    x_T: Tensor,
+    steps: int,
+    num_timesteps: int,
+    step_fn,
+    generator: torch.Generator | None,
+    keep_trajectory: bool,
+) -> SampleResult:
+    ts = timestep_schedule(steps, num_timesteps)
+    x = x_T
+    result = SampleResult(sample=x_T)
+    if keep_trajectory:
+        result.trajectory.append(x_T)
+    b = x_T.shape[0]
+    for i in range(steps, 0, -1):
+        t, t_next = ts[i], ts[i - 1]
+        t_vec = torch.full((b,), t, dtype=torch.float32, device=x.device)
+        x0_hat, eps_hat = denoise(x, t_vec)
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        x = step_fn(x, x0_hat, eps_hat, t, t_next, noise)
+        if keep_trajectory:
+            result.trajectory.append(x)
+            result.x0_predictions.append(x0_hat)
+    result.sample = x
+    return result
+
+
+@torch.no_grad()
+def sample_predictor_corrector(
+    denoise: DenoiseFn,
+    x_T: Tensor,
+    steps: int,
+    k: float = 1.0,
+    num_timesteps: int = 1000,
+    generator: torch.Generator | None = None,
+    keep_trajectory: bool = False,
+) -> SampleResult:
+    """Algorithm 1 of seed 004 over ``steps`` uniform steps from t = T to 0.
+
+    Args:
+        denoise: ``(x_t, t) -> (x0_hat, eps_hat)``, e.g. ``PRDiT.denoiser(cond)``.
+        x_T: (B, C, D, H, W) start, normally standard normal (x_T = eps under this process).
+        steps: number of outer steps L.
+        k: predictor multiplier (1 = cold deterministic; the paper's best values are 2-3.5).
+        num_timesteps: T of the model.
+        generator: drives the corrector noise (one draw per step, also for k = 1, so that runs with
+            different k consume the generator identically).
+        keep_trajectory: keep every x_t and x0_hat (memory!).
+    """
+    if k < 1:
+        raise ValueError(f"predictor multiplier k must be >= 1, found {k}")
+
+    def step(x, x0_hat, eps_hat, t, t_next, noise):
+        return predictor_corrector_step(x, x0_hat, eps_hat, t, t_next, k, num_timesteps, noise)
+
+    return _run(denoise, x_T, steps, num_timesteps, step, generator, keep_trajectory)
+
+
+@torch.no_grad()
+def sample_ancestral(
+    denoise: DenoiseFn,
+    x_T: Tensor,
+    steps: int,
+    num_timesteps: int = 1000,
+    generator: torch.Generator | None = None,
+    keep_trajectory: bool = False,
+) -> SampleResult:
+    """Conventional ancestral (DDPM / DDIM eta = 1) sampler on the cos/sin schedule, eps-driven."""
+
+    def step(x, x0_hat, eps_hat, t, t_next, noise):
+        return ancestral_step(x, x0_hat, eps_hat, t, t_next, num_timesteps, noise)
+
+    return _run(denoise, x_T, steps, num_timesteps, step, generator, keep_trajectory)

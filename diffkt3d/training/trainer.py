@@ -1,0 +1,338 @@
+"""Supervised training of the Any2Any DiT: Stage A (Any2Any) then Stage B (dose fine-tune).
+
+One step (flow matching, v-prediction, x_t = (1 - t) x0 + t eps, v = eps - x0):
+  1. pick a target modality and the condition set (Stage A: random; Stage B: dose | everything);
+  2. noise only the target; conditions enter clean (never noised);
+  3. v_hat = model(volumes, target, t); loss = mean (v_hat - v)^2 over the target's voxels.
+
+Runs on CPU, one GPU (bf16 autocast + TF32) or several (torchrun: see diffkt3d.training.distributed
+when present). Resumable: `last.pt` holds weights, EMA, optimiser, stage and step; the run picks up
+where it stopped. The EMA weights are what evaluation and shipping use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffkt3d.data.dataset import EncodedCaseSet, build_cache, list_case_dirs, modality_counts
+from diffkt3d.data.encoding import EncodingConfig
+from diffkt3d.flow.matching import FlowConfig, add_noise, sample_timesteps, velocity_target
+from diffkt3d.models.any2any_dit import Any2AnyDiT
+from diffkt3d.models.checkpoint import read_checkpoint, save_checkpoint
+from diffkt3d.models.config import DiTConfig, get_config
+from diffkt3d.training.config import StageConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[dict], None]
+
+
+@dataclass
+class Batch:
+    target: str
+    conditions: list[str]
+    volumes: dict[str, torch.Tensor]  # clean volumes (B, C, D, H, W), target included
+
+
+def build_model_config(cfg: TrainConfig, encoding: EncodingConfig) -> DiTConfig:
+    """Preset + overrides, with per-modality channels taken from the encoding (one source of truth)."""
+    overrides = dict(cfg.model_overrides)
+    overrides.setdefault("in_channels", encoding.channels())
+    overrides.setdefault("modalities", list(encoding.modalities))
+    return get_config(cfg.model_preset, **overrides)
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast on CUDA (paper: bf16 training); full fp32 on CPU, where bf16 matmuls are slow."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def select_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Trainer:
+    """Owns model, EMA, optimiser, data and the loop. Create, then `run()`."""
+
+    def __init__(self, cfg: TrainConfig, *, device: str | None = None, progress: ProgressFn | None = None):
+        self.cfg = cfg
+        self.device = select_device(device)
+        self.progress = progress
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.out_dir = Path(cfg.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.encoding = EncodingConfig(grid=tuple(cfg.grid))
+        self.model_config = build_model_config(cfg, self.encoding)
+        self.flow = FlowConfig(shift=cfg.flow_shift)
+        torch.manual_seed(cfg.seed)
+        self.rng = random.Random(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.model = Any2AnyDiT(self.model_config).to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.stages[0].lr, betas=(0.9, 0.999),
+                                          eps=1e-8, weight_decay=0.0)
+        self.stage_index = 0
+        self.stage_step = 0
+        self.global_step = 0
+        self.stage_seconds = 0.0
+        self.stage_cpu_seconds = 0.0
+        self.best_val: float | None = None
+        self.history: list[dict] = []
+        self.train_set: EncodedCaseSet | None = None
+        self.val_set: EncodedCaseSet | None = None
+
+    # -- data ------------------------------------------------------------------------------
+    def load_data(self) -> None:
+        cfg = self.cfg
+        train_dirs = list_case_dirs(cfg.train_roots)
+        log.info("encoding %d training cases to %s (cached after the first run)", len(train_dirs),
+                 self.encoding.grid)
+        self.train_set = EncodedCaseSet.from_cache(build_cache(train_dirs, self.encoding, cfg.cache_dir,
+                                                               cfg.with_plates))
+        log.info("training cases per modality: %s", modality_counts(self.train_set))
+        if cfg.val_roots and cfg.val_cases > 0:
+            val_dirs = list_case_dirs(cfg.val_roots)
+            files = build_cache(val_dirs, self.encoding, cfg.cache_dir, cfg.with_plates)
+            val = EncodedCaseSet.from_cache(files)
+            keep = [c for c in val.cases if "dose" in c.tensors][: cfg.val_cases]
+            self.val_set = EncodedCaseSet(keep) if keep else None
+
+    # -- one step --------------------------------------------------------------------------
+    def next_batch(self, stage: StageConfig) -> Batch:
+        assert self.train_set is not None
+        if stage.name == "any2any":
+            target, conditions, cases = self.train_set.sample_any2any(
+                self.rng, stage.batch_size, stage.target_weights, stage.p_condition)
+        else:
+            target = "dose"
+            conditions, cases = self.train_set.sample_target(self.rng, stage.batch_size, target)
+        volumes = self.train_set.batch(cases, [target, *conditions])
+        return Batch(target, conditions, {k: v.to(self.device) for k, v in volumes.items()})
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        x0 = batch.volumes[batch.target]
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        t = sample_timesteps(x0.shape[0], self.flow, generator=self.generator).to(self.device)
+        inputs = dict(batch.volumes)
+        inputs[batch.target] = add_noise(x0, noise, t)  # only the target is noised
+        with autocast_context(self.device):
+            v_hat = model(inputs, batch.target, t)
+        return torch.mean((v_hat.float() - velocity_target(x0, noise)) ** 2)
+
+    def set_lr(self, stage: StageConfig) -> float:
+        warm = min(1.0, (self.stage_step + 1) / max(1, stage.warmup_steps))
+        lr = stage.lr * warm
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        d = self.cfg.ema_decay
+        # Early in training a plain 0.999 EMA lags the weights for thousands of steps; the usual
+        # warm-up (1 + n) / (10 + n) keeps the shipped EMA useful on short CPU runs.
+        d = min(d, (1 + self.global_step) / (10 + self.global_step))
+        for p_ema, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+            p_ema.lerp_(p.detach(), 1.0 - d)
+
+    # -- validation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean |dose error| (Gy) inside the body on the working grid, 1-step preview, EMA weights.
+
+        A cheap proxy of the OpenKBP dose score used only to pick the best checkpoint.
+        """
+        if self.val_set is None:
+            return None
+        gen = torch.Generator().manual_seed(1234)
+        errors = []
+        for case in self.val_set.cases:
+            conds = sorted(set(case.tensors) - {"dose"})
+            vols = {m: case.tensors[m][None].float().to(self.device) for m in conds}
+            noise = torch.randn((1, *case.tensors["dose"].shape), generator=gen).to(self.device)
+            vols["dose"] = noise
+            t = torch.ones(1, device=self.device)
+            with autocast_context(self.device):
+                v = self.ema(vols, "dose", t).float()
+            x0 = (noise - v).clamp(-1, 1)
+            ref = case.tensors["dose"][None].float().to(self.device)
+            body = (case.tensors["body"][None].float().to(self.device) > -1) if "body" in case.tensors else \
+                torch.ones_like(ref, dtype=torch.bool)
+            err = ((x0 - ref).abs() * 0.5 * self.encoding.dose_scale_gy)[body].mean()
+            errors.append(float(err))
+        return sum(errors) / len(errors)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def meta(self) -> dict:
+        return {"name": Path(self.cfg.out_dir).name, "global_step": self.global_step,
+                "stage": self.cfg.stages[self.stage_index].name if self.stage_index < len(self.cfg.stages) else "done",
+                "best_val_dose_mae_gy": self.best_val, "train_config": self.cfg.to_dict()}
+
+    def save(self, name: str, with_state: bool) -> Path:
+        state = None
+        if with_state:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "stage_index": self.stage_index, "stage_step": self.stage_step,
+                     "global_step": self.global_step, "stage_seconds": self.stage_seconds,
+                     "stage_cpu_seconds": self.stage_cpu_seconds,
+                     "best_val": self.best_val, "rng": json.dumps(self.rng.getstate()),
+                     "generator": self.generator.get_state(), "history": json.dumps(self.history)}
+        return save_checkpoint(self.out_dir / name, self.ema, self.model_config, self.encoding,
+                               self.flow.shift, meta=self.meta(), train_state=state)
+
+    def try_resume(self) -> bool:
+        path = self.out_dir / "last.pt"
+        if not path.exists():
+            return False
+        blob = read_checkpoint(path)
+        st = blob.get("train_state")
+        if st is None:
+            return False
+        if blob["model_config"] != self.model_config.to_dict():
+            raise ValueError(f"{path} was trained with a different model config; use a new out_dir")
+        self.ema.load_state_dict(blob["state_dict"])
+        self.model.load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.stage_index, self.stage_step = st["stage_index"], st["stage_step"]
+        self.global_step, self.stage_seconds = st["global_step"], st["stage_seconds"]
+        self.stage_cpu_seconds = st.get("stage_cpu_seconds", 0.0)
+        self.best_val = st["best_val"]
+        state = json.loads(st["rng"])
+        self.rng.setstate((state[0], tuple(state[1]), state[2]))
+        self.generator.set_state(st["generator"])
+        self.history = json.loads(st["history"])
+        log.info("resumed from %s at stage %d step %d (global %d)", path, self.stage_index,
+                 self.stage_step, self.global_step)
+        return True
+
+    # -- loop ------------------------------------------------------------------------------
+    def _emit(self, record: dict) -> None:
+        self.history.append(record)
+        (self.out_dir / "progress.json").write_text(json.dumps(record))
+        if self.progress is not None:
+            self.progress(record)
+
+    def run(self, resume: bool = True) -> Path:
+        if self.train_set is None:
+            self.load_data()
+        if resume:
+            self.try_resume()
+        self.model.train()
+        while self.stage_index < len(self.cfg.stages):
+            stage = self.cfg.stages[self.stage_index]
+            self._run_stage(stage)
+            self.stage_index += 1
+            self.stage_step = 0
+            self.stage_seconds = 0.0
+            self.stage_cpu_seconds = 0.0
+            self.save("last.pt", with_state=True)
+            self.save(f"stage_{stage.name}.pt", with_state=False)
+        final = self.save("final.pt", with_state=False)
+        log.info("training done: %s (best validation 1-step dose MAE %s Gy)", final, self.best_val)
+        return final
+
+    def _run_stage(self, stage: StageConfig) -> None:
+        log.info("stage %s: %d steps, batch %d, lr %g, max %s min", stage.name, stage.steps,
+                 stage.batch_size, stage.lr, stage.max_minutes)
+        smooth = None
+        t_last = time.monotonic()
+        steps_since = 0
+        while self.stage_step < stage.steps:
+            if stage.max_minutes is not None and self.stage_seconds >= stage.max_minutes * 60:
+                log.info("stage %s: time budget of %.1f min reached at step %d", stage.name,
+                         stage.max_minutes, self.stage_step)
+                break
+            if stage.max_cpu_minutes is not None and self.stage_cpu_seconds >= stage.max_cpu_minutes * 60:
+                log.info("stage %s: CPU budget of %.1f CPU-min reached at step %d", stage.name,
+                         stage.max_cpu_minutes, self.stage_step)
+                break
+            t0 = time.monotonic()
+            c0 = time.process_time()
+            lr = self.set_lr(stage)
+            batch = self.next_batch(stage)
+            loss = self.loss(self.model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {self.global_step} (target {batch.target})")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            self.update_ema()
+            self.stage_step += 1
+            self.global_step += 1
+            steps_since += 1
+            self.stage_seconds += time.monotonic() - t0
+            self.stage_cpu_seconds += time.process_time() - c0
+            loss_value = loss.item()
+            smooth = loss_value if smooth is None else 0.95 * smooth + 0.05 * loss_value
+            if self.stage_step % self.cfg.log_every == 0 or self.stage_step == stage.steps:
+                now = time.monotonic()
+                rate = steps_since / max(now - t_last, 1e-9)
+                t_last, steps_since = now, 0
+                remaining = stage.steps - self.stage_step
+                eta = remaining / max(rate, 1e-9)
+                if stage.max_minutes is not None:
+                    eta = min(eta, stage.max_minutes * 60 - self.stage_seconds)
+                if stage.max_cpu_minutes is not None and self.stage_cpu_seconds > 0:
+                    cpu_left = stage.max_cpu_minutes * 60 - self.stage_cpu_seconds
+                    eta = min(eta, cpu_left * self.stage_seconds / self.stage_cpu_seconds)
+                record = {"stage": stage.name, "step": self.stage_step, "steps": stage.steps,
+                          "global_step": self.global_step, "loss": round(loss_value, 5),
+                          "loss_smooth": round(smooth, 5), "target": batch.target, "lr": lr,
+                          "steps_per_s": round(rate, 3), "eta_s": round(max(eta, 0.0), 1),
+                          "cpu_minutes": round(self.stage_cpu_seconds / 60, 2)}
+                log.info("[%s] step %d/%d loss %.4f (avg %.4f, target %s) %.2f steps/s ETA %s",
+                         stage.name, self.stage_step, stage.steps, loss_value, smooth, batch.target,
+                         rate, _fmt_eta(eta))
+                self._emit(record)
+            if self.stage_step % self.cfg.checkpoint_every == 0:
+                self.save("last.pt", with_state=True)
+            if self.cfg.eval_every and self.stage_step % self.cfg.eval_every == 0:
+                self._evaluate(stage)
+        if not (self.cfg.eval_every and self.stage_step % self.cfg.eval_every == 0):
+            self._evaluate(stage)
+
+    def _evaluate(self, stage: StageConfig) -> None:
+        val = self.validate()
+        if val is None:
+            return
+        log.info("[%s] step %d validation 1-step dose MAE in body %.3f Gy", stage.name, self.stage_step, val)
+        self._emit({"stage": stage.name, "step": self.stage_step, "global_step": self.global_step,
+                    "val_dose_mae_gy": round(val, 4)})
+        # Selection only within the dose stage: Stage A checkpoints are not dose models yet.
+        if stage.name == "dose" and (self.best_val is None or val < self.best_val):
+            self.best_val = val
+            self.save("best.pt", with_state=False)
+
+
+def _fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"
+
+
+def run_training(cfg: TrainConfig, *, device: str | None = None, resume: bool = True,
+                 progress: ProgressFn | None = None) -> Path:
+    """Train both stages from a config; returns the final (EMA) checkpoint path."""
+    return Trainer(cfg, device=device, progress=progress).run(resume=resume)

@@ -1,0 +1,188 @@
+"""`dose` infer task: dose (Gy, float32 NIfTI on the input grid) + Scorecard, DVH and candidates.
+
+Request/response format: docs/request-format.md. The model work is `Predictor.predict_dose`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from diffkt3d.data.case import Grid
+from diffkt3d.inference.predictor import DEFAULT_TEMPLATE, DosePrediction
+from diffkt3d.io.case_folder import save_nifti
+from infer_tasks.common import (
+    CASE_ID_KEY,
+    SOURCE_KEY,
+    ModelProvider,
+    TaskError,
+    bool_param,
+    case_summary,
+    dvh_table,
+    int_param,
+    load_request_case,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_STEPS = 100
+MAX_CANDIDATES = 16
+
+
+@dataclass(frozen=True)
+class DoseParams:
+    """The `dose` request parameters, parsed and checked once (defaults: docs/request-format.md)."""
+
+    steps: int = 10
+    candidates: int = 1
+    seed: int = 0
+    preview: bool = False
+    aggregate: str = "best"
+    template: str = DEFAULT_TEMPLATE
+    request_id: str | None = None
+    candidate_id: str | None = None
+
+    @classmethod
+    def from_request(cls, request: dict[str, Any]) -> DoseParams:
+        aggregate = request.get("aggregate", "best")
+        if aggregate not in ("best", "mean"):
+            raise TaskError(422, f"parameter 'aggregate' must be 'best' or 'mean', found {aggregate!r}")
+        template = request.get("template", DEFAULT_TEMPLATE)
+        if not isinstance(template, str) or not template:
+            raise TaskError(422, f"parameter 'template' must be a template name, found {template!r}")
+        rid, cid = request.get("request_id"), request.get("candidate_id")
+        if (rid is None) != (cid is None):
+            raise TaskError(422, "'request_id' and 'candidate_id' go together (fetching a stored candidate)")
+        return cls(steps=int_param(request, "steps", 10, 1, MAX_STEPS),
+                   candidates=int_param(request, "candidates", 1, 1, MAX_CANDIDATES),
+                   seed=int_param(request, "seed", 0, 0, 2**31 - 1),
+                   preview=bool_param(request, "preview", False), aggregate=aggregate, template=template,
+                   request_id=None if rid is None else str(rid), candidate_id=None if cid is None else str(cid))
+
+
+class CandidateCache:
+    """Candidate doses of recent requests, so a client can fetch each one without re-sampling.
+
+    Bounded by bytes (oldest requests evicted first) and by age.
+
+    Args:
+        max_bytes: memory budget for all kept doses.
+        max_age_s: a request's candidates are dropped after this many seconds.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20, max_age_s: float = 1800.0):
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
+        self._items: OrderedDict[str, tuple[float, Grid, dict[str, np.ndarray], dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, request_id: str, grid: Grid, doses: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        with self._lock:
+            self._items[request_id] = (time.monotonic(), grid, doses, meta)
+            self._evict()
+
+    def get(self, request_id: str, candidate_id: str) -> tuple[Grid, np.ndarray, dict[str, Any]]:
+        with self._lock:
+            self._evict()
+            item = self._items.get(request_id)
+            if item is None:
+                raise TaskError(404, f"request {request_id!r} is unknown or expired; send the dose request "
+                                     "again with the same seed (sampling is deterministic)")
+            _, grid, doses, meta = item
+            if candidate_id not in doses:
+                raise TaskError(404, f"request {request_id!r} has no candidate {candidate_id!r}; "
+                                     f"candidates: {sorted(doses)}")
+            return grid, doses[candidate_id], meta
+
+    def _evict(self) -> None:
+        now = time.monotonic()
+        for rid in [r for r, (t, *_) in self._items.items() if now - t > self.max_age_s]:
+            del self._items[rid]
+        total = sum(d.nbytes for _, _, doses, _ in self._items.values() for d in doses.values())
+        while total > self.max_bytes and len(self._items) > 1:
+            _, (_, _, doses, _) = self._items.popitem(last=False)
+            total -= sum(d.nbytes for d in doses.values())
+
+
+class DoseTask(InferTask):
+    """Predict the dose of a case; see docs/request-format.md for parameters and response.
+
+    Args:
+        models: the shared model provider.
+        max_upload_bytes: session upload limit.
+        on_candidates: called with (case_id, source, response JSON) after a prediction with two or
+            more candidates (the app stores the candidates' Scorecard spread for active learning).
+    """
+
+    def __init__(self, models: ModelProvider, max_upload_bytes: int,
+                 on_candidates: Callable[[str, str, dict[str, Any]], None] | None = None):
+        defaults = DoseParams()
+        super().__init__(type=InferType.OTHERS, labels=None, dimension=3,
+                         description="Radiotherapy dose (Gy) from CT + structures, with Scorecard and DVH",
+                         config={"steps": defaults.steps, "candidates": defaults.candidates, "seed": defaults.seed,
+                                 "preview": defaults.preview, "aggregate": ["best", "mean"],
+                                 "template": defaults.template})
+        self.models = models
+        self.max_upload_bytes = max_upload_bytes
+        self.on_candidates = on_candidates
+        self.cache = CandidateCache()
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        t0 = time.perf_counter()
+        params = DoseParams.from_request(request)
+        if params.request_id is not None:
+            return self._stored_candidate(params)
+        # 1. the case: CT and a target with a prescription are required for dose prediction
+        case = load_request_case(request, self.max_upload_bytes)
+        case.validate(require=("ct", "ptv"))
+        t1 = time.perf_counter()
+        # 2. the model
+        predictor = self.models.get()
+        with self.models.run_lock:
+            pred: DosePrediction = predictor.predict_dose(
+                case, steps=params.steps, candidates=params.candidates, seed=params.seed,
+                preview=params.preview, aggregate=params.aggregate, template=params.template)
+        t2 = time.perf_counter()
+        # 3. response: chosen dose as NIfTI, JSON with Scorecard, DVH, candidates
+        out = tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix="dose-", delete=False).name
+        save_nifti(pred.dose_gy.astype(np.float32), case.grid, out, np.float32)
+        request_id = uuid.uuid4().hex
+        result = {
+            "task": "dose", "request_id": request_id,
+            "case": case_summary(case, str(request.get(SOURCE_KEY))),
+            "model_version": pred.model_version, "steps": pred.steps, "seed": pred.seed,
+            "preview": params.preview, "aggregate": pred.aggregate, "template": params.template,
+            "chosen_id": pred.chosen_id, "scorecard": pred.scorecard,
+            "dvh": dvh_table(pred.dose_gy, case),
+            "candidates": [{"id": c.id, "seed": c.seed,
+                            "scorecard_total": None if c.scorecard is None else c.scorecard.get("total"),
+                            "scorecard": c.scorecard} for c in pred.candidates],
+        }
+        self.cache.put(request_id, case.grid, {c.id: c.dose_gy for c in pred.candidates},
+                       {"case_id": case.case_id, "model_version": pred.model_version})
+        result["timings"] = {"load_s": round(t1 - t0, 4), **{f"predict_{k}": v for k, v in pred.timings.items()},
+                             "total_s": round(time.perf_counter() - t0, 4), "model_s": round(t2 - t1, 4)}
+        if self.on_candidates is not None and len(pred.candidates) > 1:
+            self.on_candidates(str(request.get(CASE_ID_KEY)), str(request.get(SOURCE_KEY)), result)
+        return out, result
+
+    def _stored_candidate(self, params: DoseParams) -> tuple[str, dict[str, Any]]:
+        assert params.request_id is not None and params.candidate_id is not None
+        grid, dose, meta = self.cache.get(params.request_id, params.candidate_id)
+        out = tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix="dose-", delete=False).name
+        save_nifti(dose, grid, out, np.float32)
+        return out, {"task": "dose", "request_id": params.request_id, "candidate_id": params.candidate_id,
+                     **meta}

@@ -1,0 +1,76 @@
+"""`impute_ct`, `impute_ptv`, `impute_oar` infer tasks: generate a missing modality of a case.
+
+impute_ct returns a float32 CT (HU) NIfTI; impute_ptv / impute_oar return a uint8 label map with
+the JSON `labels` mapping names to values. The model work is `Predictor.impute`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from diffkt3d.constants import IMPUTABLE
+from diffkt3d.io.case_folder import save_nifti
+from infer_tasks.common import (
+    SOURCE_KEY,
+    ModelProvider,
+    case_summary,
+    int_param,
+    load_request_case,
+)
+
+
+class ImputeTask(InferTask):
+    """Impute one modality (`target` in ct / ptv / oar) from everything else the case has.
+
+    Args:
+        target: the modality to generate.
+        models: the shared model provider.
+        max_upload_bytes: session upload limit.
+    """
+
+    def __init__(self, target: str, models: ModelProvider, max_upload_bytes: int):
+        if target not in IMPUTABLE:
+            raise ValueError(f"cannot impute {target!r}; imputable: {IMPUTABLE}")
+        super().__init__(type=InferType.OTHERS if target == "ct" else InferType.SEGMENTATION, labels=None,
+                         dimension=3, description=f"Impute the {target.upper()} of a case from its other modalities",
+                         config={"steps": 10, "seed": 0})
+        self.target = target
+        self.models = models
+        self.max_upload_bytes = max_upload_bytes
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        t0 = time.perf_counter()
+        steps = int_param(request, "steps", 10, 1, 100)
+        seed = int_param(request, "seed", 0, 0, 2**31 - 1)
+        case = load_request_case(request, self.max_upload_bytes)
+        predictor = self.models.get()
+        with self.models.run_lock:
+            res = predictor.impute(case, target=self.target, steps=steps, seed=seed)
+        out = tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix=f"impute-{self.target}-", delete=False).name
+        result: dict[str, Any] = {"task": f"impute_{self.target}", "target": self.target,
+                                  "case": case_summary(case, str(request.get(SOURCE_KEY))),
+                                  "model_version": res.model_version, "steps": res.steps, "seed": res.seed}
+        if self.target == "ct":
+            assert res.ct_hu is not None
+            save_nifti(res.ct_hu.astype(np.float32), case.grid, out, np.float32)
+        else:
+            # One label map; structures are numbered in the order the model returns them and a later
+            # structure wins where two overlap (voxel counts below are before merging).
+            labels = {name: k + 1 for k, name in enumerate(res.masks)}
+            label_map = np.zeros(case.grid.shape, dtype=np.uint8)
+            for name, mask in res.masks.items():
+                label_map[mask] = labels[name]
+            save_nifti(label_map, case.grid, out, np.uint8)
+            result["labels"] = labels
+            result["voxels"] = {name: int(mask.sum()) for name, mask in res.masks.items()}
+        result["timings"] = {**{f"predict_{k}": v for k, v in res.timings.items()},
+                             "total_s": round(time.perf_counter() - t0, 4)}
+        return out, result

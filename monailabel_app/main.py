@@ -1,0 +1,139 @@
+"""DiffKT3D MONAI Label app.
+
+    monailabel start_server --app monailabel_app --studies sample-data [--conf max_upload_mb 512]
+
+Tasks: infer `dose`, `impute_ct`, `impute_ptv`, `impute_oar` (infer_tasks/), train `any2any`,
+`scardnft` (train_tasks/), strategy `preference`; extra routes `/diffkt3d/preferences`.
+Request format: docs/request-format.md; install and start: docs/server.md.
+
+`--conf` keys (strings): `model` (checkpoint path, overrides the shipped/trained model),
+`model_dir` (where training writes, default `<app>/model`),
+`device`, `max_upload_mb` (default 512), `state_dir` (default `<studies>/.diffkt3d`, holds the
+preference store and case info).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+# MONAI Label loads this file by path; the task packages live next to the app in the repo root.
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+# mlflow tracking is on by default in MONAI Label and breaks with mlflow 3 / without mlflow.
+os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
+
+from fastapi import HTTPException  # noqa: E402
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.interfaces.datastore import Datastore  # noqa: E402
+from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
+from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
+
+from diffkt3d.errors import CaseError, ConfigError, DiffKT3DError  # noqa: E402
+from diffkt3d.preferences import PreferenceStore, check_id  # noqa: E402
+from diffkt3d.scorecard import list_templates  # noqa: E402
+from infer_tasks.common import CASE_ID_KEY, SOURCE_KEY, ModelProvider, TaskError, default_model_paths  # noqa: E402
+from infer_tasks.dose import DoseTask  # noqa: E402
+from infer_tasks.impute import ImputeTask  # noqa: E402
+from monailabel_app.datastore import CaseFolderDatastore, UnknownCaseError  # noqa: E402
+from monailabel_app.strategy import PreferenceStrategy, record_candidates  # noqa: E402
+from train_tasks.any2any import Any2AnyTrainTask  # noqa: E402
+from train_tasks.scardnft import NOT_AVAILABLE, ScardNFTTrainTask  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+class DiffKT3DApp(MONAILabelApp):
+    """Dose prediction, imputation, training and preference labelling over case folders."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        self.model_dir = Path(conf.get("model_dir") or Path(app_dir) / "model")
+        self.max_upload_bytes = int(float(conf.get("max_upload_mb", "512")) * 2**20)
+        self.state_dir = Path(conf.get("state_dir") or Path(studies) / ".diffkt3d")
+        self.preferences = PreferenceStore(self.state_dir / "preferences")
+        self.models = ModelProvider(default_model_paths(self.model_dir, conf.get("model")), device=conf.get("device"))
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DiffKT3D",
+                         description="Any2Any 3D diffusion: radiotherapy dose prediction with a clinical Scorecard",
+                         version="0.1.0")
+
+    # -- MONAI Label hooks ---------------------------------------------------------------------
+    def init_datastore(self) -> Datastore:
+        return CaseFolderDatastore(self.studies, state_dir=self.state_dir)
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return {
+            "dose": DoseTask(self.models, self.max_upload_bytes, on_candidates=self._store_candidates),
+            **{f"impute_{t}": ImputeTask(t, self.models, self.max_upload_bytes) for t in ("ct", "ptv", "oar")},
+        }
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        return {"any2any": Any2AnyTrainTask(self.model_dir),
+                "scardnft": ScardNFTTrainTask(self.model_dir, self.preferences)}
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"preference": PreferenceStrategy(self.preferences)}
+
+    def init_scoring_methods(self) -> dict[str, Any]:
+        return {}
+
+    def info(self) -> dict[str, Any]:
+        meta = super().info()
+        meta["diffkt3d"] = {"model_version": self.models.version(), "templates": list_templates(),
+                            "max_upload_mb": self.max_upload_bytes / 2**20,
+                            "preferences_url": "/diffkt3d/preferences"}
+        return meta
+
+    def on_init_complete(self) -> None:
+        super().on_init_complete()
+        from monailabel.app import app as api  # the running server's FastAPI object
+
+        from monailabel_app.routes import install
+
+        unavailable = {} if ScardNFTTrainTask.available() else {"scardnft": NOT_AVAILABLE}
+        install(api, self.preferences, self.max_upload_bytes, unavailable)
+
+    # -- infer: check the request before MONAI Label touches the file system -------------------
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """Validate task, case id / session, then run the task; user errors become 4xx."""
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(404, f"unknown infer task {model!r}; tasks: {sorted(self._infers)}")
+        request = dict(request)
+        if request.get("session"):
+            request[SOURCE_KEY] = "session"
+            request[CASE_ID_KEY] = f"session-{request['session'].get('name', 'unknown')}"
+        else:
+            image = request.get("image")
+            if not image:
+                raise HTTPException(400, "no case given: pass image=<case id> or session_id=<id> "
+                                         "(see docs/request-format.md)")
+            if os.path.isabs(str(image)):
+                raise HTTPException(400, "file-system paths and the `file` upload field are not accepted: send a "
+                                         "case with PUT /session/ (see docs/request-format.md)")
+            try:
+                check_id(image, "case id")
+                # Absolute folder from here on, so MONAI Label never resolves the id against its cwd.
+                request["image"] = str(self._datastore.case_dir(image))  # type: ignore[attr-defined]
+            except ValueError as exc:
+                raise HTTPException(400, str(exc)) from None
+            except UnknownCaseError as exc:
+                raise HTTPException(404, str(exc)) from None
+            request[SOURCE_KEY] = "datastore"
+            request[CASE_ID_KEY] = image
+        try:
+            return super().infer(request, datastore)
+        except TaskError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        except CaseError as exc:
+            raise HTTPException(422, str(exc)) from None
+        except (ConfigError, DiffKT3DError, ValueError) as exc:
+            raise HTTPException(422, f"{type(exc).__name__}: {exc}") from None
+
+    def _store_candidates(self, case_id: str, source: str, result: dict[str, Any]) -> None:
+        if source == "datastore":
+            record_candidates(self._datastore, case_id, result)

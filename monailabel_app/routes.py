@@ -1,0 +1,180 @@
+"""HTTP additions to MONAI Label's FastAPI app: preference records, an upload size limit, inference
+off the event loop, and a clear answer for training tasks this build cannot run.
+
+MONAI Label 0.8.5 has no hook for app-defined routes, but its FastAPI object (`monailabel.app.app`)
+is importable and routes may be added to it at start-up (`MONAILabelApp.on_init_complete`, which
+runs in the server's lifespan, before the first request). See `install()`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any
+
+from fastapi import (
+    APIRouter,
+    BackgroundTasks,
+    Body,
+    Depends,
+    FastAPI,
+    File,
+    Form,
+    HTTPException,
+    Query,
+    UploadFile,
+)
+from fastapi.routing import APIRoute
+from monailabel.config import settings
+from monailabel.endpoints.infer import ResultType, run_inference
+from monailabel.endpoints.user.auth import RBAC, User
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from diffkt3d.preferences import PreferenceRecord, PreferenceStore
+
+log = logging.getLogger(__name__)
+
+PREFERENCES_PATH = "/diffkt3d/preferences"
+# MONAI Label's own role check (a no-op unless MONAI_LABEL_AUTH_ENABLE); module level so FastAPI
+# can resolve the annotation (this module uses postponed annotations).
+UserDep = Annotated[User, Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))]
+
+
+class UploadTooLarge(StarletteHTTPException):
+    """Raised from inside body reading; an HTTPException so FastAPI's body parser passes it on as is."""
+
+    def __init__(self, limit_bytes: int):
+        super().__init__(413, f"request body larger than the server's upload limit of "
+                              f"{limit_bytes / 2**20:.0f} MB (max_upload_mb)")
+
+
+class UploadLimitMiddleware:
+    """Reject request bodies above `max_bytes` with 413 before they are written to disk.
+
+    Checks Content-Length up front and, for chunked uploads, counts bytes as they arrive.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._reject(send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise UploadTooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except UploadTooLarge:
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        body = json.dumps({"detail": UploadTooLarge(self.max_bytes).detail}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def preference_router(store: PreferenceStore) -> APIRouter:
+    """POST/GET /diffkt3d/preferences (format: docs/request-format.md §7)."""
+    router = APIRouter(prefix=PREFERENCES_PATH, tags=["DiffKT3D preferences"])
+
+    @router.post("", status_code=201, summary="Record a clinician's choice between candidate doses")
+    def add_preference(payload: Annotated[Any, Body()], user: UserDep) -> dict[str, Any]:
+        if isinstance(payload, dict) and settings.MONAI_LABEL_AUTH_ENABLE:
+            # With authentication on, the rater is who is logged in, never what the body says.
+            payload = {**payload, "rater": getattr(user, "username", None) or payload.get("rater")}
+        try:
+            record = PreferenceRecord.from_dict(payload, new=True)
+        except (ValueError, TypeError) as exc:
+            raise HTTPException(status_code=422, detail=f"invalid preference record: {exc}") from None
+        store.append(record)
+        log.info("preference %s stored (case %s, chosen %s)", record.record_id, record.case_id, record.chosen_id)
+        return {"record": record.to_dict()}
+
+    @router.get("", summary="List preference records")
+    def list_preferences(user: UserDep, case_id: Annotated[str | None, Query()] = None,
+                         rater: Annotated[str | None, Query()] = None) -> dict[str, Any]:
+        result = store.read()
+        records = [r.to_dict() for r in result.records
+                   if (case_id is None or r.case_id == case_id) and (rater is None or r.rater == rater)]
+        return {"records": records, "count": len(records),
+                "skipped_lines": [{"line": n, "reason": why} for n, why in result.skipped]}
+
+    return router
+
+
+def _threaded_infer_route(api: FastAPI) -> None:
+    """POST /infer/{model} as a plain `def` route, so FastAPI runs it in its thread pool.
+
+    MONAI Label's own route is `async def` and calls the (long, synchronous) inference directly,
+    which blocks the event loop: while one clinician's dose is computed, nobody else gets even
+    `/info/` or can save a preference. Same parameters, same `run_inference`, just off the loop.
+    """
+    def infer(background_tasks: BackgroundTasks, model: str, user: UserDep,
+              image: str = "", session_id: str = "", params: Annotated[str, Form()] = "{}",
+              file: Annotated[UploadFile | None, File()] = None, label: Annotated[UploadFile | None, File()] = None,
+              output: ResultType | None = None):
+        return run_inference(background_tasks, model, image, session_id, params, file, label, output)
+
+    _add_first(api, f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}", infer, "POST")
+
+
+def _add_first(api: FastAPI, path: str, endpoint, method: str) -> None:
+    """Add a route that wins over MONAI Label's (Starlette matches routes in order)."""
+    api.router.add_api_route(path, endpoint, methods=[method], include_in_schema=False)
+    route = api.router.routes.pop()
+    assert isinstance(route, APIRoute)
+    api.router.routes.insert(0, route)
+
+
+def _unavailable(reason: str):
+    def endpoint() -> None:
+        raise HTTPException(status_code=503, detail=reason)
+
+    return endpoint
+
+
+def install(api: FastAPI, store: PreferenceStore, max_upload_bytes: int, unavailable_trainers: dict[str, str]) -> None:
+    """Add our routes and middleware to MONAI Label's FastAPI app (once, at server start-up).
+
+    Args:
+        api: `monailabel.app.app`.
+        store: the preference store.
+        max_upload_bytes: request body limit.
+        unavailable_trainers: train task name -> reason; POST /train/<name> answers 503 with it
+            instead of starting a subprocess that could only fail.
+    """
+    api.include_router(preference_router(store), prefix=settings.MONAI_LABEL_API_STR)
+    for name, reason in unavailable_trainers.items():
+        _add_first(api, f"{settings.MONAI_LABEL_API_STR}/train/{name}", _unavailable(reason), "POST")
+    _threaded_infer_route(api)
+    # Starlette builds its middleware stack lazily on the first call (the lifespan we are running
+    # in); clearing it makes the next request rebuild the stack with our limit outermost.
+    api.middleware_stack = None
+    api.add_middleware(UploadLimitMiddleware, max_bytes=max_upload_bytes)

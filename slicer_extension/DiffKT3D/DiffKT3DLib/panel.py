@@ -1,0 +1,211 @@
+"""Qt side of the module panel: widgets <-> Workflow. Runs only inside Slicer (imports qt).
+
+Thin by design: every decision lives in workflow.py / scene.py (tested on slicer-core); this file
+reads widgets, calls the workflow, and shows results, progress and the server's error messages.
+A QTimer polls the worker queue and the preview debouncer on the GUI thread.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import qt
+import slicer
+
+from .client import ClientError, DiffKT3DClient
+from .constants import IGNORE_ROLE, IMPUTE_TASKS, POLL_INTERVAL_MS, ROLES
+from .roles import StructureRole
+from .worker import ThreadRunner
+from .workflow import DoseRequest, Workflow
+
+logger = logging.getLogger(__name__)
+_SETTINGS_URL = "DiffKT3D/ServerURL"
+_ROLE_CHOICES = (*ROLES, IGNORE_ROLE)
+
+
+class Panel:
+    """Connects the widgets of Resources/UI/DiffKT3D.ui (`ui` = childWidgetVariables) to a Workflow."""
+
+    def __init__(self, ui, workflow: Workflow | None = None):
+        self.ui = ui
+        url = str(qt.QSettings().value(_SETTINGS_URL, "") or "")
+        self.workflow = workflow or Workflow(slicer.mrmlScene, DiffKT3DClient(url), ThreadRunner(),
+                                             on_status=self.status)
+        self.workflow.on_status = self.status
+        self.job = None
+        ui.serverUrlLineEdit.text = self.workflow.client.server_url
+        ui.imputeTargetComboBox.addItems(sorted(IMPUTE_TASKS))
+        ui.progressBar.hide()
+        ui.connectButton.clicked.connect(self.on_connect)
+        ui.segmentationSelector.currentNodeChanged.connect(lambda node: self.fill_roles())
+        ui.predictButton.clicked.connect(self.on_predict)
+        ui.cancelButton.clicked.connect(self.on_cancel)
+        ui.candidateComboBox.currentTextChanged.connect(self.on_candidate)
+        ui.compareButton.clicked.connect(self.on_compare)
+        ui.sendPreferenceButton.clicked.connect(self.on_send_preference)
+        ui.nextCaseButton.clicked.connect(self.on_next_case)
+        ui.imputeButton.clicked.connect(self.on_impute)
+        ui.previewCheckBox.toggled.connect(self.on_preview_toggled)
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_INTERVAL_MS)
+        self.timer.timeout.connect(self.workflow.poll)
+        self.timer.start()
+
+    def cleanup(self) -> None:
+        self.timer.stop()
+        self.workflow.close()
+
+    # -- feedback ----------------------------------------------------------------------------
+    def status(self, text: str) -> None:
+        self.ui.statusLabel.text = text
+
+    def error(self, exc: BaseException) -> None:
+        self.busy(False)
+        message = str(exc) if isinstance(exc, (ClientError, ValueError)) else f"{type(exc).__name__}: {exc}"
+        self.status(f"Error: {message}")
+        slicer.util.errorDisplay(message, windowTitle="DiffKT3D")
+
+    def busy(self, on: bool) -> None:
+        self.ui.progressBar.setVisible(on)
+        self.ui.cancelButton.enabled = on
+        self.ui.predictButton.enabled = not on
+        if on:
+            self.ui.progressBar.setRange(0, 0)
+
+    def progress(self, fraction, message: str) -> None:
+        if fraction is not None:
+            self.ui.progressBar.setRange(0, 100)
+            self.ui.progressBar.value = int(100 * fraction)
+        self.status(message)
+
+    # -- server ------------------------------------------------------------------------------
+    def on_connect(self) -> None:
+        try:
+            url = self.workflow.set_server(self.ui.serverUrlLineEdit.text)
+        except ValueError as exc:
+            return self.error(exc)
+        self.ui.serverUrlLineEdit.text = url
+        qt.QSettings().setValue(_SETTINGS_URL, url)
+        self.workflow.connect(on_done=self.on_connected, on_error=self.error)
+        self.status(f"connecting to {url} ...")
+
+    def on_connected(self, result) -> None:
+        templates = (result["info"].get("diffkt3d") or {}).get("templates") or []
+        self.ui.templateComboBox.clear()
+        self.ui.templateComboBox.addItems(list(templates))
+        self.ui.imputeButton.enabled = bool(result["tasks"]["impute"])
+
+    # -- inputs --------------------------------------------------------------------------------
+    def fill_roles(self) -> None:
+        seg = self.ui.segmentationSelector.currentNode()
+        table = self.ui.rolesTable
+        table.setRowCount(0)
+        if seg is None:
+            return
+        for row, r in enumerate(self.workflow.scene_logic.segment_roles(seg)):
+            table.insertRow(row)
+            item = qt.QTableWidgetItem(r.name)
+            item.setData(qt.Qt.UserRole, r.segment_id)
+            table.setItem(row, 0, item)
+            combo = qt.QComboBox()
+            combo.addItems(list(_ROLE_CHOICES))
+            combo.currentText = r.role
+            table.setCellWidget(row, 1, combo)
+            spin = qt.QDoubleSpinBox()
+            spin.setRange(0.0, 200.0)
+            spin.setSuffix(" Gy")
+            spin.value = r.prescription_gy or 0.0
+            table.setCellWidget(row, 2, spin)
+
+    def roles(self) -> list[StructureRole]:
+        table, out = self.ui.rolesTable, []
+        for row in range(table.rowCount):
+            rx = table.cellWidget(row, 2).value
+            role = table.cellWidget(row, 1).currentText
+            out.append(StructureRole(table.item(row, 0).data(qt.Qt.UserRole), table.item(row, 0).text(), role,
+                                     rx if (role == "target" and rx > 0) else None))
+        seg = self.ui.segmentationSelector.currentNode()
+        if seg is not None:
+            self.workflow.scene_logic.store_roles(seg, out)
+        return out
+
+    def request(self) -> DoseRequest:
+        return DoseRequest(self.ui.ctSelector.currentNode(), self.ui.segmentationSelector.currentNode(),
+                           self.roles(), candidates=self.ui.candidatesSpinBox.value,
+                           steps=self.ui.stepsSpinBox.value, seed=self.ui.seedSpinBox.value,
+                           template=self.ui.templateComboBox.currentText or None)
+
+    # -- dose and candidates ---------------------------------------------------------------------
+    def on_predict(self) -> None:
+        try:
+            self.job = self.workflow.request_dose(self.request(), on_done=self.on_dose, on_error=self.error,
+                                                  on_progress=self.progress)
+        except ValueError as exc:
+            return self.error(exc)
+        self.busy(True)
+
+    def on_cancel(self) -> None:
+        if self.job is not None:
+            self.workflow.runner.cancel(self.job)
+        self.busy(False)
+        self.status("cancelled")
+
+    def on_dose(self, cset) -> None:
+        self.busy(False)
+        combo = self.ui.candidateComboBox
+        combo.blockSignals(True)
+        combo.clear()
+        combo.addItems([c.id for c in cset.candidates])
+        combo.currentText = cset.active_id
+        combo.blockSignals(False)
+        self.on_candidate(cset.active_id)
+        plots = slicer.modules.plots.logic()
+        plots.ShowChartInLayout(self.workflow.scene_logic.dvh_chart())
+
+    def on_candidate(self, candidate_id: str) -> None:
+        if not candidate_id or self.workflow.candidate_set is None:
+            return
+        table = self.workflow.set_active_candidate(candidate_id)
+        self.ui.scorecardTableView.setMRMLTableNode(table)
+        total = self.workflow.candidate_set.get(candidate_id).total
+        self.ui.totalLabel.text = f"Scorecard total: {total:.2f}" if total is not None else ""
+
+    def on_compare(self) -> None:
+        node = slicer.mrmlScene.GetFirstNodeByName("DiffKT3D Scorecard comparison")
+        if node is not None:
+            self.ui.scorecardTableView.setMRMLTableNode(node)
+
+    # -- preferences, active learning, imputation, preview ---------------------------------------------
+    def on_send_preference(self) -> None:
+        try:
+            self.workflow.send_preference(self.ui.candidateComboBox.currentText, self.ui.raterLineEdit.text,
+                                          self.ui.commentLineEdit.text, on_error=self.error,
+                                          on_done=lambda rec: self.status(f"preference saved ({rec.get('record_id', '')})"))
+        except ValueError as exc:
+            self.error(exc)
+
+    def on_next_case(self) -> None:
+        def done(result) -> None:
+            self.ui.nextCaseLabel.text = str(result.get("id") or "no case left to label")
+
+        try:
+            self.workflow.next_case(self.ui.raterLineEdit.text, on_done=done, on_error=self.error)
+        except ValueError as exc:
+            self.error(exc)
+
+    def on_impute(self) -> None:
+        target = self.ui.imputeTargetComboBox.currentText
+        try:
+            self.job = self.workflow.request_imputation(
+                target, self.ui.ctSelector.currentNode(), self.ui.segmentationSelector.currentNode(), self.roles(),
+                on_done=lambda out: (self.busy(False), self.fill_roles()), on_error=self.error)
+        except ValueError as exc:
+            return self.error(exc)
+        self.busy(True)
+
+    def on_preview_toggled(self, on: bool) -> None:
+        try:
+            self.workflow.enable_preview(self.request() if on else None, on)
+        except ValueError as exc:
+            self.ui.previewCheckBox.checked = False
+            self.error(exc)

@@ -1,0 +1,57 @@
+"""Shared fixtures: a small synthetic case (analytic geometry) and a tiny model checkpoint.
+
+Real OpenKBP data live beside the repo in ../shared/datasets; tests that need them use
+`openkbp_root` and are skipped with a clear reason when the folder is absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffkt3d.data.case import Case
+from diffkt3d.data.encoding import EncodingConfig
+from diffkt3d.data.synthetic import make_synthetic_case
+from diffkt3d.io.case_folder import save_case_folder
+from diffkt3d.models.any2any_dit import Any2AnyDiT
+from diffkt3d.models.checkpoint import save_checkpoint
+from diffkt3d.models.config import get_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def openkbp_root() -> Path:
+    root = SHARED / "datasets" / "openkbp"
+    if not root.is_dir():
+        pytest.skip(f"OpenKBP data not found at {root}")
+    return root
+
+
+@pytest.fixture
+def synthetic_case() -> Case:
+    return make_synthetic_case()
+
+
+@pytest.fixture
+def synthetic_case_dir(tmp_path: Path) -> Path:
+    return save_case_folder(make_synthetic_case(), tmp_path / "synthetic")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised `tiny` DiT on a 16^3 working grid (all 7 modalities)."""
+    torch.manual_seed(0)
+    enc = EncodingConfig(grid=(16, 16, 16))
+    cfg = get_config("tiny", in_channels=enc.channels(), modalities=list(enc.modalities))
+    model = Any2AnyDiT(cfg)
+    # Non-zero head so outputs depend on inputs (the real init zeroes it).
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    return save_checkpoint(path, model, cfg, enc, flow_shift=3.0, meta={"name": "tiny-test"})

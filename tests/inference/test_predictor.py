@@ -1,0 +1,80 @@
+"""Predictor: case grid in, case grid out; seeds reproduce; candidates; imputation outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffkt3d.errors import CaseError, ConfigError
+from diffkt3d.inference import Predictor
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_checkpoint):
+    return Predictor.load(tiny_checkpoint, device="cpu")
+
+
+def test_dose_is_on_the_case_grid_nonnegative_and_zero_outside_body(predictor, synthetic_case):
+    synthetic_case.dose_gy = None
+    pred = predictor.predict_dose(synthetic_case, steps=2, template=None)
+    assert pred.dose_gy.shape == synthetic_case.grid.shape and pred.dose_gy.dtype == np.float32
+    assert (pred.dose_gy >= 0).all()
+    assert (pred.dose_gy[~synthetic_case.body] == 0).all()
+    assert pred.steps == 2 and pred.model_version.startswith("tiny-test@")
+
+
+def test_stored_dose_is_never_an_input(predictor, synthetic_case):
+    a = predictor.predict_dose(synthetic_case, steps=1, template=None).dose_gy
+    synthetic_case.dose_gy = synthetic_case.dose_gy * 0 + 33.0
+    b = predictor.predict_dose(synthetic_case, steps=1, template=None).dose_gy
+    np.testing.assert_array_equal(a, b)
+
+
+def test_same_seed_same_dose_other_seed_other_dose(predictor, synthetic_case):
+    a = predictor.predict_dose(synthetic_case, steps=2, seed=7, template=None).dose_gy
+    b = predictor.predict_dose(synthetic_case, steps=2, seed=7, template=None).dose_gy
+    c = predictor.predict_dose(synthetic_case, steps=2, seed=8, template=None).dose_gy
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_candidates_are_individually_reproducible(predictor, synthetic_case):
+    pred = predictor.predict_dose(synthetic_case, steps=2, candidates=3, seed=5, template=None)
+    assert [c.seed for c in pred.candidates] == [5, 6, 7]
+    single = predictor.predict_dose(synthetic_case, steps=2, seed=6, template=None).dose_gy
+    np.testing.assert_allclose(pred.candidates[1].dose_gy, single, atol=1e-4)
+
+
+def test_mean_aggregate_is_the_voxel_mean(predictor, synthetic_case):
+    pred = predictor.predict_dose(synthetic_case, steps=1, candidates=2, aggregate="mean", template=None)
+    assert pred.chosen_id == "mean"
+    np.testing.assert_allclose(pred.dose_gy, (pred.candidates[0].dose_gy + pred.candidates[1].dose_gy) / 2,
+                               atol=1e-4)
+
+
+def test_preview_is_one_step(predictor, synthetic_case):
+    assert predictor.predict_dose(synthetic_case, steps=10, preview=True, template=None).steps == 1
+
+
+def test_case_without_target_is_refused_by_name(predictor, synthetic_case):
+    for name in ("PTV70", "PTV56"):
+        del synthetic_case.structures[name]
+    with pytest.raises(CaseError, match="synthetic.*target"):
+        predictor.predict_dose(synthetic_case, steps=1, template=None)
+
+
+@pytest.mark.parametrize("target", ["ct", "ptv", "oar"])
+def test_imputation_returns_case_grid_outputs(predictor, synthetic_case, target):
+    res = predictor.impute(synthetic_case, target, steps=1)
+    if target == "ct":
+        assert res.ct_hu.shape == synthetic_case.grid.shape
+        assert res.ct_hu.min() >= -1000 and res.ct_hu.max() <= 1000
+    else:
+        assert res.masks and all(m.shape == synthetic_case.grid.shape and m.dtype == bool for m in res.masks.values())
+
+
+def test_unknown_imputation_target_and_missing_model(predictor, synthetic_case, tmp_path):
+    with pytest.raises(ValueError, match="cannot impute"):
+        predictor.impute(synthetic_case, "dose")
+    with pytest.raises(ConfigError, match="model not found"):
+        Predictor.load(tmp_path / "nope.pt")

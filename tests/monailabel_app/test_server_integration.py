@@ -1,0 +1,366 @@
+"""A REAL MONAI Label server with the DiffKT3D app, started once per module, talked to over HTTP.
+
+Uses a temporary studies dir with copies of OpenKBP validation cases, a temporary model dir and
+preference store, and the shipped model when diffkt3d/weights holds it (else a random `tiny`
+checkpoint: then only shapes/grids/formats are meaningful, not dose values).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+
+from diffkt3d.inference import default_model_path
+
+pytestmark = pytest.mark.server
+
+REPO = Path(__file__).resolve().parents[2]
+VALIDATION = Path("/work/shared/datasets/openkbp/validation")
+CASES = ("pt_201", "pt_202")
+SHIPPED = default_model_path().is_file()
+MAX_UPLOAD_MB = 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not all((VALIDATION / c).is_dir() for c in CASES):
+        pytest.skip("OpenKBP validation cases not available")
+    monailabel = Path(sys.executable).with_name("monailabel")
+    if not monailabel.exists():
+        pytest.skip("monailabel not installed (pip install -r requirements-server.txt ...)")
+    root = tmp_path_factory.mktemp("server")
+    studies = root / "studies"
+    for c in CASES:
+        shutil.copytree(VALIDATION / c, studies / c)
+    conf = ["--conf", "max_upload_mb", str(MAX_UPLOAD_MB), "--conf", "model_dir", str(root / "model"),
+            "--conf", "state_dir", str(root / "state"), "--conf", "device", "cpu"]
+    env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_INFER_CONCURRENCY": "1",
+           "MONAI_LABEL_SESSION_PATH": str(root / "sessions"), "OMP_NUM_THREADS": "1"}
+    if not SHIPPED:
+        # A random tiny model in the "shipped model" slot (lowest priority), so a model trained by
+        # the server still takes over as it would from the real shipped one.
+        sys.path.insert(0, str(Path(__file__).parent))
+        from tiny_model import write_tiny_checkpoint
+
+        env["DIFFKT3D_MODEL"] = str(write_tiny_checkpoint(root / "tiny.pt"))
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(["nice", "-n", "15", str(monailabel), "start_server", "--app", str(REPO / "monailabel_app"),
+                             "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port), *conf],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(1)
+    else:
+        proc.kill()
+    if proc.poll() is not None:
+        log.close()
+        pytest.fail(f"server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+    yield {"url": url, "root": root, "studies": studies, "proc": proc}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def _multipart(resp: requests.Response) -> tuple[dict, bytes]:
+    """Split MONAI Label's multipart infer response into (params JSON, image bytes)."""
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    parts = {}
+    for part in MultipartDecoder.from_response(resp).parts:
+        disp = part.headers[b"Content-Disposition"].decode()
+        name = disp.split('name="')[1].split('"')[0]
+        parts[name] = part.content
+    return json.loads(parts["params"]), parts["image"]
+
+
+def _nifti(data: bytes) -> nib.Nifti1Image:
+    return nib.Nifti1Image.from_bytes(gzip.decompress(data))
+
+
+def _infer(server, task: str, params: dict | None = None, timeout: float = 600, **query) -> requests.Response:
+    return requests.post(f"{server['url']}/infer/{task}", params={"output": "all", **query},
+                         data={"params": json.dumps(params or {})}, timeout=timeout)
+
+
+def _session(server, files: dict[str, bytes]) -> str:
+    r = requests.put(f"{server['url']}/session/", files=[("files", (n, b)) for n, b in files.items()], timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["session_id"]
+
+
+def _case_files(case: str, names: tuple[str, ...] | None = None) -> dict[str, bytes]:
+    folder = VALIDATION / case
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.nii.gz"))
+            if p.name != "dose.nii.gz" and (names is None or p.name in names)}
+
+
+def _assert_alive(server) -> None:
+    assert requests.get(f"{server['url']}/info/", timeout=30).status_code == 200
+
+
+# -- discovery -------------------------------------------------------------------------------------
+def test_info_lists_all_tasks(server):
+    info = requests.get(f"{server['url']}/info/", timeout=30).json()
+    assert {"dose", "impute_ct", "impute_ptv", "impute_oar"} <= set(info["models"])
+    assert {"any2any", "scardnft"} <= set(info["trainers"])
+    assert "preference" in info["strategies"]
+    assert info["datastore"]["total"] == len(CASES)
+    assert info["diffkt3d"]["model_version"]
+
+
+# -- dose -------------------------------------------------------------------------------------------
+def test_dose_on_datastore_case(server):
+    r = _infer(server, "dose", {"preview": True, "candidates": 2, "seed": 3}, image="pt_201")
+    assert r.status_code == 200, r.text
+    meta, image = _multipart(r)
+    dose_img, ct_img = _nifti(image), nib.load(str(VALIDATION / "pt_201" / "ct.nii.gz"))
+    dose = np.asarray(dose_img.dataobj)
+    assert dose.dtype == np.float32 and dose.shape == ct_img.shape
+    assert np.allclose(dose_img.affine, ct_img.affine)
+    assert float(dose.min()) >= 0.0 and np.isfinite(dose).all()
+    assert meta["steps"] == 1 and meta["seed"] == 3 and meta["model_version"]
+    assert [c["seed"] for c in meta["candidates"]] == [3, 4]
+    assert meta["chosen_id"] in [c["id"] for c in meta["candidates"]]
+    assert {"total", "max_total", "items"} <= set(meta["scorecard"])
+    # the best-of-n image is the candidate with the highest Scorecard total
+    best = max(meta["candidates"], key=lambda c: c["scorecard_total"])
+    assert meta["chosen_id"] == best["id"] and meta["scorecard"]["total"] == best["scorecard_total"]
+    # DVH numbers must describe the returned image: recompute two independently with numpy
+    ptv = np.asarray(nib.load(str(VALIDATION / "pt_201" / "PTV70.nii.gz")).dataobj) > 0.5
+    assert meta["dvh"]["PTV70"]["Dmean"] == pytest.approx(float(dose[ptv].mean()), abs=1e-3)
+    assert meta["dvh"]["PTV70"]["Dmax"] == pytest.approx(float(dose[ptv].max()), abs=1e-3)
+    # fetching a stored candidate returns exactly that candidate's dose, without re-sampling
+    r2 = _infer(server, "dose", {"request_id": meta["request_id"], "candidate_id": meta["chosen_id"]},
+                image="pt_201")
+    assert r2.status_code == 200, r2.text
+    assert np.array_equal(np.asarray(_nifti(_multipart(r2)[1]).dataobj), dose)
+    other = next(c["id"] for c in meta["candidates"] if c["id"] != meta["chosen_id"])
+    r3 = _infer(server, "dose", {"request_id": meta["request_id"], "candidate_id": other}, image="pt_201")
+    assert not np.array_equal(np.asarray(_nifti(_multipart(r3)[1]).dataobj), dose)
+
+
+def test_dose_on_client_sent_case_matches_datastore_case(server):
+    sid = _session(server, _case_files("pt_202"))
+    r = _infer(server, "dose", {"preview": True, "seed": 5}, session_id=sid)
+    assert r.status_code == 200, r.text
+    meta, image = _multipart(r)
+    assert meta["case"]["source"] == "session" and meta["case"]["id"] == f"session-{sid}"
+    ref = _infer(server, "dose", {"preview": True, "seed": 5}, image="pt_202")
+    ref_meta, ref_image = _multipart(ref)
+    a, b = _nifti(image), _nifti(ref_image)
+    assert np.allclose(a.affine, b.affine)
+    # same case, same seed, same model: the same dose whichever way the case arrived
+    np.testing.assert_allclose(np.asarray(a.dataobj), np.asarray(b.dataobj), atol=1e-4)
+
+
+@pytest.mark.skipif(not SHIPPED, reason="needs the shipped model in diffkt3d/weights/ (random tiny model here)")
+def test_mean_dose_in_ptv70_near_prescription(server):
+    r = _infer(server, "dose", {"steps": 10}, image="pt_201")
+    meta, _ = _multipart(r)
+    assert meta["dvh"]["PTV70"]["Dmean"] == pytest.approx(70.0, rel=0.10)
+
+
+def test_server_stays_responsive_while_a_dose_is_computed(server):
+    import threading
+
+    out = {}
+
+    def long_request():
+        # long enough to still be running after 3 s even with the random tiny model
+        out["r"] = _infer(server, "dose", {"steps": 100, "candidates": 8}, image="pt_202")
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(3.0)  # the dose request is now running in the server
+    t0 = time.monotonic()
+    assert requests.get(f"{server['url']}/diffkt3d/preferences", timeout=60).status_code == 200
+    waited = time.monotonic() - t0
+    busy = t.is_alive()
+    t.join()
+    assert out["r"].status_code == 200, out["r"].text[:300]
+    assert busy, "the dose request finished before the probe: make it longer"
+    assert waited < 2.0, f"a GET waited {waited:.1f} s behind a running inference"
+
+
+# -- impute ------------------------------------------------------------------------------------------
+def test_impute_ct_and_oar(server):
+    r = _infer(server, "impute_ct", {"steps": 1}, image="pt_201")
+    assert r.status_code == 200, r.text
+    meta, image = _multipart(r)
+    ct, ref = _nifti(image), nib.load(str(VALIDATION / "pt_201" / "ct.nii.gz"))
+    assert ct.shape == ref.shape and np.allclose(ct.affine, ref.affine)
+    assert np.asarray(ct.dataobj).dtype == np.float32
+    r = _infer(server, "impute_oar", {"steps": 1}, image="pt_201")
+    assert r.status_code == 200, r.text
+    meta, image = _multipart(r)
+    labels = np.asarray(_nifti(image).dataobj)
+    assert labels.shape == ref.shape and labels.dtype == np.uint8
+    assert set(np.unique(labels)) <= {0, *meta["labels"].values()}
+    for name, value in meta["labels"].items():  # merged voxels never exceed the structure's own count
+        assert int((labels == value).sum()) <= meta["voxels"][name]
+
+
+# -- preferences and active learning ------------------------------------------------------------------
+def _pref(case: str, rater: str) -> dict:
+    return {"case_id": case, "chosen_id": "c1-seed1", "rater": rater, "comment": "parotid",
+            "candidates": [{"id": "c0-seed0", "seed": 0, "model_version": "m@1"},
+                           {"id": "c1-seed1", "seed": 1, "model_version": "m@1"}]}
+
+
+def test_preferences_write_read_and_strategy(server):
+    url = server["url"]
+    # pt_201 has stored candidate Scorecards (test_dose_on_datastore_case ran 2 candidates on it)
+    r = requests.post(f"{url}/activelearning/preference", json={"rater": "dr_x"}, timeout=60)
+    assert r.status_code == 200 and r.json()["id"] == "pt_201", r.text
+    r = requests.post(f"{url}/diffkt3d/preferences", json=_pref("pt_201", "dr_x"), timeout=30)
+    assert r.status_code == 201, r.text
+    rec = r.json()["record"]
+    assert rec["record_id"] and rec["time_utc"] and rec["schema_version"] == 1
+    requests.post(f"{url}/diffkt3d/preferences", json=_pref("pt_202", "dr_y"), timeout=30).raise_for_status()
+    got = requests.get(f"{url}/diffkt3d/preferences", params={"rater": "dr_x"}, timeout=30).json()
+    assert got["count"] == 1 and got["records"][0]["record_id"] == rec["record_id"]
+    assert requests.get(f"{url}/diffkt3d/preferences", timeout=30).json()["count"] == 2
+    # the record is on disk, in the store file of the configured state dir
+    lines = (server["root"] / "state" / "preferences" / "preferences.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["record_id"] == rec["record_id"]
+    # dr_x has labelled pt_201 -> next is pt_202; dr_y labelled pt_202 -> still pt_201
+    assert requests.post(f"{url}/activelearning/preference", json={"rater": "dr_x"}, timeout=60).json()["id"] == "pt_202"
+    assert requests.post(f"{url}/activelearning/preference", json={"rater": "dr_y"}, timeout=60).json()["id"] == "pt_201"
+    bad = requests.post(f"{url}/diffkt3d/preferences", json={**_pref("pt_201", "dr_x"), "chosen_id": "zz"}, timeout=30)
+    assert bad.status_code == 422 and "chosen_id" in bad.json()["detail"]
+
+
+# -- training -----------------------------------------------------------------------------------------
+def test_scardnft_not_available_is_clear(server):
+    r = requests.post(f"{server['url']}/train/scardnft", json={}, timeout=30)
+    assert r.status_code == 503 and "not available" in r.json()["detail"]
+
+
+@pytest.mark.slow
+def test_short_any2any_training_publishes_a_model_used_by_the_next_inference(server):
+    url = server["url"]
+    before = requests.get(f"{url}/info/", timeout=30).json()["diffkt3d"]["model_version"]
+    params = {"preset": "tiny", "any2any_steps": 2, "dose_steps": 2, "grid": 16, "batch_size": 1,
+              "warmup_steps": 1, "max_minutes": 5}
+    r = requests.post(f"{url}/train/any2any", json=params, timeout=60)
+    assert r.status_code == 200, r.text
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = requests.get(f"{url}/train/", timeout=30).json()
+        if status.get("status") in ("DONE", "ERROR"):
+            break
+        time.sleep(3)
+    assert status.get("status") == "DONE", json.dumps(status)[-2000:]
+    model = server["root"] / "model" / "any2any" / "model.pt"
+    assert model.is_file()
+    info = requests.get(f"{url}/info/", timeout=30).json()
+    assert info["train_stats"]["any2any"]["status"] == "done"
+    # the trained model takes over from the shipped one at the next request (mtime reload)
+    after = info["diffkt3d"]["model_version"]
+    assert after != before
+    r = _infer(server, "dose", {"preview": True}, image="pt_202")
+    assert r.status_code == 200, r.text[:500]
+    assert _multipart(r)[0]["model_version"] == after
+
+
+# -- bad inputs ----------------------------------------------------------------------------------------
+def _volume_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    img = nib.Nifti1Image(array, affine)
+    buf.write(gzip.compress(img.to_bytes()))
+    return buf.getvalue()
+
+
+def _check_4xx(r: requests.Response, status: int, *words: str) -> None:
+    assert r.status_code == status, (r.status_code, r.text[:500])
+    detail = r.json()["detail"]
+    for w in words:
+        assert w.lower() in detail.lower(), detail
+
+
+@pytest.fixture(scope="module")
+def small_case():
+    """A 24^3 crop of pt_201 (CT, PTV70, Brainstem) as file bytes, to build bad uploads fast."""
+    folder = VALIDATION / "pt_201"
+    ct = nib.load(str(folder / "ct.nii.gz"))
+    ptv = np.asarray(nib.load(str(folder / "PTV70.nii.gz")).dataobj) > 0.5
+    c = np.argwhere(ptv).mean(axis=0).astype(int)
+    sl = tuple(slice(max(0, ci - 12), max(0, ci - 12) + 24) for ci in c)
+    arrays = {"ct.nii.gz": np.asarray(ct.dataobj)[sl].astype(np.int16),
+              "PTV70.nii.gz": ptv[sl].astype(np.uint8),
+              "Brainstem.nii.gz": (np.asarray(nib.load(str(folder / "Brainstem.nii.gz")).dataobj)[sl] > 0.5).astype(np.uint8)}
+    return arrays, ct.affine
+
+
+def test_bad_inputs_get_clear_4xx_and_server_keeps_serving(server, small_case):
+    arrays, affine = small_case
+    good = {n: _volume_bytes(a, affine) for n, a in arrays.items()}
+
+    # missing CT
+    sid = _session(server, {k: v for k, v in good.items() if k != "ct.nii.gz"})
+    _check_4xx(_infer(server, "dose", session_id=sid), 422, "ct")
+    # grid mismatch (one mask with another shape)
+    sid = _session(server, {**good, "Brainstem.nii.gz": _volume_bytes(arrays["Brainstem.nii.gz"][:20], affine)})
+    _check_4xx(_infer(server, "dose", session_id=sid), 422, "grid mismatch", "Brainstem")
+    # empty PTV
+    sid = _session(server, {**good, "PTV70.nii.gz": _volume_bytes(np.zeros_like(arrays["PTV70.nii.gz"]), affine)})
+    _check_4xx(_infer(server, "dose", session_id=sid), 422, "PTV70", "empty")
+    # NaN volume
+    ct_nan = arrays["ct.nii.gz"].astype(np.float32)
+    ct_nan[3, 4, 5] = np.nan
+    sid = _session(server, {**good, "ct.nii.gz": _volume_bytes(ct_nan, affine)})
+    _check_4xx(_infer(server, "dose", session_id=sid), 422, "nan")
+    # truncated gzip
+    sid = _session(server, {**good, "ct.nii.gz": good["ct.nii.gz"][: len(good["ct.nii.gz"]) // 2]})
+    _check_4xx(_infer(server, "dose", session_id=sid), 422, "ct.nii.gz", "truncated")
+    # unknown task, unknown case id
+    _check_4xx(_infer(server, "no_such_task", image="pt_201"), 404, "unknown infer task")
+    _check_4xx(_infer(server, "dose", image="pt_999"), 404, "pt_999")
+    # path-traversal-looking ids and file-system paths
+    for bad in ("../pt_201", "..", "pt_201/../pt_202", "/etc/passwd", "..%2Fpt_201", "pt_201\\..\\x"):
+        r = _infer(server, "dose", image=bad)
+        assert r.status_code == 400, (bad, r.status_code, r.text[:300])
+    # bad parameter values
+    _check_4xx(_infer(server, "dose", {"steps": 0}, image="pt_201"), 422, "steps")
+    _check_4xx(_infer(server, "dose", {"aggregate": "max"}, image="pt_201"), 422, "aggregate")
+    # oversize upload (limit MAX_UPLOAD_MB): rejected before it is stored
+    big = os.urandom((MAX_UPLOAD_MB + 1) * 2**20)
+    r = requests.put(f"{server['url']}/session/", files=[("files", ("ct.nii.gz", big))], timeout=120)
+    _check_4xx(r, 413, "upload limit")
+    _assert_alive(server)
+    # and a good request still works afterwards
+    sid = _session(server, good)
+    r = _infer(server, "dose", {"preview": True}, session_id=sid)
+    assert r.status_code == 200, r.text[:500]
+    assert server["proc"].poll() is None
