@@ -8,7 +8,9 @@ one pickled dict, `np.load(p, allow_pickle=True)['arr_0'].item()`, with
 - `isVMAT` (bool), `isocenter` (voxel index, [z, y, x]), `angle_list` (gantry angles, deg);
 - `angle_plate`: 2D (y, x) plate in the isocentre plane; `beam_plate`: 3D;
 - geometry of the CT as SimpleITK reports it: `origin` (LPS mm, x-y-z), `direction` (9 numbers,
-  row-major 3x3, columns = index axes x, y, z), `size` (x-y-z), and `spacing`: REFERENCES.md
+  row-major 3x3, columns = index axes x, y, z), `size` (DICOM2NPZ.py's uncropped dict holds
+  `GetSize()`, x-y-z; its released, cropped files hold `Body.shape`, z-y-x: the reader accepts
+  either, the writer writes z-y-x), and `spacing`: REFERENCES.md
   documents it in z-y-x order ([2, 2.5, 2.5] mm) while the upstream DICOM2NPZ.py stores
   `CT.GetSpacing()` (x-y-z, [2.5, 2.5, 2]). The reader tells the two apart by which pair of
   values is equal (in-plane spacings are equal in practice: [a, a, b] -> x-y-z, [b, a, a] ->
@@ -179,7 +181,7 @@ def grid_from_sitk_geometry(shape_zyx: tuple[int, int, int], origin_lps: np.ndar
 
 
 def sitk_geometry_from_grid(grid: Grid) -> dict[str, Any]:
-    """Inverse of grid_from_sitk_geometry: origin (LPS x-y-z), direction (9), spacing (z-y-x), size (x-y-z)."""
+    """Inverse of grid_from_sitk_geometry: origin (LPS x-y-z), direction (9), spacing (z-y-x), size (z-y-x)."""
     lps = _LPS_TO_RAS @ grid.affine[:3, :3]
     spacing_zyx = np.linalg.norm(lps, axis=0)
     unit = lps / spacing_zyx[None, :]
@@ -188,7 +190,7 @@ def sitk_geometry_from_grid(grid: Grid) -> dict[str, Any]:
         "origin": tuple(float(v) for v in _LPS_TO_RAS @ grid.affine[:3, 3]),
         "direction": tuple(float(v) for v in direction.ravel()),
         "spacing": tuple(float(v) for v in spacing_zyx),
-        "size": tuple(int(s) for s in grid.shape[::-1]),
+        "size": tuple(int(s) for s in grid.shape),  # z-y-x, as the released (cropped) GDP-HMM files
     }
 
 
@@ -234,9 +236,9 @@ def read_gdp_hmm(path: str | Path, ptv_dict: Mapping[str, Any] | str | Path | No
     if ct.ndim != 3 or ct.dtype.kind not in "iuf":
         raise CaseError(f"'img' must be a numeric 3D array, found {ct.dtype} {ct.shape}", case=case_id, file=src)
     shape = tuple(int(s) for s in ct.shape)
-    size = _vector(payload, "size", 3, case_id, src)
-    if tuple(int(s) for s in size[::-1]) != shape:
-        raise CaseError(f"'size' {size.astype(int).tolist()} (x-y-z) does not match img shape {shape} (z-y-x)",
+    size = tuple(int(s) for s in _vector(payload, "size", 3, case_id, src))
+    if size != shape and size[::-1] != shape:  # released (cropped) files: Body.shape; DICOM2NPZ: GetSize()
+        raise CaseError(f"'size' {list(size)} matches the img shape {shape} in neither z-y-x nor x-y-z order",
                         case=case_id, file=src)
     spacing = _spacing_zyx(_vector(payload, "spacing", 3, case_id, src), inferred)
     if np.any(spacing <= 0):

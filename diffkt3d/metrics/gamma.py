@@ -131,7 +131,7 @@ def _run_gamma(
         if active.size == 0:
             break
         val = None
-        for shift, weight in zip(shifts[i].tolist(), weights[i].tolist()):
+        for shift, weight in zip(shifts[i].tolist(), weights[i].tolist(), strict=True):
             if weight == 0.0:  # skip zero-weight corners (they may lie in the NaN padding)
                 continue
             term = ev_flat.take(base + shift)

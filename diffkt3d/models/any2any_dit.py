@@ -92,25 +92,46 @@ class DiTBlock(nn.Module):
         )
         self.modulation = init_modulation_table(6, dim, zero=config.zero_init_modulation)
 
-    def forward(self, x: Tensor, e0_role: Tensor, role_ids: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, e0_role: Tensor, n_target: int, cos: Tensor, sin: Tensor) -> Tensor:
         """One block.
 
         Args:
-            x: (B, N, dim) tokens, kept in fp32 between blocks (residual stream).
+            x: (B, N, dim) tokens, kept in fp32 between blocks (residual stream); the first
+                ``n_target`` tokens are target tokens (role 0), the rest condition tokens (role 1).
             e0_role: (B, 2, 6, dim) fp32 ``time_projection(e_t + e_role)`` for role 0 and 1.
-            role_ids: (N,) long, the role of each token.
+            n_target: number of target tokens.
             cos, sin: (N, head_dim/2) RoPE tables.
         """
-        # 0. Per-token modulation (fp32): block table + the projection of the token's role.
+        # 0. Modulation per role (fp32): block table + projection of (time + role) embedding. Each
+        #    token uses the row of its role; applied per contiguous role segment (see
+        #    _modulate_roles) instead of materialising a (B, N, 6, dim) per-token tensor.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            e = (self.modulation.float().unsqueeze(0) + e0_role)[:, role_ids]  # (B, N, 6, dim)
-            shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = e.unbind(dim=2)
+            e = self.modulation.float().unsqueeze(0) + e0_role  # (B, 2, 6, dim)
+            shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = e.unbind(dim=2)  # (B, 2, dim)
         # 1. Self-attention over all tokens, gated residual.
-        y = self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin)
-        x = x + y.float() * gate_msa  # (B, N, dim) fp32
+        y = self.self_attn(_modulate_roles(self.norm1(x), shift_msa, scale_msa, n_target), cos, sin)
+        x = x + _gate_roles(y, gate_msa, n_target)  # (B, N, dim) fp32
         # 2. Feed-forward, gated residual.
-        y = self.ffn(modulate(self.norm2(x), shift_ffn, scale_ffn))
-        return x + y.float() * gate_ffn
+        y = self.ffn(_modulate_roles(self.norm2(x), shift_ffn, scale_ffn, n_target))
+        return x + _gate_roles(y, gate_ffn, n_target)
+
+
+def _modulate_roles(x_norm: Tensor, shift: Tensor, scale: Tensor, n_target: int) -> Tensor:
+    """AdaLN per role: tokens [:n_target] use row 0 of (B, 2, dim) shift/scale, the rest row 1."""
+    return torch.cat(
+        [
+            modulate(x_norm[:, :n_target], shift[:, :1], scale[:, :1]),
+            modulate(x_norm[:, n_target:], shift[:, 1:], scale[:, 1:]),
+        ],
+        dim=1,
+    )  # (B, N, dim) fp32
+
+
+def _gate_roles(y: Tensor, gate: Tensor, n_target: int) -> Tensor:
+    """Residual gate per role, fp32: (B, N, dim) * row 0 / row 1 of the (B, 2, dim) gate."""
+    with torch.autocast(device_type=y.device.type, enabled=False):
+        y = y.float()
+        return torch.cat([y[:, :n_target] * gate[:, :1], y[:, n_target:] * gate[:, 1:]], dim=1)
 
 
 class Head(nn.Module):
@@ -262,9 +283,7 @@ class Any2AnyDiT(nn.Module):
             x_m = x_m.flatten(2).transpose(1, 2)  # (B, n, dim)
             tokens.append(x_m + self.domain_embedding.weight[self.slot[m]])
         x = torch.cat(tokens, dim=1).float()  # (B, N, dim), N = len(order) * n
-        n_target = tokens[0].shape[1]
-        role_ids = torch.full((x.shape[1],), ROLE_CONDITION, dtype=torch.long, device=device)
-        role_ids[:n_target] = ROLE_TARGET  # (N,)
+        n_target = tokens[0].shape[1]  # tokens [:n_target] have role ROLE_TARGET, the rest ROLE_CONDITION
 
         # 2. Time + role embedding and modulation inputs, fp32 island.
         with torch.autocast(device_type=device.type, enabled=False):
@@ -279,9 +298,9 @@ class Any2AnyDiT(nn.Module):
         # 4. Blocks: full self-attention over condition and target tokens.
         for block in self.blocks:
             if cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, e0_role, role_ids, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, e0_role, n_target, cos, sin, use_reentrant=False)
             else:
-                x = block(x, e0_role, role_ids, cos, sin)
+                x = block(x, e0_role, n_target, cos, sin)
 
         # 5. Head on the target tokens only, modulated by the target's embedding; unpatchify.
         out = self.head(x[:, :n_target], e_role[:, ROLE_TARGET], target)  # (B, n, C * p^3)

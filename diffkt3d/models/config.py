@@ -156,14 +156,27 @@ def _cpu_default() -> DiTConfig:
     """The shipped CPU model for the 64^3 working grid (OpenKBP 128^3 pooled 2x).
 
     Patch 8 -> 8^3 = 512 tokens per modality, 3584 tokens with all 7 modalities; 2.66 M
-    parameters. Full self-attention over 3584 tokens dominates the cost (~65 % of a forward), so
-    depth and width are kept small to fit the CPU budget: one forward (batch 1, all 7 modalities)
-    <= ~1 s and one training step (batch 2) <= ~3 s on 2 threads. Measured with
-    ``benchmarks/model_speed.py`` (torch 2.13 CPU, 2 threads) on the shared 2-core machine:
-    see MEASUREMENTS below (wall times were inflated by other jobs; CPU time / threads is the
-    estimate for an idle machine).
+    parameters. Full self-attention over 3584 tokens dominates the cost (~65 % of a forward in
+    the torch profiler), so depth and width are kept small for the CPU budget: one forward
+    (batch 1, all 7 modalities) <= ~1 s and one training step (fwd + bwd + AdamW, batch 2)
+    <= ~3 s on 2 threads.
 
-    MEASUREMENTS
+    Measured with ``benchmarks/model_speed.py`` (torch 2.13 CPU) on the shared 2-core machine
+    while other jobs kept the load average at 4-15, so wall times are inflated; the 1-thread
+    process CPU time is the robust figure (2 idle threads assumed ~1.7x faster; not measured idle):
+
+    ==================  ======  ================  ==========================
+    candidate           params  forward b1        train step b2
+    ==================  ======  ================  ==========================
+    p8 d128 L4 h4 (*)   2.66 M  0.42 s wall (2t,  4.8 CPU-s (1t) -> ~2.8 s
+                                load ~2); 0.83    on 2 idle threads
+                                CPU-s (1t)
+    p8 d192 L6 h4       5.55 M  3.4 s wall (2t,   8.8 s wall (2t, loaded)
+                                load ~5)
+    ==================  ======  ================  ==========================
+
+    (*) chosen. Larger candidates (d192-256, depth 6-8, or patch (4, 8, 8) = 7168 tokens) miss
+    the training-step budget: attention fwd + bwd alone costs ~0.85 CPU-s per layer at batch 2.
     """
     return DiTConfig(patch=(8, 8, 8), dim=128, depth=4, heads=4, ffn_dim=512)
 

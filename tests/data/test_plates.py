@@ -214,12 +214,13 @@ def test_ensure_plates_fills_missing_and_reports() -> None:
 @pytest.mark.skipif(not PT_201.is_dir(), reason="OpenKBP validation data not on this machine")
 def test_openkbp_case_axes_and_timing() -> None:
     case = load_case_folder(PT_201)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     beam = beam_plate(case)
     angle = angle_plate(case)
-    seconds = time.perf_counter() - t0
-    print(f"pt_201 plates: {seconds:.2f} s")  # target < 2 s on one idle core; loose bound for CI noise
-    assert seconds < 10.0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(f"pt_201 plates: {cpu:.2f} s CPU, {wall:.2f} s wall")
+    # target < 2 s on one core; CPU time, because wall time on a shared 2-core machine is noise
+    assert cpu < 4.0
     iso = np.asarray(case.plan.beams.isocenter_mm)
     frame = patient_frame(case)
     for theta in case.plan.beams.gantry_angles_deg:

@@ -211,16 +211,25 @@ def test_written_files_read_by_simpleitk(tmp_path: Path, name: str) -> None:
     _sitk_check(case, tmp_path / "dcm")
 
 
-@needs_openkbp
-def test_openkbp_roundtrip_cropped(tmp_path: Path) -> None:
-    """Real case pt_201 cropped in-plane around the structures (speed); every structure stays whole."""
+@pytest.fixture(scope="module")
+def cropped_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Case, Path]:
+    """Real case pt_201 cropped in-plane around the structures (speed; every structure stays
+    whole), exported once for the tests below."""
+    if not PT_201.is_dir():
+        pytest.skip("OpenKBP validation data not on this machine")
     full = load_case_folder(PT_201)
     case = crop_case(full, (40, 46, 16), (84, 82, 124))
     assert all(case.structures[n].mask.sum() == s.mask.sum() for n, s in full.structures.items())
-    write_dicom_case(case, tmp_path / "dcm", patient_id="OpenKBP-pt_201", patient_name="DiffKT3D^Sample")
-    back = read_dicom_case(tmp_path / "dcm")
-    assert_roundtrip(case, back, tmp_path / "dcm" / "RD.dcm")
-    _sitk_check(case, tmp_path / "dcm")
+    folder = tmp_path_factory.mktemp("pt_201_cropped") / "dcm"
+    write_dicom_case(case, folder, patient_id="OpenKBP-pt_201", patient_name="DiffKT3D^Sample")
+    return case, folder
+
+
+def test_openkbp_roundtrip_cropped(cropped_export: tuple[Case, Path]) -> None:
+    case, folder = cropped_export
+    back = read_dicom_case(folder)
+    assert_roundtrip(case, back, folder / "RD.dcm")
+    _sitk_check(case, folder)
 
 
 def _dicompyler_check(case: Case, folder: Path) -> None:
@@ -240,11 +249,9 @@ def _dicompyler_check(case: Case, folder: Path) -> None:
         assert dvh.max == pytest.approx(float(ref.max()), abs=0.011), name
 
 
-@needs_openkbp
-def test_openkbp_dvh_by_dicompyler(tmp_path: Path) -> None:
-    case = crop_case(load_case_folder(PT_201), (40, 46, 16), (84, 82, 124))
-    write_dicom_case(case, tmp_path / "dcm")
-    _dicompyler_check(case, tmp_path / "dcm")
+def test_openkbp_dvh_by_dicompyler(cropped_export: tuple[Case, Path]) -> None:
+    case, folder = cropped_export
+    _dicompyler_check(case, folder)
 
 
 @pytest.mark.slow

@@ -115,7 +115,7 @@ def test_roundtrip_and_numpy_layout(tmp_path: Path) -> None:
     raw = np.load(out, allow_pickle=True)["arr_0"].item()  # how GDP-HMM code reads it
     assert raw["dose"].dtype.kind == "i" and raw["dose_scale"] == 0.001
     assert tuple(raw["spacing"]) == (2.0, 2.5, 2.5)  # z-y-x as REFERENCES.md
-    assert tuple(raw["size"]) == (10, 8, 14) and raw["angle_plate"].shape == (8, 10)
+    assert tuple(raw["size"]) == (14, 8, 10) and raw["angle_plate"].shape == (8, 10)  # z-y-x like Body.shape
     np.testing.assert_allclose(raw["origin"], ORIGIN_LPS)
     np.testing.assert_allclose(raw["direction"], DIRECTION, atol=1e-12)
     np.testing.assert_allclose(raw["isocenter"], [6, 4, 5])
@@ -174,6 +174,8 @@ def test_truncated_and_bad_files(tmp_path: Path) -> None:
 
 def test_inconsistent_keys(tmp_path: Path) -> None:
     raw = gdp_dict()
+    raw["size"] = SHAPE_ZYX  # released files store Body.shape: accepted as well as GetSize()
+    assert read_gdp_hmm(write_raw(tmp_path / "size_zyx.npz", raw)).grid.shape == SHAPE_ZYX
     raw["size"] = (10, 8, 13)
     with pytest.raises(CaseError, match="'size'"):
         read_gdp_hmm(write_raw(tmp_path / "size.npz", raw))

@@ -86,7 +86,7 @@ def test_cumulative_dvh_brute_force() -> None:
     mask = rng.random(d.shape) > 0.4
     levels, vol = dvh.cumulative_dvh(d, mask, bin_width_gy=0.5)
     inside = d[mask]
-    for level, v in zip(levels, vol):
+    for level, v in zip(levels, vol, strict=True):
         assert v == pytest.approx(100.0 * sum(1 for x in inside if x >= level) / inside.size)
     assert levels[0] == 0.0 and vol[0] == 100.0
     assert vol[-1] == 0.0  # default axis ends above the max

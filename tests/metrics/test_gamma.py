@@ -12,7 +12,7 @@ SPACING = (2.0, 2.5, 2.5)  # mm along (z, y, x); anisotropic on purpose
 
 
 def _coords(shape, spacing):
-    return np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing)), indexing="ij")
+    return np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing, strict=True)), indexing="ij")
 
 
 def test_identical_doses_pass_everywhere() -> None:
@@ -164,7 +164,7 @@ def test_agrees_with_pymedphys() -> None:
     z, y, x = _coords(shape, SPACING)
     ref = 60 * np.exp(-((x - 14) ** 2 / 120 + (y - 11) ** 2 / 200 + (z - 7) ** 2 / 150))
     ev = 1.02 * 60 * np.exp(-((x - 17.5) ** 2 / 120 + (y - 11) ** 2 / 200 + (z - 7) ** 2 / 150))
-    axes = tuple(np.arange(n) * s for n, s in zip(shape, SPACING))
+    axes = tuple(np.arange(n) * s for n, s in zip(shape, SPACING, strict=True))
     theirs = pymedphys.gamma(axes, ref, axes, ev, 3, 3, lower_percent_dose_cutoff=10,
                              interp_fraction=30, max_gamma=2, interp_algo="scipy")
     ours = gamma_index(ref, ev, SPACING).gamma

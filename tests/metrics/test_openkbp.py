@@ -69,12 +69,12 @@ def test_dvh_metrics_brute_force_and_missing_rois() -> None:
         ("PTV70", "D_99"), ("PTV70", "D_95"), ("PTV70", "D_1"), ("PTV56", "D_99"), ("PTV56", "D_95"), ("PTV56", "D_1"),
     }
     for roi in ("Brainstem", "SpinalCord"):
-        d = [ref[i] for i in zip(*np.nonzero(structures[roi]))]
+        d = [ref[i] for i in zip(*np.nonzero(structures[roi]), strict=True)]
         n = max(1, round(100 / voxel_mm3))
         assert m[(roi, "D_0.1_cc")] == pytest.approx(_percentile_linear(d, 100 - n / len(d) * 100))
         assert m[(roi, "mean")] == pytest.approx(sum(d) / len(d))
     for roi in ("PTV70", "PTV56"):
-        d = [ref[i] for i in zip(*np.nonzero(structures[roi]))]
+        d = [ref[i] for i in zip(*np.nonzero(structures[roi]), strict=True)]
         assert m[(roi, "D_99")] == pytest.approx(_percentile_linear(d, 1))
         assert m[(roi, "D_95")] == pytest.approx(_percentile_linear(d, 5))
         assert m[(roi, "D_1")] == pytest.approx(_percentile_linear(d, 99))
@@ -148,9 +148,10 @@ def test_real_case_against_brute_force() -> None:
             q = 100 - n / len(r) * 100
             errors.append(abs(_percentile_linear(r, q) - _percentile_linear(p, q)))
             errors.append(abs(sum(r) / len(r) - sum(p) / len(p)))
-    assert got.dose_score == pytest.approx(expected_dose_score, rel=1e-9)
+    # our loader keeps the dose in float32 (~4e-6 Gy rounding at 70 Gy), the brute force float64
+    assert got.dose_score == pytest.approx(expected_dose_score, abs=1e-5)
     assert len(got.dvh_errors) == len(errors)
-    assert got.dvh_score == pytest.approx(sum(errors) / len(errors), rel=1e-9)
+    assert got.dvh_score == pytest.approx(sum(errors) / len(errors), abs=1e-5)
     assert got.dose_score > 1.0 and got.dvh_score > 0.5  # the perturbation is visible
 
 

@@ -198,7 +198,7 @@ def test_server_stays_responsive_while_a_dose_is_computed(server):
 
     def long_request():
         # long enough to still be running after 3 s even with the random tiny model
-        out["r"] = _infer(server, "dose", {"steps": 100, "candidates": 8}, image="pt_202")
+        out["r"] = _infer(server, "dose", {"steps": 6, "candidates": 2}, image="pt_202")
 
     t = threading.Thread(target=long_request)
     t.start()

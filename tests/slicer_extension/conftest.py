@@ -101,12 +101,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def diffkt3d_server(tmp_path_factory, case_dir):
+def diffkt3d_server(tmp_path_factory, case_dir, tiny_checkpoint):
     """`monailabel start_server --app monailabel_app` on a free port, as a subprocess.
 
-    Studies: a temporary copy of one OpenKBP validation case. Model: a randomly initialised `tiny`
-    checkpoint written by the server engineer's helper (tests/monailabel_app/tiny_model.py), so no
-    weights are downloaded. Yields the base URL in host:port form (what users type).
+    Studies: a temporary copy of one OpenKBP validation case. Model: the shared randomly initialised
+    `tiny` checkpoint (fixture `tiny_checkpoint` in tests/conftest.py), so no weights are
+    downloaded. Yields the base URL in host:port form (what users type).
     """
     import importlib.util
     import os
@@ -117,16 +117,11 @@ def diffkt3d_server(tmp_path_factory, case_dir):
 
     if importlib.util.find_spec("monailabel") is None:
         pytest.skip("monailabel is not installed (see docs/server.md)")
-    helper = REPO / "tests" / "monailabel_app" / "tiny_model.py"
-    spec = importlib.util.spec_from_file_location("diffkt3d_tiny_model_helper", helper)
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-
     root = tmp_path_factory.mktemp("server")
     studies = root / "studies"
     studies.mkdir()
     shutil.copytree(case_dir, studies / case_dir.name)
-    checkpoint = tiny.write_tiny_checkpoint(root / "tiny.pt", grid=32)
+    checkpoint = tiny_checkpoint
     port = _free_port()
     env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_INFER_CONCURRENCY": "1",
            "MONAI_LABEL_SESSION_PATH": str(root / "sessions"), "OMP_NUM_THREADS": "1"}

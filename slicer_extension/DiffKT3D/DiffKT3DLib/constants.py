@@ -18,6 +18,8 @@ PREVIEW_TIMEOUT_S = 120.0
 # Names of the server's tasks (issue 7; listed by /info/).
 DOSE_TASK = "dose"
 IMPUTE_TASKS: dict[str, str] = {"ct": "impute_ct", "ptv": "impute_ptv", "oar": "impute_oar"}
+# Request folders (exported case + results) kept in the work dir; older ones are deleted.
+KEEP_REQUEST_DIRS = 8
 
 # -- case files (copied from diffkt3d.constants; a test keeps them equal) ---------------------
 CT_FILE = "ct.nii.gz"

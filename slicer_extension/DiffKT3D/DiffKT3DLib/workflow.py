@@ -24,7 +24,14 @@ from typing import Any
 from . import roles as roles_mod
 from .candidates import CandidateSet
 from .client import DiffKT3DClient, normalize_server_url
-from .constants import DOSE_TASK, IMPUTE_TASKS, PREVIEW_DEBOUNCE_S, PREVIEW_STEPS, PREVIEW_TIMEOUT_S
+from .constants import (
+    DOSE_TASK,
+    IMPUTE_TASKS,
+    KEEP_REQUEST_DIRS,
+    PREVIEW_DEBOUNCE_S,
+    PREVIEW_STEPS,
+    PREVIEW_TIMEOUT_S,
+)
 from .preview import Debouncer, SegmentEditWatcher
 from .scene import ExportedCase, SceneLogic
 from .worker import Job, JobContext, Runner
@@ -124,9 +131,14 @@ class Workflow:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def _new_request_dir(self, kind: str) -> Path:
+        """A fresh folder per request; only the last KEEP_REQUEST_DIRS are kept on disk (a live
+        preview makes one per edit; results are in the scene once loaded)."""
         self._request_counter += 1
         folder = self.work_dir / f"{self._request_counter:04d}-{kind}"
         folder.mkdir(parents=True, exist_ok=True)
+        old = sorted(p for p in self.work_dir.iterdir() if p.is_dir())[:-KEEP_REQUEST_DIRS]
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
         return folder
 
     # -- connect -------------------------------------------------------------------------------------
