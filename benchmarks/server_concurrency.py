@@ -52,8 +52,7 @@ def start_server(case: Path, workdir: Path, model_env: str | None) -> tuple[subp
            "MONAI_LABEL_SESSION_PATH": str(workdir / "sessions")}
     if model_env:
         env["DIFFKT3D_MODEL"] = model_env
-    monailabel = Path(sys.executable).with_name("monailabel")
-    proc = subprocess.Popen([str(monailabel), "start_server", "--app", str(REPO / "monailabel_app"), "--studies",
+    proc = subprocess.Popen([sys.executable, "-m", "monailabel.main", "start_server", "--app", str(REPO / "monailabel_app"), "--studies",
                              str(studies), "--host", "127.0.0.1", "--port", str(port), "--conf", "model_dir",
                              str(workdir / "model"), "--conf", "state_dir", str(workdir / "state")],
                             stdout=open(workdir / "server.log", "w"), stderr=subprocess.STDOUT, env=env,

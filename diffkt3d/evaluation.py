@@ -38,7 +38,6 @@ from diffkt3d.errors import CaseError
 from diffkt3d.io.case_folder import load_case_folder, load_nifti
 from diffkt3d.metrics import gdp_hmm, openkbp
 from diffkt3d.metrics.gamma import gamma_pass_rate
-from diffkt3d.metrics.image import psnr, ssim
 from diffkt3d.scorecard import ScorecardResult, ScorecardTemplate, load_template, score_case
 
 log = logging.getLogger(__name__)
@@ -239,6 +238,10 @@ def evaluate_case(
         gamma: compute the gamma pass rate (the slowest metric after SSIM).
         with_ssim: compute SSIM (~5 s per 128^3 case on one CPU core).
     """
+    # Imported here: diffkt3d.metrics.image imports MONAI (which pulls in transformers), several
+    # seconds of CPU that other sub-commands building the CLI parser should not pay.
+    from diffkt3d.metrics.image import psnr, ssim
+
     start = time.perf_counter()
     cid = ref_case.case_id
     if ref_case.dose_gy is None:
@@ -246,6 +249,9 @@ def evaluate_case(
     if ref_case.body is None:
         raise CaseError("reference case has no possible_dose_mask.nii.gz / body.nii.gz", case=cid)
     ref = ref_case.dose_gy
+    # Scorecards first: a template/structure problem (CaseError) fails before the slow metrics.
+    scorecard = score_case(pred_dose_gy, ref_case, template)
+    scorecard_ref = score_case(ref, ref_case, template)
     try:
         okbp = openkbp.score_case_object(ref_case, pred_dose_gy)
         highest = max(ref_case.targets.values(), default=None,
@@ -264,8 +270,7 @@ def evaluate_case(
     return CaseEvaluation(
         case_id=cid, dose_score=okbp.dose_score, dvh_score=okbp.dvh_score, dvh_errors=okbp.dvh_errors,
         gdp_hmm_mae=mae, psnr=psnr_db, ssim=ssim_value, gamma_pass_rate=gamma_pct,
-        scorecard=score_case(pred_dose_gy, ref_case, template),
-        scorecard_ref=score_case(ref, ref_case, template),
+        scorecard=scorecard, scorecard_ref=scorecard_ref,
         seconds=time.perf_counter() - start)
 
 

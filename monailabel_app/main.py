@@ -110,8 +110,8 @@ class DiffKT3DApp(MONAILabelApp):
         else:
             image = request.get("image")
             if not image:
-                raise HTTPException(400, "no case given: pass image=<case id> or session_id=<id> "
-                                         "(see docs/request-format.md)")
+                raise HTTPException(400, "no case given, or the session_id is unknown or expired: pass "
+                                         "image=<case id> or a live session_id (see docs/request-format.md)")
             if os.path.isabs(str(image)):
                 raise HTTPException(400, "file-system paths and the `file` upload field are not accepted: send a "
                                          "case with PUT /session/ (see docs/request-format.md)")

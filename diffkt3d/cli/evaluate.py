@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-from diffkt3d.evaluation import evaluate
 from diffkt3d.scorecard import list_templates
 
 log = logging.getLogger(__name__)
@@ -39,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffkt3d.evaluation import evaluate  # heavy metric imports only when evaluating
+
     report = evaluate(args.pred, args.ref, template=args.template, cases=args.cases,
                       allow_missing=args.allow_missing, gamma=not args.no_gamma, with_ssim=not args.no_ssim)
     print(report.table())

@@ -19,6 +19,8 @@ Geometry conventions (LPS -> RAS at this boundary, array axes) are in `diffkt3d.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,16 @@ class _File:
     ds: Dataset
 
 
+@contextmanager
+def _malformed(f: _File, case_id: str, what: str) -> Iterator[None]:
+    """Turn a missing/ill-typed attribute deep in an RT object into a CaseError naming the file."""
+    try:
+        yield
+    except (AttributeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        raise CaseError(f"malformed {what} ({type(exc).__name__}: {exc})", case=case_id,
+                        file=str(f.path)) from None
+
+
 def _read_file(path: Path, case_id: str) -> Dataset | None:
     """Parse one file fully; None for a DICOMDIR. Any failure -> CaseError naming the file."""
     try:
@@ -74,10 +86,7 @@ def _read_file(path: Path, case_id: str) -> Dataset | None:
     except InvalidDicomError:
         raise CaseError("not a DICOM file (no DICM preamble/prefix); remove it from the DICOM folder",
                         case=case_id, file=str(path)) from None
-    except (EOFError, OSError, ValueError, KeyError, TypeError, IndexError, OverflowError) as exc:
-        raise CaseError(f"cannot parse DICOM file (truncated or corrupt: {type(exc).__name__}: {exc})",
-                        case=case_id, file=str(path)) from None
-    except Exception as exc:  # struct.error and friends from pydicom's parser
+    except Exception as exc:  # EOFError, OSError, struct.error, ValueError ... from pydicom's parser
         raise CaseError(f"cannot parse DICOM file (truncated or corrupt: {type(exc).__name__}: {exc})",
                         case=case_id, file=str(path)) from None
     meta = getattr(dataset, "file_meta", None)
@@ -168,7 +177,8 @@ def _read_ct(files: list[_File], case_id: str) -> tuple[np.ndarray, np.ndarray]:
     row_dir, col_dir = orient[:3], orient[3:]
     normal = np.cross(row_dir, col_dir)
     spacing = _floats(first, "PixelSpacing", 2, case_id)  # [between rows, between columns]
-    size = (int(first.ds.Rows), int(first.ds.Columns))
+    with _malformed(first, case_id, "CT image (Rows/Columns)"):
+        size = (int(first.ds.Rows), int(first.ds.Columns))
     positions = []
     for f in files:
         if not np.allclose(_floats(f, "ImageOrientationPatient", 6, case_id), orient, atol=_ORIENT_TOL):
@@ -178,8 +188,10 @@ def _read_ct(files: list[_File], case_id: str) -> tuple[np.ndarray, np.ndarray]:
         if not np.allclose(_floats(f, "PixelSpacing", 2, case_id), spacing, rtol=1e-5):
             raise CaseError(f"PixelSpacing differs from {first.path.name} ({list(spacing)} mm)",
                             case=case_id, file=str(f.path))
-        if (int(f.ds.Rows), int(f.ds.Columns)) != size:
-            raise CaseError(f"image size {int(f.ds.Rows)}x{int(f.ds.Columns)} differs from "
+        with _malformed(f, case_id, "CT image (Rows/Columns)"):
+            f_size = (int(f.ds.Rows), int(f.ds.Columns))
+        if f_size != size:
+            raise CaseError(f"image size {f_size[0]}x{f_size[1]} differs from "
                             f"{first.path.name} ({size[0]}x{size[1]})", case=case_id, file=str(f.path))
         positions.append(_floats(f, "ImagePositionPatient", 3, case_id))
     positions_arr = np.asarray(positions)  # (S, 3) LPS mm
@@ -211,8 +223,9 @@ def _read_ct(files: list[_File], case_id: str) -> tuple[np.ndarray, np.ndarray]:
 
     volume = np.empty((size[1], size[0], len(files)), dtype=np.float32)
     for k, f in enumerate(files):
-        slope = float(f.ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(f.ds.get("RescaleIntercept", 0.0) or 0.0)
+        with _malformed(f, case_id, "CT image (RescaleSlope/RescaleIntercept)"):
+            slope = float(f.ds.get("RescaleSlope", 1.0) or 1.0)
+            intercept = float(f.ds.get("RescaleIntercept", 0.0) or 0.0)
         pixels = _pixels(f, case_id)
         if pixels.shape != size:
             raise CaseError(f"pixel array shape {pixels.shape}, expected {size}", case=case_id,
@@ -462,11 +475,16 @@ def read_dicom_case(folder: str | Path, *, with_dose: bool = True, case_id: str 
     grid = Grid(shape=tuple(int(s) for s in ct_hu.shape), affine=LPS_FROM_RAS @ affine_lps)  # RAS+
     inferred: list[str] = []
 
-    beams, fractions, prescriptions = (None, None, {}) if rp is None else _read_rtplan(rp, case_id)
+    beams, fractions, prescriptions = None, None, {}
+    if rp is not None:
+        with _malformed(rp, case_id, "RTPLAN"):
+            beams, fractions, prescriptions = _read_rtplan(rp, case_id)
     body = None
     structures: dict[str, Structure] = {}
     if rs is not None:
-        for number, name, interpreted, mask in _read_rtstruct(rs, grid.shape, affine_lps, case_id):
+        with _malformed(rs, case_id, "RTSTRUCT"):
+            rois = _read_rtstruct(rs, grid.shape, affine_lps, case_id)
+        for number, name, interpreted, mask in rois:
             role, rx, source = _roi_role(name, interpreted)
             if number in prescriptions:
                 role, rx = "target", prescriptions[number]
@@ -493,7 +511,8 @@ def read_dicom_case(folder: str | Path, *, with_dose: bool = True, case_id: str 
                         plan_doses[0].path.name)
         dose = np.zeros(grid.shape, dtype=np.float32)
         for f in use:
-            dose += _read_rtdose(f, affine_lps, grid.shape, case_id)
+            with _malformed(f, case_id, "RTDOSE"):
+                dose += _read_rtdose(f, affine_lps, grid.shape, case_id)
         if len(use) > 1:
             inferred.append(f"dose: sum of {len(use)} RTDOSE files (no PLAN-summed dose)")
 

@@ -34,6 +34,7 @@ from diffkt3d.models.layers import (
     rope_axis_dims,
     rope_cos_sin,
     sinusoidal_embedding,
+    wan_rope_axis_dims,
 )
 
 __all__ = ["Any2AnyDiT", "ROLE_TARGET", "ROLE_CONDITION"]
@@ -168,7 +169,12 @@ class Any2AnyDiT(nn.Module):
         self.config = config
         dim = config.dim
         self.slot = {m: i for i, m in enumerate(config.modalities)}
-        self.rope_dims = rope_axis_dims(config.head_dim, config.rope_slot_dims)
+        # RoPE channel split: (slot, D, H, W) of the paper, or Wan's (t=D, H, W) with the slot as a
+        # D offset (config.rope_slot_stride > 0, the layout used for Wan 2.1 weight transfer).
+        if config.rope_slot_stride:
+            self.rope_dims: tuple[int, ...] = wan_rope_axis_dims(config.head_dim)
+        else:
+            self.rope_dims = rope_axis_dims(config.head_dim, config.rope_slot_dims)
 
         # Embeddings: one Conv3d patch embedding per modality (kernel = stride = patch).
         self.patch_embedding = nn.ModuleDict(
@@ -293,7 +299,18 @@ class Any2AnyDiT(nn.Module):
             assert e0_role.dtype == torch.float32
 
         # 3. 4D RoPE tables (slot, d, h, w), fp32.
-        cos, sin = rope_cos_sin(self._positions(order, grid, device), self.rope_dims, cfg.rope_theta)
+        positions = self._positions(order, grid, device)  # (N, 4) slot, d, h, w
+        if cfg.rope_slot_stride:
+            # Wan layout: slot -> offset along D (Wan's t axis); (N, 3) positions (d', h, w).
+            if grid[0] > cfg.rope_slot_stride:
+                raise ValueError(
+                    f"{grid[0]} tokens along D exceed rope_slot_stride {cfg.rope_slot_stride}: "
+                    "modalities would share RoPE positions; raise rope_slot_stride"
+                )
+            positions = torch.cat(
+                [positions[:, 1:2] + positions[:, 0:1] * cfg.rope_slot_stride, positions[:, 2:]], dim=1
+            )
+        cos, sin = rope_cos_sin(positions, self.rope_dims, cfg.rope_theta)
 
         # 4. Blocks: full self-attention over condition and target tokens.
         for block in self.blocks:

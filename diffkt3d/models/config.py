@@ -58,6 +58,14 @@ class DiTConfig:
             matches Wan, whose timesteps run over [0, 1000].
         rope_slot_dims: head-dim channels given to the RoPE slot (modality) axis; ``None`` =
             ``max(2, 2 * (head_dim // 16))``. See ``layers.rope_axis_dims``.
+        rope_slot_stride: 0 (default) gives the slot axis its own ``rope_slot_dims`` channels
+            (the paper's d = d_S + d_D + d_H + d_W). > 0 selects the Wan-compatible layout used
+            for Wan 2.1 weight transfer: the whole head dim is split like Wan's t/h/w
+            (``layers.wan_rope_axis_dims``, 44/42/42 for head dim 128) and the slot enters as a
+            D-position offset ``slot * rope_slot_stride``, i.e. the modalities are laid out as
+            consecutive clips along Wan's time axis. With one modality the offset cancels in q.k
+            (RoPE is relative), so the RoPE is exactly Wan's 3D RoPE; the stride must be >= the
+            number of D tokens so clips of different modalities never share a position.
         gradient_checkpointing: recompute each block in the backward pass (saves activation
             memory on GPU at ~30 % more compute; only active in ``train()`` mode).
         zero_init_modulation: adaLN-Zero (DiT): zero ``time_projection`` and block modulation
@@ -78,6 +86,7 @@ class DiTConfig:
     qk_norm: bool = True
     time_scale: float = 1000.0
     rope_slot_dims: int | None = None
+    rope_slot_stride: int = 0
     gradient_checkpointing: bool = False
     zero_init_modulation: bool = True
 
@@ -126,6 +135,10 @@ class DiTConfig:
             problems.append(
                 f"rope_slot_dims must be even, >= 2 and leave >= 6 dims for D/H/W, found {self.rope_slot_dims}"
             )
+        if self.rope_slot_stride < 0:
+            problems.append(f"rope_slot_stride must be >= 0, found {self.rope_slot_stride}")
+        elif self.rope_slot_stride and self.heads >= 1 and self.head_dim < 6:
+            problems.append(f"head dim {self.head_dim} too small for the Wan RoPE split")
         if problems:
             raise DiTConfigError("invalid DiTConfig: " + "; ".join(problems))
 
@@ -165,20 +178,23 @@ def _cpu_default() -> DiTConfig:
     while other jobs kept the load average at 4-15, so wall times are inflated; the 1-thread
     process CPU time is the robust figure (2 idle threads assumed ~1.7x faster; not measured idle):
 
-    ==================  ======  ================  ==========================
-    candidate           params  forward b1        train step b2
-    ==================  ======  ================  ==========================
-    p8 d128 L4 h4 (*)   2.66 M  0.42 s wall (2t,  4.8 CPU-s (1t) -> ~2.8 s
-                                load ~2); 0.83    on 2 idle threads
-                                CPU-s (1t)
-    p8 d192 L6 h4       5.55 M  3.4 s wall (2t,   8.8 s wall (2t, loaded)
-                                load ~5)
-    ==================  ======  ================  ==========================
+    =================  ======  ===============================  ==============================
+    candidate          params  forward b1: CPU-s 1 thread       train step b2: CPU-s 1 thread
+                               (wall, 2 threads)                (wall, 2 threads)
+    =================  ======  ===============================  ==============================
+    p8 d128 L4 h4 (*)  2.66 M  0.83 (0.42 s at load ~2)         4.8 (-> ~2.8 s, 2 idle threads)
+    p8 d128 L6 h4      3.05 M  1.09                             6.8
+    p8 d192 L6 h4      5.55 M  1.56 (3.4 s at load ~5)          9.9 (8.8 s at load ~5)
+    =================  ======  ===============================  ==============================
 
-    (*) chosen. Larger candidates (d192-256, depth 6-8, or patch (4, 8, 8) = 7168 tokens) miss
-    the training-step budget: attention fwd + bwd alone costs ~0.85 CPU-s per layer at batch 2.
+    (*) chosen, then with 2 heads of 64 instead of 4 of 32 for the shipped model: the lead's
+    measurement (b1, 2 threads, process CPU-s per training step at load ~14) gave 2.68 (h2) vs
+    3.13 (h4), and a head dim of 64 leaves 8 RoPE channels to the slot axis and 56 to D/H/W.
+    Wider/deeper candidates miss the training-step budget: SDPA fwd + bwd alone costs
+    ~0.85 CPU-s per layer at batch 2 and 3584 tokens (1 thread). Patch (4, 8, 8) (7168 tokens,
+    4x the attention cost) was not measured to completion for that reason.
     """
-    return DiTConfig(patch=(8, 8, 8), dim=128, depth=4, heads=4, ffn_dim=512)
+    return DiTConfig(patch=(8, 8, 8), dim=128, depth=4, heads=2, ffn_dim=512)
 
 
 def _wan_1_3b() -> DiTConfig:

@@ -17,6 +17,7 @@ __all__ = [
     "FP32LayerNorm",
     "sinusoidal_embedding",
     "rope_axis_dims",
+    "wan_rope_axis_dims",
     "rope_cos_sin",
     "apply_rope",
     "modulate",
@@ -86,6 +87,18 @@ def rope_axis_dims(head_dim: int, slot_dims: int | None = None) -> tuple[int, in
     hw = 2 * (rest // 6)
     dims = (slot, rest - 2 * hw, hw, hw)
     assert all(d > 0 and d % 2 == 0 for d in dims), f"bad RoPE split {dims} for head_dim {head_dim}"
+    return dims
+
+
+def wan_rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Wan 2.1's RoPE split of the head dim over (t, h, w): ``h = w = 2 * (head_dim // 6)``, t the rest.
+
+    Head dim 128 -> (44, 42, 42) (Wan 2.1 1.3B and 14B). Used by the Wan-compatible layout
+    (``DiTConfig.rope_slot_stride > 0``), where D plays Wan's t axis.
+    """
+    hw = 2 * (head_dim // 6)
+    dims = (head_dim - 2 * hw, hw, hw)
+    assert all(d > 0 and d % 2 == 0 for d in dims), f"bad Wan RoPE split {dims} for head_dim {head_dim}"
     return dims
 
 

@@ -170,3 +170,16 @@ def test_reference_against_itself_on_real_validation_cases(tmp_path: Path, capsy
     skipped = {s["id"] for s in data["cases"][1]["scorecard_detail"]["skipped"]}
     assert {"mandible_d01cc", "larynx_dmean", "esophagus_dmean", "ptv_lower_d95"} == skipped
     assert math.isclose(data["means"]["dose_score"], 0.0)
+
+
+def test_required_structure_missing_is_one_line_unknown_structure_error(roots, tmp_path: Path, capsys) -> None:
+    ref_root, pred_root, _ = roots
+    template = tmp_path / "inst.yaml"
+    template.write_text(
+        "name: inst\nitems:\n"
+        "  - {id: larynx, structure: Larynx, metric: Dmean, points: [[44, 10], [55, 0]], required: true}\n")
+    assert main(["evaluate", "--pred", str(pred_root), "--ref", str(ref_root), "--template", str(template),
+                 "--no-gamma", "--no-ssim"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "case pt_2" in err and "unknown Scorecard structure 'Larynx'" in err and "PTV70" in err

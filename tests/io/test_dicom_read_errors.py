@@ -257,3 +257,12 @@ def test_beam_doses_are_summed_and_hidden_files_skipped(exported: Path) -> None:
     case = read_dicom_case(exported)
     np.testing.assert_allclose(case.dose_gy, 2 * single, atol=1e-5)
     assert any("sum of 2 RTDOSE" in s for s in case.plan.inferred)
+
+
+def test_malformed_rtplan_attribute(exported: Path) -> None:
+    plan = pydicom.dcmread(str(exported / "RP.dcm"))
+    tag = pydicom.tag.Tag(0x300A, 0x011E)  # GantryAngle, written raw: pydicom refuses "abc" as DS
+    plan.BeamSequence[0].ControlPointSequence[0][tag] = pydicom.dataelem.RawDataElement(
+        tag, "DS", 4, b"abc ", 0, False, True)
+    plan.save_as(str(exported / "RP.dcm"))
+    _expect(exported, "RP.dcm", "RTPLAN")

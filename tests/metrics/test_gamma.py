@@ -154,27 +154,28 @@ def test_matches_brute_force_loop() -> None:
     assert gamma_pass_rate(ref, ev, SPACING, step_mm=1.0) == pytest.approx(res.pass_rate_pct)
 
 
-@pytest.mark.slow  # pymedphys' pure-Python search at interp_fraction=30 takes minutes on 2 busy cores
+@pytest.mark.slow  # pymedphys' pure-Python shell search takes ~12 s CPU here (minutes on busy cores)
 def test_agrees_with_pymedphys() -> None:
     pymedphys = pytest.importorskip("pymedphys", reason="pymedphys is in the dev extra")
-    # pymedphys' shell search with interp_fraction=10 is coarser than our 0.3 mm lattice (it gave
-    # 80.7 % vs 83.8 % at interp_fraction=30 vs ours 84.1 % on a 16x18x20 version of this case),
-    # so compare at interp_fraction=30 on a smaller grid.
     shape = (8, 10, 12)
     z, y, x = _coords(shape, SPACING)
     ref = 60 * np.exp(-((x - 14) ** 2 / 120 + (y - 11) ** 2 / 200 + (z - 7) ** 2 / 150))
     ev = 1.02 * 60 * np.exp(-((x - 17.5) ** 2 / 120 + (y - 11) ** 2 / 200 + (z - 7) ** 2 / 150))
     axes = tuple(np.arange(n) * s for n, s in zip(shape, SPACING, strict=True))
     theirs = pymedphys.gamma(axes, ref, axes, ev, 3, 3, lower_percent_dose_cutoff=10,
-                             interp_fraction=30, max_gamma=2, interp_algo="scipy")
+                             interp_fraction=20, max_gamma=2, interp_algo="scipy")
     ours = gamma_index(ref, ev, SPACING).gamma
     ok = ~np.isnan(theirs)
-    np.testing.assert_array_equal(ok, ~np.isnan(ours))
+    np.testing.assert_array_equal(ok, ~np.isnan(ours))  # same cut-off semantics (ref >= 10 % max)
     rate_theirs = 100 * np.mean(theirs[ok] <= 1)
     rate_ours = 100 * np.mean(ours[ok] <= 1)
     assert 5 < rate_theirs < 95  # a discriminating case
-    assert rate_ours == pytest.approx(rate_theirs, abs=1.0)
-    assert np.max(np.abs(ours[ok] - theirs[ok])) < 0.15
+    # A discrete search only over-estimates gamma. Measured: pymedphys 50.2 / 54.6 % at
+    # interp_fraction 10 / 20 and within 1 % of ours at 30, converging up towards ours, 56.3 %
+    # (the same for 0.3, 0.15 and 0.1 mm lattices).
+    assert rate_theirs - 0.5 <= rate_ours <= rate_theirs + 2.5
+    assert gamma_pass_rate(ref, ev, SPACING, step_mm=0.15) == pytest.approx(rate_ours)
+    assert np.max(np.abs(ours[ok] - theirs[ok])) < 0.12
 
 
 def test_bad_input() -> None:

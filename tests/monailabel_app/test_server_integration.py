@@ -12,9 +12,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,70 +23,40 @@ import requests
 
 from diffkt3d.inference import default_model_path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from server_process import start_server, stop_server  # noqa: E402
+from tiny_model import write_tiny_checkpoint  # noqa: E402
+
 pytestmark = pytest.mark.server
 
-REPO = Path(__file__).resolve().parents[2]
 VALIDATION = Path("/work/shared/datasets/openkbp/validation")
 CASES = ("pt_201", "pt_202")
 SHIPPED = default_model_path().is_file()
 MAX_UPLOAD_MB = 20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     if not all((VALIDATION / c).is_dir() for c in CASES):
         pytest.skip("OpenKBP validation cases not available")
-    monailabel = Path(sys.executable).with_name("monailabel")
-    if not monailabel.exists():
-        pytest.skip("monailabel not installed (pip install -r requirements-server.txt ...)")
+    pytest.importorskip("monailabel", reason="server dependencies not installed (docs/server.md)")
     root = tmp_path_factory.mktemp("server")
     studies = root / "studies"
     for c in CASES:
         shutil.copytree(VALIDATION / c, studies / c)
-    conf = ["--conf", "max_upload_mb", str(MAX_UPLOAD_MB), "--conf", "model_dir", str(root / "model"),
-            "--conf", "state_dir", str(root / "state"), "--conf", "device", "cpu"]
-    env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_INFER_CONCURRENCY": "1",
-           "MONAI_LABEL_SESSION_PATH": str(root / "sessions"), "OMP_NUM_THREADS": "1"}
+    conf = {"max_upload_mb": str(MAX_UPLOAD_MB), "model_dir": str(root / "model"),
+            "state_dir": str(root / "state"), "device": "cpu"}
+    env = {}
     if not SHIPPED:
         # A random tiny model in the "shipped model" slot (lowest priority), so a model trained by
         # the server still takes over as it would from the real shipped one.
-        sys.path.insert(0, str(Path(__file__).parent))
-        from tiny_model import write_tiny_checkpoint
-
         env["DIFFKT3D_MODEL"] = str(write_tiny_checkpoint(root / "tiny.pt"))
-    port = _free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(["nice", "-n", "15", str(monailabel), "start_server", "--app", str(REPO / "monailabel_app"),
-                             "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port), *conf],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(1)
-    else:
-        proc.kill()
-    if proc.poll() is not None:
-        log.close()
-        pytest.fail(f"server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-    yield {"url": url, "root": root, "studies": studies, "proc": proc}
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+        proc, url = start_server(root, studies, conf, env)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield {"url": url, "root": root, "studies": studies, "proc": proc}
+    stop_server(proc)
 
 
 def _multipart(resp: requests.Response) -> tuple[dict, bytes]:

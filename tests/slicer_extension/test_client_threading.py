@@ -69,16 +69,19 @@ def _client(url, transport, read_timeout_s=10.0):
 
 
 def _run_gui_loop(runner, job, timeout_s):
-    """Poll like a QTimer; return the largest gap (s) between two ticks."""
-    last, worst = time.monotonic(), 0.0
+    """Poll like a QTimer until the job ends; return the longest single `poll()` call (s).
 
-    def tick():
-        nonlocal last, worst
-        now = time.monotonic()
-        worst = max(worst, now - last)
-        last = now
-
-    worker.wait_for(runner, job, timeout_s, tick=tick, interval_s=0.01)
+    What the GUI thread spends inside our code is what must stay short; the gaps between ticks
+    also include the OS scheduler (this machine is shared), so they are not what we assert on.
+    """
+    worst = 0.0
+    deadline = time.monotonic() + timeout_s
+    while not job.finished:
+        t0 = time.monotonic()
+        runner.poll()
+        worst = max(worst, time.monotonic() - t0)
+        assert time.monotonic() < deadline, f"{job.description} did not finish in {timeout_s} s"
+        time.sleep(0.01)
     return worst
 
 
@@ -91,12 +94,14 @@ def test_slow_request_never_blocks_the_gui_loop(slow_server, transport):
     job = runner.submit(lambda ctx: client._json(client._call("GET", "/info/", query={"delay": 1.0}), "/"),
                         description="slow info", on_done=got.append)
     submit_s = time.monotonic() - t0
-    worst_gap = _run_gui_loop(runner, job, timeout_s=10)
+    worst_poll = _run_gui_loop(runner, job, timeout_s=10)
     elapsed = time.monotonic() - t0
-    assert submit_s < 0.05, f"submit took {submit_s:.3f} s"
-    assert worst_gap < 0.1, f"GUI loop stalled {worst_gap:.3f} s"
+    # a blocking call would take >= 1 s inside submit or poll; ours are queue operations
+    assert submit_s < 0.1, f"submit took {submit_s:.3f} s"
+    assert worst_poll < 0.1, f"a poll() took {worst_poll:.3f} s"
     assert 0.9 < elapsed < 5.0
     assert job.state == "done" and got[0]["slept"] == 1.0
+    runner.shutdown()
 
 
 @pytest.mark.parametrize("transport", sorted(TRANSPORTS))
@@ -107,12 +112,12 @@ def test_read_timeout_reports_an_error_in_time(slow_server, transport):
     t0 = time.monotonic()
     job = runner.submit(lambda ctx: client._call("GET", "/info/", query={"delay": 3.0}),
                         description="timeout", on_error=errors.append, on_done=lambda r: pytest.fail("done?"))
-    worst_gap = _run_gui_loop(runner, job, timeout_s=5)
+    worst_poll = _run_gui_loop(runner, job, timeout_s=5)
     elapsed = time.monotonic() - t0
     assert job.state == "failed" and isinstance(errors[0], ServerTimeout)
     assert "read 0.5 s" in str(errors[0]) and "/info/" in str(errors[0])
-    assert 0.4 < elapsed < 2.0, f"timeout surfaced after {elapsed:.2f} s"
-    assert worst_gap < 0.1
+    assert 0.4 < elapsed < 2.5, f"timeout surfaced after {elapsed:.2f} s"
+    assert worst_poll < 0.1
 
 
 def test_cancel_frees_the_gui_at_once_and_drops_the_late_result(slow_server):
@@ -127,7 +132,7 @@ def test_cancel_frees_the_gui_at_once_and_drops_the_late_result(slow_server):
     t0 = time.monotonic()
     runner.cancel(job)
     runner.poll()
-    assert events == ["cancelled"] and time.monotonic() - t0 < 0.05
+    assert events == ["cancelled"] and time.monotonic() - t0 < 0.1
     assert not runner.busy
     time.sleep(2.0)  # the server answers meanwhile; the answer must be dropped
     runner.poll()
@@ -186,3 +191,26 @@ def test_errors_in_result_handling_go_to_on_error():
     job = runner.submit(lambda ctx: 1, on_done=bad_done, on_error=errors.append)
     runner.poll()
     assert job.state == "failed" and "no dose for candidate c1" in str(errors[0])
+
+
+def test_quick_job_is_not_stuck_behind_a_long_one_and_queued_cancel_never_runs():
+    runner = worker.ThreadRunner(workers=2)
+    release = threading.Event()
+    ran, done = [], []
+    long_job = runner.submit(lambda ctx: release.wait(10), description="long", on_done=lambda r: done.append("long"))
+    quick = runner.submit(lambda ctx: ran.append("quick") or "q", description="quick", on_done=done.append)
+    worker.wait_for(runner, quick, 5)
+    assert done == ["q"] and not long_job.finished  # the second worker served it
+    # both workers busy -> the next job waits in the queue; cancelled there, it never runs
+    blocker = runner.submit(lambda ctx: release.wait(10), description="blocker")
+    queued = runner.submit(lambda ctx: ran.append("queued"), description="queued",
+                           on_cancel=lambda: done.append("queued cancelled"))
+    runner.cancel(queued)
+    runner.poll()
+    release.set()
+    worker.wait_for(runner, long_job, 5)
+    worker.wait_for(runner, blocker, 5)
+    time.sleep(0.2)
+    runner.poll()
+    assert "queued" not in ran and "queued cancelled" in done
+    runner.shutdown()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("slicer_core", reason="slicer-core (headless MRML) is not installed")
 from DiffKT3DLib.preview import Debouncer, SegmentEditWatcher
 from DiffKT3DLib.scene import SceneLogic
 

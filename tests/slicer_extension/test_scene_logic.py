@@ -10,6 +10,8 @@ import json
 
 import numpy as np
 import pytest
+
+pytest.importorskip("slicer_core", reason="slicer-core (headless MRML) is not installed")
 from DiffKT3DLib import constants
 from DiffKT3DLib.scene import SceneLogic
 

@@ -13,6 +13,8 @@ import json
 import numpy as np
 import pytest
 import requests
+
+pytest.importorskip("slicer_core", reason="slicer-core (headless MRML) is not installed")
 from DiffKT3DLib import constants
 from DiffKT3DLib.client import DiffKT3DClient, ServerError
 from DiffKT3DLib.worker import ThreadRunner, wait_for

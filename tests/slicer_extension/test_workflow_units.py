@@ -8,6 +8,8 @@ import threading
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("slicer_core", reason="slicer-core (headless MRML) is not installed")
 from DiffKT3DLib import constants
 from DiffKT3DLib.client import InferResult
 from DiffKT3DLib.worker import ThreadRunner, wait_for

@@ -179,13 +179,47 @@ class _QueueRunner:
 
 
 class ThreadRunner(_QueueRunner):
-    """Each job in its own daemon thread (requests are few and long; no pool needed)."""
+    """Jobs run on a fixed set of daemon worker threads started up front.
+
+    Threads are started in the constructor (module set-up), so `submit` only puts the job on a
+    queue: it never waits for a thread to start, which can take long on a loaded machine.
+    Several workers let a quick call (preference, info) run while a long dose request and a
+    preview are in flight.
+
+    Args:
+        workers: number of worker threads.
+    """
+
+    def __init__(self, workers: int = 4):
+        super().__init__()
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._jobs: queue.Queue = queue.Queue()
+        self._threads = [threading.Thread(target=self._work_loop, name=f"DiffKT3D-worker-{i}", daemon=True)
+                         for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def _work_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:  # shutdown
+                return
+            if job.cancel_event.is_set():  # cancelled while queued: never started
+                continue
+            self._run(job)
 
     def submit(self, fn, *, description="", on_done=None, on_error=None, on_progress=None,
                on_cancel=None) -> Job:
         job = self._new_job(fn, description, on_done, on_error, on_progress, on_cancel)
-        threading.Thread(target=self._run, args=(job,), name=f"DiffKT3D-{job.id}", daemon=True).start()
+        self._jobs.put(job)
         return job
+
+    def shutdown(self) -> None:
+        """Cancel everything and let the workers exit (a running HTTP call ends at its timeout)."""
+        self.cancel_all()
+        for _ in self._threads:
+            self._jobs.put(None)
 
 
 class InlineRunner(_QueueRunner):

@@ -125,7 +125,9 @@ class Workflow:
 
     def close(self) -> None:
         self.enable_preview(None, False)
-        if hasattr(self.runner, "cancel_all"):
+        if hasattr(self.runner, "shutdown"):
+            self.runner.shutdown()
+        elif hasattr(self.runner, "cancel_all"):
             self.runner.cancel_all()
         if self._own_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)

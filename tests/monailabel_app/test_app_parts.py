@@ -1,0 +1,181 @@
+"""App layers without a server: case-folder datastore, preference strategy, request parsing (fast)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+pytest.importorskip("monailabel", reason="server dependencies not installed (docs/server.md)")
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from diffkt3d.errors import CaseError  # noqa: E402
+from diffkt3d.preferences import PreferenceRecord, PreferenceStore  # noqa: E402
+from infer_tasks.common import TaskError, dvh_table, load_request_case  # noqa: E402
+from infer_tasks.dose import CandidateCache, DoseParams  # noqa: E402
+from monailabel_app.datastore import CaseFolderDatastore, UnknownCaseError  # noqa: E402
+from monailabel_app.strategy import PreferenceStrategy, record_candidates  # noqa: E402
+
+AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
+
+
+def _write_case(folder: Path, with_dose: bool = True) -> Path:
+    folder.mkdir(parents=True)
+    shape = (12, 10, 8)
+    ct = np.full(shape, -200, dtype=np.int16)
+    ptv = np.zeros(shape, dtype=np.uint8)
+    ptv[4:8, 3:7, 2:6] = 1
+    cord = np.zeros(shape, dtype=np.uint8)
+    cord[1:3, 1:3, :] = 1
+    nib.save(nib.Nifti1Image(ct, AFFINE), str(folder / "ct.nii.gz"))
+    nib.save(nib.Nifti1Image(ptv, AFFINE), str(folder / "PTV70.nii.gz"))
+    nib.save(nib.Nifti1Image(cord, AFFINE), str(folder / "SpinalCord.nii.gz"))
+    if with_dose:
+        nib.save(nib.Nifti1Image(np.ones(shape, np.float32), AFFINE), str(folder / "dose.nii.gz"))
+    return folder
+
+
+@pytest.fixture
+def studies(tmp_path):
+    root = tmp_path / "studies"
+    _write_case(root / "case_a")
+    _write_case(root / "case_b", with_dose=False)
+    _write_case(root / "case_c")
+    (root / ".hidden").mkdir()
+    (root / "not_a_case").mkdir()
+    return root
+
+
+# -- datastore --------------------------------------------------------------------------------------
+def test_datastore_lists_case_folders_and_labels(studies):
+    ds = CaseFolderDatastore(studies)
+    assert ds.list_images() == ["case_a", "case_b", "case_c"]
+    assert ds.get_labeled_images() == ["case_a", "case_c"]
+    assert ds.get_unlabeled_images() == ["case_b"]
+    assert [Path(d["label"]).name for d in ds.datalist()] == ["dose.nii.gz", "dose.nii.gz"]
+    assert ds.status()["total"] == 3 and ds.status()["completed"] == 2
+    assert Path(ds.get_image_uri("case_a")) == studies / "case_a"
+
+
+@pytest.mark.parametrize("bad", ["../case_a", "..", "case_a/../case_b", "/etc", "a\\b", "", ".hidden"])
+def test_datastore_rejects_path_like_ids(studies, bad):
+    ds = CaseFolderDatastore(studies)
+    with pytest.raises(ValueError, match="not a valid id"):
+        ds.get_image_uri(bad)
+
+
+def test_datastore_unknown_case_and_symlink_escape(studies, tmp_path):
+    outside = _write_case(tmp_path / "outside")
+    (studies / "link").symlink_to(outside)
+    ds = CaseFolderDatastore(studies)
+    with pytest.raises(UnknownCaseError):
+        ds.get_image_uri("nope")
+    with pytest.raises(UnknownCaseError):  # a symlinked folder pointing outside the studies dir
+        ds.get_image_uri("link")
+
+
+def test_datastore_info_is_kept_outside_case_folders(studies):
+    ds = CaseFolderDatastore(studies)
+    before = sorted(p.name for p in (studies / "case_a").iterdir())
+    ds.update_image_info("case_a", {"x": 1})
+    ds.update_image_info("case_a", {"y": 2})
+    assert ds.get_image_info("case_a")["x"] == 1 and ds.get_image_info("case_a")["y"] == 2
+    assert sorted(p.name for p in (studies / "case_a").iterdir()) == before
+
+
+def test_datastore_add_image_from_archive(studies, tmp_path):
+    src = _write_case(tmp_path / "wrapped" / "inner", with_dose=False)
+    archive = shutil.make_archive(str(tmp_path / "case"), "zip", src.parent)
+    ds = CaseFolderDatastore(studies)
+    ds.add_image("case_new", archive, {})
+    assert "case_new" in ds.list_images()
+    assert (studies / "case_new" / "PTV70.nii.gz").exists()
+
+
+# -- request case loading and DVH -----------------------------------------------------------------------
+def test_session_case_errors_name_case_and_file_without_server_paths(tmp_path):
+    folder = _write_case(tmp_path / "sess" / "tmpabc", with_dose=False)
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), AFFINE), str(folder / "Larynx.nii.gz"))
+    req = {"image": str(folder), "diffkt3d_source": "session", "diffkt3d_case_id": "session-1"}
+    with pytest.raises(CaseError) as exc:
+        load_request_case(req, max_upload_bytes=10**9)
+    msg = str(exc.value)
+    assert "session-1" in msg and "Larynx.nii.gz" in msg and "grid mismatch" in msg
+    assert str(tmp_path) not in msg
+    with pytest.raises(TaskError) as too_big:
+        load_request_case(req, max_upload_bytes=100)
+    assert too_big.value.status == 413
+
+
+def test_dvh_table_against_numpy(tmp_path):
+    from diffkt3d.io.case_folder import load_case_folder
+
+    case = load_case_folder(_write_case(tmp_path / "c"), with_dose=False)
+    rng = np.random.default_rng(0)
+    dose = rng.uniform(0, 70, size=case.grid.shape).astype(np.float32)
+    table = dvh_table(dose, case)
+    ptv = case.structures["PTV70"].mask
+    d = dose[ptv]
+    assert table["PTV70"]["Dmean"] == pytest.approx(d.mean(), abs=1e-3)
+    assert table["PTV70"]["Dmax"] == pytest.approx(d.max(), abs=1e-3)
+    assert table["PTV70"]["D95%"] == pytest.approx(np.percentile(d, 5), abs=1e-3)
+    assert table["PTV70"]["volume_cc"] == pytest.approx(ptv.sum() * 2 * 2 * 3 / 1000, abs=1e-4)
+
+
+# -- parameters and candidate cache ----------------------------------------------------------------------
+def test_dose_params_parse_and_reject():
+    p = DoseParams.from_request({"steps": "5", "candidates": 3, "preview": "true", "model": "dose"})
+    assert (p.steps, p.candidates, p.preview, p.aggregate) == (5, 3, True, "best")
+    for bad, word in [({"steps": 0}, "steps"), ({"candidates": 99}, "candidates"), ({"aggregate": "max"}, "aggregate"),
+                      ({"preview": "maybe"}, "preview"), ({"seed": -1}, "seed"), ({"request_id": "x"}, "candidate_id")]:
+        with pytest.raises(TaskError, match=word):
+            DoseParams.from_request(bad)
+
+
+def test_candidate_cache_evicts_oldest_by_bytes():
+    from diffkt3d.data.case import Grid
+
+    grid = Grid((10, 10, 10), np.eye(4))
+    cache = CandidateCache(max_bytes=2 * 4000 + 10)
+    for k in range(3):
+        cache.put(f"r{k}", grid, {"c0": np.full((10, 10, 10), k, np.float32)}, {})
+    with pytest.raises(TaskError):
+        cache.get("r0", "c0")
+    assert float(cache.get("r2", "c0")[1][0, 0, 0]) == 2.0
+    with pytest.raises(TaskError, match="no candidate"):
+        cache.get("r2", "c9")
+
+
+# -- strategy -------------------------------------------------------------------------------------------
+def _cands(totals):
+    return {"request_id": "r", "model_version": "m", "template": "t",
+            "candidates": [{"id": f"c{k}", "seed": k, "scorecard_total": t} for k, t in enumerate(totals)]}
+
+
+def test_strategy_picks_largest_spread_and_skips_labelled(studies, tmp_path):
+    ds = CaseFolderDatastore(studies)
+    store = PreferenceStore(tmp_path / "prefs")
+    strategy = PreferenceStrategy(store)
+    assert strategy({"rater": "r1"}, ds)["id"] == "case_a"  # nothing scored yet: first case
+    record_candidates(ds, "case_a", _cands([80.0, 81.0]))
+    record_candidates(ds, "case_c", _cands([70.0, 78.0, 75.0]))
+    res = strategy({"rater": "r1"}, ds)
+    assert res["id"] == "case_c" and res["score"] == pytest.approx(8.0)
+    store.append(PreferenceRecord.from_dict({"case_id": "case_c", "chosen_id": "c0", "rater": "r1",
+                                             "candidates": [{"id": "c0", "seed": 0, "model_version": "m"},
+                                                            {"id": "c1", "seed": 1, "model_version": "m"}]}, new=True))
+    assert strategy({"rater": "r1"}, ds)["id"] == "case_a"  # r1 labelled case_c
+    assert strategy({"rater": "r2"}, ds)["id"] == "case_c"  # r2 did not
+    for case in ("case_a", "case_b"):
+        store.append(PreferenceRecord.from_dict({"case_id": case, "chosen_id": "c0", "rater": "r1",
+                                                 "candidates": [{"id": "c0", "seed": 0, "model_version": "m"},
+                                                                {"id": "c1", "seed": 1, "model_version": "m"}]},
+                                                new=True))
+    assert strategy({"rater": "r1"}, ds) == {}
