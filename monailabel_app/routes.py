@@ -140,6 +140,10 @@ def _threaded_infer_route(api: FastAPI) -> None:
               image: str = "", session_id: str = "", params: Annotated[str, Form()] = "{}",
               file: Annotated[UploadFile | None, File()] = None, label: Annotated[UploadFile | None, File()] = None,
               output: ResultType | None = None):
+        try:  # MONAI Label's json.loads is unguarded (a 500); a malformed params field is the client's error
+            json.loads(params or "{}")
+        except json.JSONDecodeError as exc:
+            raise HTTPException(status_code=400, detail=f"form field 'params' is not valid JSON: {exc}") from None
         return run_inference(background_tasks, model, image, session_id, params, file, label, output)
 
     _add_first(api, f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}", infer, "POST")

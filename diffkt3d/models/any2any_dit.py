@@ -284,10 +284,15 @@ class Any2AnyDiT(nn.Module):
 
         # 1. Patch + domain embedding per modality, concatenated: target first.
         tokens = []
+        patches = []
         for m in order:
             x_m = self.patch_embedding[m](volumes[m])  # (B, dim, d, h, w)
             x_m = x_m.flatten(2).transpose(1, 2)  # (B, n, dim)
+            patches.append(x_m)
             tokens.append(x_m + self.domain_embedding.weight[self.slot[m]])
+        if cfg.condition_shortcut and len(order) > 1:
+            # Spatially aligned condition shortcut (config docstring): same raster order per modality.
+            tokens[0] = tokens[0] + torch.stack(patches[1:]).mean(dim=0)  # (B, n, dim)
         x = torch.cat(tokens, dim=1).float()  # (B, N, dim), N = len(order) * n
         n_target = tokens[0].shape[1]  # tokens [:n_target] have role ROLE_TARGET, the rest ROLE_CONDITION
 

@@ -71,6 +71,14 @@ class DiTConfig:
         zero_init_modulation: adaLN-Zero (DiT): zero ``time_projection`` and block modulation
             tables so every block starts as the identity. Good when training from scratch; set
             False to keep Wan's random modulation init (weights are loaded anyway).
+        condition_shortcut: add the mean of the condition tokens' patch embeddings at the same
+            spatial position to each target token, before the blocks. Not in the paper (there all
+            cross-modal information flows through attention, whose spatial alignment a pretrained
+            Wan already brings). From scratch on a CPU budget the plain model spends its first
+            ~500 steps predicting the unconditional mean (measured: 1-step validation error 26 Gy
+            at step 400); this aligned shortcut gives every target token its own position's
+            anatomy at layer 0. Separate tokens, role/domain embeddings, 4D RoPE and full attention
+            are unchanged; it is a no-op with one modality. Off for ``wan-1.3b``.
     """
 
     modalities: tuple[str, ...] = MODALITIES
@@ -89,6 +97,7 @@ class DiTConfig:
     rope_slot_stride: int = 0
     gradient_checkpointing: bool = False
     zero_init_modulation: bool = True
+    condition_shortcut: bool = False
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
@@ -194,7 +203,7 @@ def _cpu_default() -> DiTConfig:
     ~0.85 CPU-s per layer at batch 2 and 3584 tokens (1 thread). Patch (4, 8, 8) (7168 tokens,
     4x the attention cost) was not measured to completion for that reason.
     """
-    return DiTConfig(patch=(8, 8, 8), dim=128, depth=4, heads=2, ffn_dim=512)
+    return DiTConfig(patch=(8, 8, 8), dim=128, depth=4, heads=2, ffn_dim=512, condition_shortcut=True)
 
 
 def _wan_1_3b() -> DiTConfig:

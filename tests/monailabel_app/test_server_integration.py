@@ -318,6 +318,9 @@ def test_bad_inputs_get_clear_4xx_and_server_keeps_serving(server, small_case):
     for bad in ("../pt_201", "..", "pt_201/../pt_202", "/etc/passwd", "..%2Fpt_201", "pt_201\\..\\x"):
         r = _infer(server, "dose", image=bad)
         assert r.status_code == 400, (bad, r.status_code, r.text[:300])
+    # malformed params JSON
+    r = requests.post(f"{server['url']}/infer/dose", params={"image": "pt_201"}, data={"params": "{steps: 1"}, timeout=60)
+    _check_4xx(r, 400, "params", "json")
     # bad parameter values
     _check_4xx(_infer(server, "dose", {"steps": 0}, image="pt_201"), 422, "steps")
     _check_4xx(_infer(server, "dose", {"aggregate": "max"}, image="pt_201"), 422, "aggregate")
