@@ -118,6 +118,7 @@ def run(url: str, case_id: str, clients: int, seconds: float, server_pid: int | 
                     errors.append(msg)
             n += 1
 
+    load_start = os.getloadavg()[0]
     rss_start = tree_rss_bytes(server_pid) if server_pid else 0
     mon = threading.Thread(target=monitor, daemon=True)
     mon.start()
@@ -133,7 +134,8 @@ def run(url: str, case_id: str, clients: int, seconds: float, server_pid: int | 
     alive = requests.get(f"{url}/info/", timeout=60).ok
     rss_end = tree_rss_bytes(server_pid) if server_pid else 0
     lat = np.asarray(latencies) if latencies else np.asarray([np.nan])
-    return {"clients": clients, "seconds": round(elapsed, 1), "requests_ok": len(latencies), "errors": len(errors),
+    return {"clients": clients, "seconds_requested": seconds, "seconds": round(elapsed, 1),
+            "load_avg_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)], "requests_ok": len(latencies), "errors": len(errors),
             "error_examples": errors[:3], "throughput_rps": len(latencies) / elapsed,
             "latency_p50_s": float(np.percentile(lat, 50)), "latency_p90_s": float(np.percentile(lat, 90)),
             "latency_p99_s": float(np.percentile(lat, 99)), "latency_max_s": float(np.max(lat)),
@@ -161,7 +163,9 @@ def write_report(path: Path, res: dict, model_version: str, note: str) -> None:
         "| metric | value |",
         "| --- | --- |",
         f"| clients | {res['clients']} |",
-        f"| duration | {res['seconds']} s |",
+        f"| duration | {res['seconds']} s (new requests for {res['seconds_requested']:.0f} s, then the in-flight ones finish) |",
+        f"| machine load average (1 min) at start / end | {res['load_avg_1min_start_end'][0]} / "
+        f"{res['load_avg_1min_start_end'][1]} (shared machine: other jobs ran at the same time) |",
         f"| successful requests | {res['requests_ok']} |",
         f"| errors | {res['errors']} |",
         f"| throughput | {res['throughput_rps']:.3f} requests/s |",

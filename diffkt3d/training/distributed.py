@@ -54,7 +54,7 @@ __all__ = [
     "main",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("diffkt3d.training.distributed")  # not "__main__" under -m
 
 
 @dataclass

@@ -178,3 +178,25 @@ def test_errors_name_the_key(wan, tmp_path):
         load_wan_into_dit(_dit(), tmp_path / "foreign.safetensors")
     with pytest.raises(WanCheckpointError, match="not found"):
         load_wan_into_dit(_dit(), tmp_path / "nope")
+
+
+def test_full_size_wan_1_3b_keys_and_shapes_fit_the_preset():
+    """Wan2.1-T2V-1.3B's published config (diffusers), on the meta device (no memory, no weights):
+    every key maps and every shape fits our ``wan-1.3b`` preset in the latent path."""
+    from diffkt3d.models.config import get_config
+
+    with torch.device("meta"):
+        wan = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+            text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6,
+        )
+        channels = {"ct": 16, "ptv": 16, "oar": 7 * 16, "body": 16, "beam": 16, "angle": 16, "dose": 16}
+        model = Any2AnyDiT(get_config("wan-1.3b", in_channels=channels, rope_slot_stride=32))
+    state = {diffusers_to_original_key(k): v for k, v in wan.state_dict().items()}
+    report = transfer_wan_state_dict(model, state)
+    # Per block: q,k,v,o (w+b) 8, norm_q/k 2, ffn (w+b) 4, modulation 1; + time emb 4, time proj 2, head mod 1.
+    assert len(report.transferred) == 30 * 15 + 7
+    # Per block: cross-attn q,k,v,o (w+b) 8, norm_q/k 2, norm3 (w+b) 2; + text embedding 4.
+    assert len(report.dropped) == 30 * 12 + 4
+    assert model.rope_dims == (44, 42, 42)

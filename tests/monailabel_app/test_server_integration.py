@@ -188,14 +188,16 @@ def test_impute_ct_and_oar(server):
     ct, ref = _nifti(image), nib.load(str(VALIDATION / "pt_201" / "ct.nii.gz"))
     assert ct.shape == ref.shape and np.allclose(ct.affine, ref.affine)
     assert np.asarray(ct.dataobj).dtype == np.float32
-    r = _infer(server, "impute_oar", {"steps": 1}, image="pt_201")
-    assert r.status_code == 200, r.text
-    meta, image = _multipart(r)
-    labels = np.asarray(_nifti(image).dataobj)
-    assert labels.shape == ref.shape and labels.dtype == np.uint8
-    assert set(np.unique(labels)) <= {0, *meta["labels"].values()}
-    for name, value in meta["labels"].items():  # merged voxels never exceed the structure's own count
-        assert int((labels == value).sum()) <= meta["voxels"][name]
+    for task in ("impute_oar", "impute_ptv"):
+        r = _infer(server, task, {"steps": 1}, image="pt_201")
+        assert r.status_code == 200, r.text
+        meta, image = _multipart(r)
+        labels_img = _nifti(image)
+        labels = np.asarray(labels_img.dataobj)
+        assert labels.shape == ref.shape and labels.dtype == np.uint8 and np.allclose(labels_img.affine, ref.affine)
+        assert set(np.unique(labels)) <= {0, *meta["labels"].values()}
+        for name, value in meta["labels"].items():  # merged voxels never exceed the structure's own count
+            assert int((labels == value).sum()) <= meta["voxels"][name]
 
 
 # -- preferences and active learning ------------------------------------------------------------------
