@@ -326,7 +326,12 @@ class Any2AnyDiT(nn.Module):
 
         # 5. Head on the target tokens only, modulated by the target's embedding; unpatchify.
         out = self.head(x[:, :n_target], e_role[:, ROLE_TARGET], target)  # (B, n, C * p^3)
-        return self.unpatchify(out, grid, cfg.in_channels[target])
+        out = self.unpatchify(out, grid, cfg.in_channels[target])  # (B, C, D, H, W)
+        if cfg.prediction == "x0":
+            # 6. x0-parameterised head (config docstring): v_hat = (x_t - x0_hat) / t, fp32.
+            t_div = t.float().clamp_min(cfg.x0_min_t).view(-1, 1, 1, 1, 1)
+            return (volumes[target].float() - out.float()) / t_div
+        return out
 
     def unpatchify(self, tokens: Tensor, grid: tuple[int, ...], channels: int) -> Tensor:
         """(B, d*h*w, C * pd*ph*pw) -> (B, C, d*pd, h*ph, w*pw), inverse of the Conv3d patching."""
