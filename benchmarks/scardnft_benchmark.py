@@ -240,7 +240,7 @@ def cmd_report(args: argparse.Namespace) -> None:
                   f"`{train['base_model']}`.", ""]
     lines += [f"Before: `{v_before}`; after: `{v_after}`. One 10-step candidate per case, seed 0 for both "
               "(same initial noise). Paired two-sided tests over the cases.", "",
-              "| figure | before | after | after − before (mean ± sd) | t-test p | Wilcoxon p | cases up |",
+              "| figure | before | after | after − before (mean ± sd) | t-test p | Wilcoxon p | cases with after > before |",
               "| --- | --- | --- | --- | --- | --- | --- |",
               row("Scorecard, shipped openkbp_hn (points)", "scorecard", ".2f"),
               row("Scorecard, learned weights (points)", "scorecard_learned", ".2f"),

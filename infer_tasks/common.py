@@ -36,19 +36,24 @@ class TaskError(Exception):
 
 
 class ModelProvider:
-    """Loads the predictor once and reloads it when the checkpoint changes (new training run).
+    """Loads the predictor once and reloads it when the served checkpoint changes (new training run).
 
-    The checkpoint is the LAST existing file of `paths` (MONAI Label's convention): the shipped
-    model first, then the app's trained model, so a finished training run takes over at the next
-    request without a restart.
+    Which checkpoint is served: `override` when given (`--conf model`); else the NEWEST of the models
+    this server trained (`trained`, e.g. any2any and scardnft outputs), so a finished training run
+    takes over at the next request without a restart; else the shipped model.
 
     Args:
-        paths: candidate checkpoint files, lowest priority first. None entries are skipped.
+        shipped: the shipped default model (may not exist).
+        trained: checkpoints written by the train tasks (may not exist yet).
+        override: explicit checkpoint, always served when given.
         device: torch device string (None: CUDA if available).
     """
 
-    def __init__(self, paths: list[Path | None], device: str | None = None):
-        self.paths = [Path(p) for p in paths if p is not None]
+    def __init__(self, shipped: Path, trained: list[Path], override: Path | None = None,
+                 device: str | None = None):
+        self.shipped = Path(shipped)
+        self.trained = [Path(p) for p in trained]
+        self.override = Path(override) if override else None
         self.device = device
         self._lock = threading.Lock()
         self._key: tuple[str, int] | None = None
@@ -58,14 +63,18 @@ class ModelProvider:
         self.run_lock = threading.Lock()
 
     def current_path(self) -> Path | None:
-        existing = [p for p in self.paths if p.is_file()]
-        return existing[-1] if existing else None
+        if self.override is not None:
+            return self.override if self.override.is_file() else None
+        trained = [p for p in self.trained if p.is_file()]
+        if trained:
+            return max(trained, key=lambda p: p.stat().st_mtime_ns)
+        return self.shipped if self.shipped.is_file() else None
 
     def get(self) -> Predictor:
         path = self.current_path()
         if path is None:
-            raise TaskError(503, "no model available: none of "
-                            + ", ".join(str(p) for p in self.paths)
+            where = [self.override] if self.override else [self.shipped, *self.trained]
+            raise TaskError(503, "no model available: none of " + ", ".join(str(p) for p in where)
                             + " exists (ship weights, set DIFFKT3D_MODEL, or train with POST /train/any2any)")
         key = (str(path), path.stat().st_mtime_ns)
         with self._lock:
@@ -189,8 +198,7 @@ def bool_param(request: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def default_model_paths(app_model_dir: Path, conf_model: str | None) -> list[Path | None]:
-    """Shipped model, then the model trained by this server's any2any task, then an explicit
-    `--conf model PATH` (highest priority)."""
-    return [default_model_path(), app_model_dir / "any2any" / "model.pt",
-            Path(conf_model) if conf_model else None]
+def model_provider(model_dir: Path, conf_model: str | None, device: str | None) -> ModelProvider:
+    """The app's provider: shipped model, models trained into `model_dir`, optional `--conf model`."""
+    return ModelProvider(default_model_path(), [model_dir / "any2any" / "model.pt", model_dir / "scardnft" / "model.pt"],
+                         Path(conf_model) if conf_model else None, device)

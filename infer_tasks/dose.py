@@ -70,6 +70,16 @@ class DoseParams:
                    request_id=None if rid is None else str(rid), candidate_id=None if cid is None else str(cid))
 
 
+def scorecard_items(scorecard: dict[str, Any] | None) -> dict[str, float]:
+    """`"<item id>/<structure>" -> unweighted score` of a Scorecard result: the form preference records
+    carry (`CandidateRef.scorecard_items`), so a client copies it into its record unchanged and the
+    ScardNFT preference learner can fit item weights from it."""
+    if not scorecard:
+        return {}
+    return {f"{it['id']}/{it['structure']}": float(it["score"]) for it in scorecard.get("items", [])
+            if it.get("score") is not None}
+
+
 class CandidateCache:
     """Candidate doses of recent requests, so a client can fetch each one without re-sampling.
 
@@ -169,6 +179,7 @@ class DoseTask(InferTask):
             "dvh": dvh_table(pred.dose_gy, case),
             "candidates": [{"id": c.id, "seed": c.seed,
                             "scorecard_total": None if c.scorecard is None else c.scorecard.get("total"),
+                            "scorecard_items": scorecard_items(c.scorecard),
                             "scorecard": c.scorecard} for c in pred.candidates],
         }
         self.cache.put(request_id, case.grid, {c.id: c.dose_gy for c in pred.candidates},

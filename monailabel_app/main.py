@@ -37,7 +37,7 @@ from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 from diffkt3d.errors import CaseError, ConfigError, DiffKT3DError  # noqa: E402
 from diffkt3d.preferences import PreferenceStore, check_id  # noqa: E402
 from diffkt3d.scorecard import list_templates  # noqa: E402
-from infer_tasks.common import CASE_ID_KEY, SOURCE_KEY, ModelProvider, TaskError, default_model_paths  # noqa: E402
+from infer_tasks.common import CASE_ID_KEY, SOURCE_KEY, TaskError, model_provider  # noqa: E402
 from infer_tasks.dose import DoseTask  # noqa: E402
 from infer_tasks.impute import ImputeTask  # noqa: E402
 from monailabel_app.datastore import CaseFolderDatastore, UnknownCaseError  # noqa: E402
@@ -56,7 +56,7 @@ class DiffKT3DApp(MONAILabelApp):
         self.max_upload_bytes = int(float(conf.get("max_upload_mb", "512")) * 2**20)
         self.state_dir = Path(conf.get("state_dir") or Path(studies) / ".diffkt3d")
         self.preferences = PreferenceStore(self.state_dir / "preferences")
-        self.models = ModelProvider(default_model_paths(self.model_dir, conf.get("model")), device=conf.get("device"))
+        self.models = model_provider(self.model_dir, conf.get("model"), conf.get("device"))
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DiffKT3D",
                          description="Any2Any 3D diffusion: radiotherapy dose prediction with a clinical Scorecard",
                          version="0.1.0")
@@ -73,7 +73,7 @@ class DiffKT3DApp(MONAILabelApp):
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {"any2any": Any2AnyTrainTask(self.model_dir),
-                "scardnft": ScardNFTTrainTask(self.model_dir, self.preferences)}
+                "scardnft": ScardNFTTrainTask(self.model_dir, self.preferences, self.models.current_path)}
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {"preference": PreferenceStrategy(self.preferences)}

@@ -26,7 +26,6 @@ from fastapi import (
 )
 from fastapi.routing import APIRoute
 from monailabel.config import settings
-from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.user.auth import RBAC, User
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -136,15 +135,22 @@ def _threaded_infer_route(api: FastAPI) -> None:
     which blocks the event loop: while one clinician's dose is computed, nobody else gets even
     `/info/` or can save a preference. Same parameters, same `run_inference`, just off the loop.
     """
+    # Imported here: monailabel.endpoints.infer pulls in all of MONAI (slow), only needed by a server.
+    from monailabel.endpoints.infer import ResultType, run_inference
+
     def infer(background_tasks: BackgroundTasks, model: str, user: UserDep,
               image: str = "", session_id: str = "", params: Annotated[str, Form()] = "{}",
               file: Annotated[UploadFile | None, File()] = None, label: Annotated[UploadFile | None, File()] = None,
-              output: ResultType | None = None):
+              output: str | None = None):
         try:  # MONAI Label's json.loads is unguarded (a 500); a malformed params field is the client's error
             json.loads(params or "{}")
         except json.JSONDecodeError as exc:
             raise HTTPException(status_code=400, detail=f"form field 'params' is not valid JSON: {exc}") from None
-        return run_inference(background_tasks, model, image, session_id, params, file, label, output)
+        kinds = [k.value for k in ResultType]
+        if output is not None and output not in kinds:
+            raise HTTPException(status_code=422, detail=f"output must be one of {kinds}, found {output!r}")
+        return run_inference(background_tasks, model, image, session_id, params, file, label,
+                             None if output is None else ResultType(output))
 
     _add_first(api, f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}", infer, "POST")
 
@@ -164,7 +170,8 @@ def _unavailable(reason: str):
     return endpoint
 
 
-def install(api: FastAPI, store: PreferenceStore, max_upload_bytes: int, unavailable_trainers: dict[str, str]) -> None:
+def install(api: FastAPI, store: PreferenceStore, max_upload_bytes: int, unavailable_trainers: dict[str, str],
+            threaded_infer: bool = True) -> None:
     """Add our routes and middleware to MONAI Label's FastAPI app (once, at server start-up).
 
     Args:
@@ -173,11 +180,14 @@ def install(api: FastAPI, store: PreferenceStore, max_upload_bytes: int, unavail
         max_upload_bytes: request body limit.
         unavailable_trainers: train task name -> reason; POST /train/<name> answers 503 with it
             instead of starting a subprocess that could only fail.
+        threaded_infer: replace MONAI Label's event-loop-blocking POST /infer/{model} (see
+            `_threaded_infer_route`); False only for in-process tests without MONAI Label's app.
     """
     api.include_router(preference_router(store), prefix=settings.MONAI_LABEL_API_STR)
     for name, reason in unavailable_trainers.items():
         _add_first(api, f"{settings.MONAI_LABEL_API_STR}/train/{name}", _unavailable(reason), "POST")
-    _threaded_infer_route(api)
+    if threaded_infer:
+        _threaded_infer_route(api)
     # Starlette builds its middleware stack lazily on the first call (the lifespan we are running
     # in); clearing it makes the next request rebuild the stack with our limit outermost.
     api.middleware_stack = None

@@ -1,14 +1,22 @@
 """`scardnft` train task: Scorecard-reward RL post-training from the clinic's preference records.
 
-Calls the core ScardNFT trainer (`diffkt3d.training.run_scardnft`) when this build has it. When
-it does not, the task says so: `available()` is False, `/info/` shows the reason, and the app
-answers `POST /train/scardnft` with 503 instead of starting a subprocess (no fake training).
+Runs `diffkt3d.training.run_scardnft` in MONAI Label's train subprocess on the datastore cases that
+have a reference dose (the reward's MAE anchor needs it), with the server's preference store
+(enough records -> institution-specific Scorecard item weights). The post-trained model is the one
+being served when the run starts; its merged checkpoint is published atomically to
+`<model_dir>/scardnft/model.pt`, which the infer tasks serve from their next request on (newest
+trained model wins). A build without the ScardNFT core answers POST /train/scardnft with 503.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +28,12 @@ from diffkt3d.preferences import PreferenceStore
 
 log = logging.getLogger(__name__)
 
-NOT_AVAILABLE = ("ScardNFT training is not available in this build: diffkt3d.training has no "
-                 "run_scardnft (issue 6 is not merged yet)")
+NOT_AVAILABLE = "ScardNFT training is not available in this build: diffkt3d.training has no run_scardnft"
+# Config fields a client must not set: they name server-side paths (the server decides those).
+_SERVER_ONLY = {"base_model", "train_roots", "case_dirs", "out_dir", "preferences", "threads"}
+# Defaults for a server run (override per request, e.g. {"iterations": 50, "max_cpu_minutes": 60}).
+DEFAULTS: dict[str, Any] = {"iterations": 20, "group_size": 4, "sample_steps": 10, "inner_steps": 2,
+                            "max_cpu_minutes": 60.0, "min_preferences": 10, "seed": 0}
 
 
 def scardnft_entry():
@@ -31,32 +43,68 @@ def scardnft_entry():
 
 
 class ScardNFTTrainTask(TrainTask):
-    """Post-train the current model with ScardNFT on datastore cases and stored preferences.
+    """Post-train the served model with ScardNFT on datastore cases and stored preferences.
 
     Args:
-        model_dir: the app's model dir; the adapter goes to `<model_dir>/scardnft/`.
+        model_dir: the app's model dir; runs go to `<model_dir>/scardnft/runs/<time>/`.
         store: the preference store whose records shape the reward.
+        served_model: returns the checkpoint currently served (the base of the post-training).
     """
 
-    def __init__(self, model_dir: str | Path, store: PreferenceStore):
+    def __init__(self, model_dir: str | Path, store: PreferenceStore, served_model: Callable[[], Path | None]):
         super().__init__("ScardNFT: Scorecard-reward RL post-training driven by clinician preferences")
         self.out = Path(model_dir) / "scardnft"
         self.store = store
+        self.served_model = served_model
 
     @staticmethod
     def available() -> bool:
         return scardnft_entry() is not None
 
     def config(self) -> dict[str, Any]:
-        return {"available": self.available(), **({} if self.available() else {"reason": NOT_AVAILABLE})}
+        return {"available": self.available(), **({**DEFAULTS} if self.available() else {"reason": NOT_AVAILABLE})}
+
+    def stats(self) -> dict[str, Any]:
+        path = self.out / "train_stats.json"
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         entry = scardnft_entry()
         if entry is None:
             raise DiffKT3DError(NOT_AVAILABLE)
-        records = self.store.read().records
         case_dirs = [datastore.get_image_uri(i) for i in datastore.get_labeled_images()]
-        log.info("scardnft on %d cases with %d preference records -> %s", len(case_dirs), len(records), self.out)
-        # The core API is announced in diffkt3d/training/__init__.py by the ScardNFT work (issue 6);
-        # this call follows the convention of run_training (config-like keyword arguments).
-        return entry(case_dirs=case_dirs, preferences=records, out_dir=str(self.out), request=request)
+        if not case_dirs:
+            raise DiffKT3DError("no datastore case has a dose.nii.gz (ScardNFT's MAE anchor needs one)")
+        base = self.served_model()
+        if base is None:
+            raise DiffKT3DError("no model to post-train: ship one or run POST /train/any2any first")
+        ignored = sorted(set(request) & _SERVER_ONLY)
+        if ignored:
+            log.warning("request keys decided by the server, ignored: %s", ignored)
+        params = {**DEFAULTS, **{k: v for k, v in request.items() if k not in _SERVER_ONLY}}
+        run_dir = self.out / "runs" / time.strftime("%Y%m%d-%H%M%S")
+        log.info("scardnft on %d cases, base %s, %d preference records -> %s", len(case_dirs), base.name,
+                 len(self.store.read().records), run_dir)
+        t0 = time.time()
+
+        def progress(record: dict) -> None:
+            self._write_stats({"status": "running", "run_dir": str(run_dir), **record})
+
+        result = entry({"base_model": str(base)}, case_dirs=case_dirs, preferences=str(self.store.root),
+                       out_dir=run_dir, request=params, progress=progress)
+        target = self.out / "model.pt"
+        shutil.copyfile(result.merged_path, str(target) + ".part")
+        os.replace(str(target) + ".part", target)
+        stats = {"status": "done", "model": str(target), "adapter": str(result.adapter_path),
+                 "base_model": str(base), "iterations": result.iterations,
+                 "cpu_minutes": round(result.cpu_minutes, 2), "item_weights": result.item_weights,
+                 "weight_fit": result.weight_fit, "seconds": round(time.time() - t0, 1)}
+        self._write_stats(stats)
+        log.info("scardnft done in %.1f s: %s", stats["seconds"], target)
+        return stats
+
+    def _write_stats(self, stats: dict[str, Any]) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / "train_stats.json.part"
+        tmp.write_text(json.dumps(stats, default=str))
+        os.replace(tmp, self.out / "train_stats.json")

@@ -16,6 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="supervised = Stage A + B (default); scardnft = RL post-training")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if last.pt exists")
     p.add_argument("--device", default=None)
+    p.add_argument("--nproc", type=int, default=None,
+                   help="data-parallel training with N processes via torchrun (one per GPU; gloo on CPU); "
+                        "see docs/gpu.md")
     p.set_defaults(func=run)
 
 
@@ -25,6 +28,11 @@ def run(args: argparse.Namespace) -> int:
 
         run_scardnft_from_yaml(args.config, out_dir=args.out_dir, device=args.device)
         return 0
+    if args.nproc:
+        from diffkt3d.training.distributed import launch_distributed
+
+        extra = (["--out-dir", args.out_dir] if args.out_dir else []) + (["--no-resume"] if args.no_resume else [])
+        return launch_distributed(args.config, args.nproc, extra_args=extra).returncode
     from diffkt3d.training.trainer import run_training
 
     cfg = TrainConfig.from_yaml(args.config, out_dir=args.out_dir)

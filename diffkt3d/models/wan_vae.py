@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from diffkt3d.data.encoding import EncodingConfig, encode_case
+from diffkt3d.data.encoding import EncodingConfig, decode_dose, encode_case
 from diffkt3d.errors import CaseError, ConfigError
 from diffkt3d.flow.sampler import sample
 
 __all__ = [
     "PAPER_CROP",
+    "CASE_TO_CLIP_AXES",
     "WanLatentCodec",
     "check_vae_shape",
     "largest_valid_depth",
@@ -41,11 +42,16 @@ __all__ = [
     "build_latent_cache",
     "ConditionLatentCache",
     "latent_sample",
+    "predict_dose_latent",
 ]
 
 log = logging.getLogger(__name__)
 
-PAPER_CROP: tuple[int, int, int] = (97, 128, 160)  # (D, H, W) voxels, DiffKT3D supplement
+PAPER_CROP: tuple[int, int, int] = (97, 128, 160)  # (D, H, W) voxels, DiffKT3D supplement (z, y, x)
+# Case arrays are NIfTI-ordered (I, J, K) = (x, y, z); the paper's crop is z-y-x (GDP-HMM), i.e. the
+# slice axis plays the video's time axis. (C, I, J, K) -> (C, K, J, I); the permutation is its own
+# inverse, so the same call maps clips back to case order.
+CASE_TO_CLIP_AXES: tuple[int, int, int, int] = (0, 3, 2, 1)
 
 
 def check_vae_shape(spatial: tuple[int, ...], temporal_factor: int = 4, spatial_factor: int = 8) -> None:
@@ -206,11 +212,14 @@ def encode_case_latents(
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], tuple[int, int, int]]:
     """Encode every available modality of a case: voxel crop around the PTV centre -> latents.
 
+    Volumes are turned to clip order (z, y, x) first (:data:`CASE_TO_CLIP_AXES`), so ``crop`` is
+    (slices, y, x) like the paper's 97 x 128 x 160.
+
     Returns:
-        latents {m: (C_m * z, d, h, w) float32}, voxel crops {m: (C_m, *crop)} (for scoring in
-        voxel space) and the crop start (see :func:`uncrop`).
+        latents {m: (C_m * z, d, h, w) float32}, voxel crops {m: (C_m, *crop)} in clip order (for
+        scoring in voxel space) and the crop start in clip order (see :func:`uncrop`).
     """
-    voxels = encode_case(case, encoding)
+    voxels = {m: v.permute(*CASE_TO_CLIP_AXES) for m, v in encode_case(case, encoding).items()}  # (C, z, y, x)
     if not voxels:
         raise CaseError("no modality could be encoded", case=case.case_id)
     center = target_center(voxels["ptv"]) if "ptv" in voxels else None
@@ -315,3 +324,32 @@ def latent_sample(
 
     z0 = sample(velocity, noise, steps=steps, shift=shift)
     return codec.decode(z0)
+
+
+@torch.no_grad()
+def predict_dose_latent(
+    model: nn.Module, codec: WanLatentCodec, case, encoding: EncodingConfig,
+    crop: tuple[int, int, int] = PAPER_CROP, steps: int = 10, shift: float = 3.0,
+    cache: ConditionLatentCache | None = None, generator: torch.Generator | None = None,
+):
+    """Dose (Gy, numpy (I, J, K) on the case grid) of a case with a latent-path model, end to end.
+
+    Conditions = every available modality but dose, cropped around the PTV centre, encoded (or
+    taken from ``cache``); the dose latent is sampled with the DiT, decoded by the VAE, put back
+    into the uncropped working grid (-1 = 0 Gy outside the crop) and mapped to Gy on the case grid
+    (zero outside the body, as in ``data.encoding.decode_dose``).
+    """
+    cache = cache or ConditionLatentCache(codec)
+    voxels = {m: v.permute(*CASE_TO_CLIP_AXES) for m, v in encode_case(case, encoding).items()
+              if m != "dose"}  # (C, z, y, x)
+    if not voxels:
+        raise CaseError("no condition modality to predict the dose from", case=case.case_id)
+    center = target_center(voxels["ptv"]) if "ptv" in voxels else None
+    conds, start = {}, None
+    for m, vol in voxels.items():
+        cropped, start = crop_or_pad(vol, crop, center)
+        conds[m] = cache.get(case.case_id, m, cropped)[None]
+    x = latent_sample(model, codec, conds, "dose", 1, codec.latent_shape(crop), steps, shift, generator)
+    clip_grid = tuple(encoding.grid[a - 1] for a in CASE_TO_CLIP_AXES[1:])
+    full = uncrop(x[0].cpu(), start, clip_grid).permute(*CASE_TO_CLIP_AXES)  # (1, *grid) in [-1, 1]
+    return decode_dose(full, case.grid, encoding, body=case.body)

@@ -73,6 +73,11 @@ class TrainConfig:
         eval_every: steps between validation scores (1-step preview dose score on val cases).
         checkpoint_every: steps between resumable checkpoints.
         log_every: steps between progress lines.
+        loss_space: "v" = mean (v_hat - v)^2 (the paper's v-prediction loss); "x0" = mean
+            (x0_hat - x0)^2 with x0_hat = x_t - t v_hat, i.e. the v-loss weighted by t^2. With an
+            x0-parameterised head the v-loss weights a sample by 1/t^2, so nearly all gradient goes
+            to almost-clean inputs and the conditional structure at high noise (what the 1-step
+            preview and the first sampling steps need) learns slowly; "x0" weights all t alike.
         seed: makes data order, noise and init reproducible.
         threads: torch CPU threads (None: torch default).
     """
@@ -89,12 +94,17 @@ class TrainConfig:
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig("any2any"), StageConfig("dose")])
     flow_shift: float = 3.0
     grad_clip: float = 0.1
+    loss_space: str = "v"
     ema_decay: float = 0.999
     eval_every: int = 250
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss_space not in ("v", "x0"):
+            raise ConfigError(f"loss_space must be 'v' or 'x0', found {self.loss_space!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

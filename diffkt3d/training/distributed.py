@@ -5,7 +5,8 @@
         -m diffkt3d.training.distributed --config configs/wan-1.3b-gpu.yaml
 
 Each process (rank) runs :class:`~diffkt3d.training.trainer.Trainer`'s loop on its own shard of the
-training cases (``cases[rank::world_size]``, the DistributedSampler rule) with its own seed for the
+training cases (``cases[rank::world_size]``, the DistributedSampler rule; each rank also encodes
+and caches only its shard) with its own seed for the
 Any2Any target/condition draws and the noise; DDP averages the gradients, so with batch 1 per GPU
 the effective batch is ``world_size`` (paper: 1/GPU on 8 GPUs). The Any2Any sampling leaves the
 patch embeddings/heads of absent modalities without gradients on some ranks, hence
@@ -23,6 +24,7 @@ to transfer, :mod:`diffkt3d.models.wan_transfer`), ``vae_dir`` (frozen Wan VAE: 
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import logging
@@ -123,7 +125,9 @@ def init_distributed(backend: str | None = None) -> DistEnv:
         device = torch.device("cpu")
     backend = backend or ("nccl" if cuda else "gloo")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        # Long timeout: rank 0 may encode the validation cases with the VAE while the others wait
+        # in DDP's first broadcast (the 10 min NCCL default is too short for a cold latent cache).
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
     return DistEnv(rank, local_rank, world, backend if world > 1 else None, device)
 
 
@@ -195,12 +199,9 @@ class DistributedTrainer(Trainer):
 
         train_dirs = list_case_dirs(cfg.train_roots)
         val_dirs = list_case_dirs(cfg.val_roots) if cfg.val_roots and cfg.val_cases > 0 else []
-        if self.env.is_main:  # encode once; the other ranks wait, then read the same files
-            cache(train_dirs)
-            if val_dirs:
-                cache(val_dirs)
-        self._barrier()
-        files = cache(train_dirs)[self.env.rank :: self.env.world_size]
+        # Each rank encodes (VAE: on its own GPU) and reads only its own shard; files are written
+        # atomically, one per case, so ranks never touch the same file.
+        files = cache(train_dirs[self.env.rank :: self.env.world_size])
         if not files:
             raise ConfigError(f"{len(train_dirs)} training cases cannot be shared by {self.env.world_size} ranks")
         self.train_set = EncodedCaseSet.from_cache(files)

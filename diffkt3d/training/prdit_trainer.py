@@ -229,7 +229,7 @@ def load_ct_imputation_data(case_dirs: Iterable[str | Path], grid: tuple[int, in
     for case_dir in case_dirs:
         case = load_case_folder(case_dir, with_dose=False)
         if case.ct_hu is None or ("body" in conditions and case.body is None):
-            log.info("skipping %s: no CT%s", case.case_id, " or body" if "body" in conditions else "")
+            log.info("skipping %s: no %s", case.case_id, "CT" if case.ct_hu is None else "body mask")
             continue
         parts = []
         for name, channels in conditions.items():

@@ -217,10 +217,17 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x0: Tensor, t: Tensor,
 
 
 # -- LoRA ------------------------------------------------------------------------------------------
-def _lora_config(rank: int, alpha: float):
-    from peft import LoraConfig  # imported lazily: peft pulls in transformers (slow import)
+def _peft():
+    """The peft module, imported lazily (it pulls in transformers: a slow import)."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("ScardNFT needs the 'peft' package (LoRA): pip install 'diffkt3d[transfer]'") from None
+    return peft
 
-    return LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=0.0, bias="none",
+
+def _lora_config(rank: int, alpha: float):
+    return _peft().LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=0.0, bias="none",
                       target_modules=LORA_TARGETS)
 
 
@@ -234,9 +241,7 @@ def add_lora(model: nn.Module, rank: int = 64, alpha: float = 64.0, train_modula
 
     Note: ``model`` is modified in place (peft injects its layers) — pass a copy to keep the base.
     """
-    from peft import get_peft_model
-
-    peft_model = get_peft_model(model, _lora_config(rank, alpha))
+    peft_model = _peft().get_peft_model(model, _lora_config(rank, alpha))
     if train_modulation:
         for name, p in peft_model.named_parameters():
             if _MODULATION_RE.search(name):

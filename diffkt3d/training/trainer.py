@@ -27,7 +27,7 @@ import torch
 
 from diffkt3d.data.dataset import EncodedCaseSet, build_cache, list_case_dirs, modality_counts
 from diffkt3d.data.encoding import EncodingConfig
-from diffkt3d.flow.matching import FlowConfig, add_noise, sample_timesteps, velocity_target
+from diffkt3d.flow.matching import FlowConfig, add_noise, predict_x0, sample_timesteps, velocity_target
 from diffkt3d.models.any2any_dit import Any2AnyDiT
 from diffkt3d.models.checkpoint import read_checkpoint, save_checkpoint
 from diffkt3d.models.config import DiTConfig, get_config
@@ -137,6 +137,9 @@ class Trainer:
         inputs[batch.target] = add_noise(x0, noise, t)  # only the target is noised
         with autocast_context(self.device):
             v_hat = model(inputs, batch.target, t)
+        if self.cfg.loss_space == "x0":
+            x_t = inputs[batch.target]
+            return torch.mean((predict_x0(x_t, v_hat.float(), t) - x0) ** 2)
         return torch.mean((v_hat.float() - velocity_target(x0, noise)) ** 2)
 
     def set_lr(self, stage: StageConfig) -> float:

@@ -179,3 +179,30 @@ def test_strategy_picks_largest_spread_and_skips_labelled(studies, tmp_path):
                                                                 {"id": "c1", "seed": 1, "model_version": "m"}]},
                                                 new=True))
     assert strategy({"rater": "r1"}, ds) == {}
+
+
+# -- routes (in-process FastAPI app, no server) ----------------------------------------------------------
+def test_routes_preferences_upload_limit_and_unavailable_trainer(tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from monailabel_app.routes import install
+
+    api = FastAPI()
+    store = PreferenceStore(tmp_path / "prefs")
+    install(api, store, max_upload_bytes=4000, unavailable_trainers={"scardnft": "not in this build"},
+            threaded_infer=False)
+    client = TestClient(api)
+    rec = {"case_id": "case_a", "chosen_id": "c0", "rater": "r1",
+           "candidates": [{"id": "c0", "seed": 0, "model_version": "m"}, {"id": "c1", "seed": 1, "model_version": "m"}]}
+    r = client.post("/diffkt3d/preferences", json=rec)
+    assert r.status_code == 201 and len(store.read().records) == 1
+    assert client.get("/diffkt3d/preferences", params={"rater": "r1"}).json()["count"] == 1
+    assert client.get("/diffkt3d/preferences", params={"rater": "r2"}).json()["count"] == 0
+    r = client.post("/diffkt3d/preferences", json={**rec, "comment": "x" * 5000})  # body > 4000 bytes
+    assert r.status_code == 413 and "upload limit" in r.json()["detail"]
+    assert len(store.read().records) == 1
+    r = client.post("/diffkt3d/preferences", json={**rec, "rater": ""})
+    assert r.status_code == 422 and "rater" in r.json()["detail"]
+    r = client.post("/train/scardnft", json={})
+    assert r.status_code == 503 and r.json()["detail"] == "not in this build"

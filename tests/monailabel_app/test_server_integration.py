@@ -24,6 +24,7 @@ import requests
 from diffkt3d.inference import default_model_path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from server_process import start_server, stop_server  # noqa: E402
 from tiny_model import write_tiny_checkpoint  # noqa: E402
 
@@ -120,6 +121,8 @@ def test_dose_on_datastore_case(server):
     assert [c["seed"] for c in meta["candidates"]] == [3, 4]
     assert meta["chosen_id"] in [c["id"] for c in meta["candidates"]]
     assert {"total", "max_total", "items"} <= set(meta["scorecard"])
+    items = meta["candidates"][0]["scorecard_items"]
+    assert items and len(items) == len([i for i in meta["candidates"][0]["scorecard"]["items"] if i["score"] is not None])
     # the best-of-n image is the candidate with the highest Scorecard total
     best = max(meta["candidates"], key=lambda c: c["scorecard_total"])
     assert meta["chosen_id"] == best["id"] and meta["scorecard"]["total"] == best["scorecard_total"]
@@ -231,9 +234,37 @@ def test_preferences_write_read_and_strategy(server):
 
 
 # -- training -----------------------------------------------------------------------------------------
-def test_scardnft_not_available_is_clear(server):
-    r = requests.post(f"{server['url']}/train/scardnft", json={}, timeout=30)
-    assert r.status_code == 503 and "not available" in r.json()["detail"]
+def _wait_training(url: str, timeout_s: float = 900) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        status = requests.get(f"{url}/train/", timeout=30).json()
+        if status.get("status") in ("DONE", "ERROR"):
+            return status
+        time.sleep(3)
+    return status
+
+
+@pytest.mark.slow
+def test_short_scardnft_run_publishes_a_model_or_says_unavailable(server):
+    from train_tasks.scardnft import ScardNFTTrainTask
+
+    url = server["url"]
+    if not ScardNFTTrainTask.available():
+        r = requests.post(f"{url}/train/scardnft", json={}, timeout=30)
+        assert r.status_code == 503 and "not available" in r.json()["detail"]
+        return
+    before = requests.get(f"{url}/info/", timeout=30).json()["diffkt3d"]["model_version"]
+    params = {"iterations": 1, "group_size": 2, "sample_steps": 1, "inner_steps": 1, "lora_rank": 4,
+              "lora_alpha": 4.0, "max_cpu_minutes": 10, "base_model": "/etc/passwd"}  # base_model is ignored
+    r = requests.post(f"{url}/train/scardnft", json=params, timeout=60)
+    assert r.status_code == 200, r.text
+    status = _wait_training(url)
+    assert status.get("status") == "DONE", json.dumps(status)[-3000:]
+    assert (server["root"] / "model" / "scardnft" / "model.pt").is_file()
+    info = requests.get(f"{url}/info/", timeout=30).json()
+    stats = info["train_stats"]["scardnft"]
+    assert stats["status"] == "done" and stats["iterations"] == 1 and stats["base_model"] != "/etc/passwd"
+    assert info["diffkt3d"]["model_version"] != before  # the post-trained model is served next
 
 
 @pytest.mark.slow
@@ -244,12 +275,7 @@ def test_short_any2any_training_publishes_a_model_used_by_the_next_inference(ser
               "warmup_steps": 1, "max_minutes": 5}
     r = requests.post(f"{url}/train/any2any", json=params, timeout=60)
     assert r.status_code == 200, r.text
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        status = requests.get(f"{url}/train/", timeout=30).json()
-        if status.get("status") in ("DONE", "ERROR"):
-            break
-        time.sleep(3)
+    status = _wait_training(url)
     assert status.get("status") == "DONE", json.dumps(status)[-2000:]
     model = server["root"] / "model" / "any2any" / "model.pt"
     assert model.is_file()
