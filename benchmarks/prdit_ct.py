@@ -49,7 +49,7 @@ from diffkt3d.training.prdit_trainer import (
 )
 
 log = logging.getLogger("prdit_ct")
-DATA = Path("/work/shared/datasets/openkbp")
+DATA = (Path(__file__).resolve().parents[1].parent / "shared" / "datasets/openkbp")
 
 
 def case_dirs(root: Path, n: int) -> list[Path]:

@@ -34,7 +34,7 @@ import requests
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CASE = Path("/work/shared/datasets/openkbp/validation/pt_201")
+DEFAULT_CASE = (Path(__file__).resolve().parents[1].parent / "shared" / "datasets/openkbp/validation/pt_201")
 log = logging.getLogger("server_concurrency")
 
 

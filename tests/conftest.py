@@ -6,6 +6,7 @@ Real OpenKBP data live beside the repo in ../shared/datasets; tests that need th
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,12 @@ from diffkt3d.models.config import get_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """In CI the real data must be there: a test that silently skips guards nothing."""
+    if os.environ.get("CI") and not (SHARED / "datasets" / "openkbp").is_dir():
+        pytest.exit(f"CI run without the OpenKBP data at {SHARED / 'datasets' / 'openkbp'}", returncode=3)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 
 SHAPE = (16, 16, 16)  # >= the 11-voxel SSIM window
 SPACING = (3.0, 3.0, 2.5)
-OPENKBP_VALIDATION = Path("/work/shared/datasets/openkbp/validation")
+OPENKBP_VALIDATION = (Path(__file__).resolve().parents[2].parent / "shared" / "datasets/openkbp/validation")
 
 
 def _synthetic_case(case_id: str, seed: int) -> Case:

@@ -15,8 +15,8 @@ from diffkt3d.data.case import BeamGeometry, Case, Grid, Plan, Structure
 from diffkt3d.io.case_folder import load_case_folder
 from diffkt3d.io.gdp_hmm import write_gdp_hmm
 
-CSV_201 = Path("/work/shared/datasets/openkbp-csv/provided-data/validation-pats/pt_201")
-NIFTI_201 = Path("/work/shared/datasets/openkbp/validation/pt_201")
+CSV_201 = (Path(__file__).resolve().parents[2].parent / "shared" / "datasets/openkbp-csv/provided-data/validation-pats/pt_201")
+NIFTI_201 = (Path(__file__).resolve().parents[2].parent / "shared" / "datasets/openkbp/validation/pt_201")
 
 
 def tiny_case(case_id: str = "pat01") -> Case:

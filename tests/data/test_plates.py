@@ -27,7 +27,7 @@ from diffkt3d.io.case_folder import load_case_folder
 
 SPACING = (2.5, 3.0, 4.0)  # anisotropic on purpose
 SHAPE = (60, 50, 30)
-PT_201 = Path("/work/shared/datasets/openkbp/validation/pt_201")
+PT_201 = (Path(__file__).resolve().parents[2].parent / "shared" / "datasets/openkbp/validation/pt_201")
 
 
 def sphere_case(angles, technique="IMRT", radius_mm=15.0, iso_ijk=(30, 25, 15), shape=SHAPE) -> Case:

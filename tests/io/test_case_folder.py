@@ -18,7 +18,7 @@ import pytest
 from diffkt3d.errors import CaseError
 from diffkt3d.io.case_folder import load_case_folder
 
-OPENKBP = Path("/work/shared/datasets/openkbp")
+OPENKBP = (Path(__file__).resolve().parents[2].parent / "shared" / "datasets/openkbp")
 PT_201 = OPENKBP / "validation" / "pt_201"
 pytestmark = pytest.mark.skipif(not PT_201.is_dir(), reason="OpenKBP validation data not on this machine")
 

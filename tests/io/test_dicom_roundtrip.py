@@ -19,7 +19,7 @@ from diffkt3d.data.case import BeamGeometry, Case, Grid, Plan, Structure
 from diffkt3d.io.case_folder import load_case_folder
 from diffkt3d.io.dicom import read_dicom_case, write_dicom_case
 
-PT_201 = Path("/work/shared/datasets/openkbp/validation/pt_201")
+PT_201 = (Path(__file__).resolve().parents[2].parent / "shared" / "datasets/openkbp/validation/pt_201")
 SAMPLE = Path(__file__).resolve().parents[2] / "sample-data" / "dicom" / "pt_201"
 needs_openkbp = pytest.mark.skipif(not PT_201.is_dir(), reason="OpenKBP validation data not on this machine")
 

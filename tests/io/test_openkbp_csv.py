@@ -11,8 +11,8 @@ from diffkt3d.errors import CaseError
 from diffkt3d.io.case_folder import load_case_folder
 from diffkt3d.io.openkbp_csv import find_openkbp_csv_cases, read_openkbp_csv_case
 
-CSV_ROOT = Path("/work/shared/datasets/openkbp-csv/provided-data")
-NIFTI_ROOT = Path("/work/shared/datasets/openkbp")
+CSV_ROOT = (Path(__file__).resolve().parents[2].parent / "shared" / "datasets/openkbp-csv/provided-data")
+NIFTI_ROOT = (Path(__file__).resolve().parents[2].parent / "shared" / "datasets/openkbp")
 needs_data = pytest.mark.skipif(not CSV_ROOT.is_dir() or not NIFTI_ROOT.is_dir(),
                                 reason="OpenKBP CSV/NIfTI data not on this machine")
 

@@ -192,7 +192,7 @@ def test_bad_input() -> None:
 def test_real_openkbp_case_runs_and_bounds() -> None:
     from pathlib import Path
 
-    folder = Path("/work/shared/datasets/openkbp/validation/pt_201")
+    folder = (Path(__file__).resolve().parents[2].parent / "shared" / "datasets/openkbp/validation/pt_201")
     if not folder.is_dir():
         pytest.skip("OpenKBP validation data not on this machine")
     from diffkt3d.io.case_folder import load_case_folder

@@ -99,7 +99,7 @@ def test_case_and_cohort_pooling() -> None:
         openkbp.score_cohort([])
 
 
-PT_201 = Path("/work/shared/datasets/openkbp/validation/pt_201")
+PT_201 = (Path(__file__).resolve().parents[2].parent / "shared" / "datasets/openkbp/validation/pt_201")
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ from tiny_model import write_tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.server
 
-VALIDATION = Path("/work/shared/datasets/openkbp/validation")
+VALIDATION = (Path(__file__).resolve().parents[2].parent / "shared" / "datasets/openkbp/validation")
 CASES = ("pt_201", "pt_202")
 SHIPPED = default_model_path().is_file()
 MAX_UPLOAD_MB = 20

@@ -18,7 +18,7 @@ MODULE_DIR = REPO / "slicer_extension" / "DiffKT3D"
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
-OPENKBP_VALIDATION = Path("/work/shared/datasets/openkbp/validation")
+OPENKBP_VALIDATION = (Path(__file__).resolve().parents[2].parent / "shared" / "datasets/openkbp/validation")
 # Structures used by scene tests (a subset keeps them fast; PTV70 gives the prescription).
 CASE_STRUCTURES = ("PTV70", "PTV56", "Brainstem", "SpinalCord", "LeftParotid", "possible_dose_mask")
 
