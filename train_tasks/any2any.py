@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 # Request keys -> defaults. A short CPU run by default; a GPU node sets larger values per request.
 DEFAULTS: dict[str, Any] = {"preset": "cpu-default", "any2any_steps": 200, "dose_steps": 200,
                             "max_minutes": 30.0, "batch_size": 2, "grid": 64, "lr": 1e-4,
-                            "warmup_steps": 50, "seed": 0, "config": ""}
+                            "warmup_steps": 50, "seed": 0, "config": "", "gpus": 1}
 
 
 def train_config_from_request(request: dict[str, Any], case_dirs: list[str], run_dir: Path,
@@ -87,7 +88,11 @@ class Any2AnyTrainTask(TrainTask):
         def progress(record: dict) -> None:
             self._write_stats({"status": "running", "run_dir": str(run_dir), "cases": len(ids), **record})
 
-        final = run_training(cfg, resume=False, progress=progress)
+        nproc = int(request.get("gpus", DEFAULTS["gpus"]))
+        if nproc > 1:
+            final = self._run_distributed(cfg, run_dir, nproc)
+        else:
+            final = run_training(cfg, resume=False, progress=progress)
         # Publish atomically: the infer tasks reload when model.pt's mtime changes.
         target = self.out / "model.pt"
         shutil.copyfile(final, str(target) + ".part")
@@ -97,6 +102,25 @@ class Any2AnyTrainTask(TrainTask):
         self._write_stats(stats)
         log.info("any2any training done in %.1f s: %s", stats["seconds"], target)
         return stats
+
+    def _run_distributed(self, cfg: TrainConfig, run_dir: Path, nproc: int) -> Path:
+        """Several GPUs: the same config through torchrun (diffkt3d.training.distributed, DDP).
+
+        Wall-clock stage budgets are not supported by the distributed trainer (ranks would stop at
+        different steps), so steps alone bound the run.
+        """
+        from diffkt3d.training.distributed import launch_distributed
+
+        for stage in cfg.stages:
+            stage.max_minutes = None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / "train_config.yaml"
+        config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        done = launch_distributed(config_path, nproc, extra_args=["--no-resume"])
+        if done.returncode != 0:
+            raise DiffKT3DError(f"distributed training on {nproc} processes failed (exit {done.returncode}); "
+                                f"see the train log and {run_dir}")
+        return run_dir / "final.pt"
 
     def _write_stats(self, stats: dict[str, Any]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
