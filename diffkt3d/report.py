@@ -57,7 +57,7 @@ def dvh_plot(case: Case, doses: dict[str, np.ndarray], path: str | Path, title: 
     styles = ["-", "--", ":", "-."]
     cmap = plt.get_cmap("tab10")
     max_gy = max(float(d.max()) for d in doses.values()) * 1.02 + 1e-6
-    for j, (label, dose) in enumerate(doses.items()):
+    for j, dose in enumerate(doses.values()):
         for i, (name, s) in enumerate(sorted(case.structures.items())):
             if not s.mask.any():
                 continue

@@ -56,7 +56,7 @@ def main() -> int:
     client.delete_session(session)
     dose_path = out / "dose.nii.gz"
     result.image_path.replace(dose_path)
-    res = result.result
+    res = result.params
     (out / "scorecard.json").write_text(json.dumps(res, indent=2))
     print(f"[demo] dose received in {elapsed:.1f} s -> {dose_path}")
     print()

@@ -17,6 +17,8 @@ mkdir -p demo-output
 rm -rf demo-output/studies && mkdir -p demo-output/studies
 cp -r sample-data/pt_* demo-output/studies/   # the server writes its state beside the studies
 export MONAI_LABEL_TRACKING_ENABLED=false MONAI_LABEL_INFER_CONCURRENCY=1
+# the monailabel launcher runs the first `python` on PATH: make it the venv's
+export PATH="$PWD/.venv/bin:$PATH"
 echo "[quickstart] starting the MONAI Label server on http://127.0.0.1:$PORT (log: demo-output/server.log)"
 .venv/bin/monailabel start_server --app monailabel_app --studies demo-output/studies --port "$PORT" \
   > demo-output/server.log 2>&1 &
