@@ -60,7 +60,9 @@ def main() -> int:
     (out / "scorecard.json").write_text(json.dumps(res, indent=2))
     print(f"[demo] dose received in {elapsed:.1f} s -> {dose_path}")
     print()
-    print(f"Scorecard ({res['scorecard'].get('template', 'openkbp_hn')}), case {case_dir.name}:")
+    template = res["scorecard"].get("template", {})
+    name = template.get("name", "?") if isinstance(template, dict) else str(template)
+    print(f"Scorecard (template {name}), case {case_dir.name}:")
     print(scorecard_table(res["scorecard"]))
     print()
 

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # Request keys -> defaults. A short CPU run by default; a GPU node sets larger values per request.
 DEFAULTS: dict[str, Any] = {"preset": "cpu-default", "any2any_steps": 200, "dose_steps": 200,
                             "max_minutes": 30.0, "batch_size": 2, "grid": 64, "lr": 1e-4,
-                            "warmup_steps": 50, "seed": 0, "config": "", "gpus": 1}
+                            "warmup_steps": 50, "seed": 0, "config": "", "gpus": "all"}
 
 
 def train_config_from_request(request: dict[str, Any], case_dirs: list[str], run_dir: Path,
@@ -55,6 +55,27 @@ def train_config_from_request(request: dict[str, Any], case_dirs: list[str], run
     cfg.log_every = max(1, min(cfg.log_every, int(p["any2any_steps"]) or 1))
     cfg.eval_every = 0
     return cfg
+
+
+def processes_for_gpus(gpus: Any) -> tuple[int, str | None]:
+    """MONAI Label's `gpus` request field -> (training processes, CUDA_VISIBLE_DEVICES or None).
+
+    MONAI Label sends "all" by default; "0,2" selects devices; a number asks for that many
+    processes (on a CPU-only server several processes run DDP over gloo, as in the tests).
+    """
+    text = str(gpus).strip().lower() if gpus is not None else "all"
+    if text in ("", "all"):
+        import torch
+
+        return max(1, torch.cuda.device_count()), None
+    if "," in text:
+        ids = [g.strip() for g in text.split(",") if g.strip()]
+        if not all(g.isdigit() for g in ids):
+            raise DiffKT3DError(f"gpus must be 'all', a count or a list of device ids like '0,1'; got {gpus!r}")
+        return len(ids), ",".join(ids)
+    if text.isdigit():
+        return max(1, int(text)), None
+    raise DiffKT3DError(f"gpus must be 'all', a count or a list of device ids like '0,1'; got {gpus!r}")
 
 
 class Any2AnyTrainTask(TrainTask):
@@ -88,9 +109,9 @@ class Any2AnyTrainTask(TrainTask):
         def progress(record: dict) -> None:
             self._write_stats({"status": "running", "run_dir": str(run_dir), "cases": len(ids), **record})
 
-        nproc = int(request.get("gpus", DEFAULTS["gpus"]))
+        nproc, visible = processes_for_gpus(request.get("gpus", DEFAULTS["gpus"]))
         if nproc > 1:
-            final = self._run_distributed(cfg, run_dir, nproc)
+            final = self._run_distributed(cfg, run_dir, nproc, visible)
         else:
             final = run_training(cfg, resume=False, progress=progress)
         # Publish atomically: the infer tasks reload when model.pt's mtime changes.
@@ -103,7 +124,7 @@ class Any2AnyTrainTask(TrainTask):
         log.info("any2any training done in %.1f s: %s", stats["seconds"], target)
         return stats
 
-    def _run_distributed(self, cfg: TrainConfig, run_dir: Path, nproc: int) -> Path:
+    def _run_distributed(self, cfg: TrainConfig, run_dir: Path, nproc: int, visible: str | None = None) -> Path:
         """Several GPUs: the same config through torchrun (diffkt3d.training.distributed, DDP).
 
         Wall-clock stage budgets are not supported by the distributed trainer (ranks would stop at
@@ -116,7 +137,8 @@ class Any2AnyTrainTask(TrainTask):
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "train_config.yaml"
         config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        done = launch_distributed(config_path, nproc, extra_args=["--no-resume"])
+        env = {"CUDA_VISIBLE_DEVICES": visible} if visible else None
+        done = launch_distributed(config_path, nproc, extra_args=["--no-resume"], env=env)
         if done.returncode != 0:
             raise DiffKT3DError(f"distributed training on {nproc} processes failed (exit {done.returncode}); "
                                 f"see the train log and {run_dir}")

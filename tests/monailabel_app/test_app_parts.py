@@ -225,3 +225,17 @@ def test_any2any_task_trains_on_two_processes_through_torchrun(tmp_path):
     final = task._run_distributed(cfg, run_dir, nproc=2)
     assert final.exists()
     assert load_checkpoint(final).meta["global_step"] == 4
+
+
+def test_gpus_request_field_maps_to_training_processes():
+    import torch
+
+    from diffkt3d.errors import DiffKT3DError
+    from train_tasks.any2any import processes_for_gpus
+
+    assert processes_for_gpus("all") == (max(1, torch.cuda.device_count()), None)
+    assert processes_for_gpus(None) == (max(1, torch.cuda.device_count()), None)
+    assert processes_for_gpus("0,2") == (2, "0,2")
+    assert processes_for_gpus(3) == (3, None)
+    with pytest.raises(DiffKT3DError, match="gpus"):
+        processes_for_gpus("many")
