@@ -188,7 +188,7 @@ def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) 
     out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "date": started.isoformat(),
                                                     "args": vars(args), "results": results}, indent=1))
     names = {"dit10": "DiffKT3D cpu-default, 10 steps", "dit1": "DiffKT3D cpu-default, 1-step preview",
-             "peer": "MONAI BasicUNet peer (same CPU budget)"}
+             "peer": "MONAI BasicUNet peer (L1 regression)"}
     lines = [f"# Dose benchmark: OpenKBP validation ({started:%Y-%m-%d %H:%M} UTC)", "",
              f"Machine: {machine()}", "",
              f"Command: `python benchmarks/dose_benchmark.py {' '.join(sys.argv[1:])}`", "",
@@ -224,7 +224,8 @@ def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) 
                      f"{results['impute']['summary']['seconds_median']:.1f}")
     if "peer" in results and results["peer"]["rows"]:
         meta = results["peer"]["rows"][0].get("peer", {})
-        lines.append(f"\nPeer training: {meta.get('steps')} steps in {meta.get('cpu_minutes', 0):.1f} CPU-minutes.")
+        lines.append(f"\nPeer training: {meta.get('steps')} steps in {meta.get('cpu_minutes', 0):.1f} CPU-minutes "
+                     "(compare with the DiT's budget in docs/model-card.md; equal budgets are the target).")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
