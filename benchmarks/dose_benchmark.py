@@ -18,8 +18,6 @@ import argparse
 import datetime as dt
 import json
 import logging
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -33,6 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from machine_info import describe_machine  # noqa: E402
+
 from diffkt3d.data.dataset import list_case_dirs  # noqa: E402
 from diffkt3d.io.case_folder import load_case_folder  # noqa: E402
 from diffkt3d.metrics.image import dice, masked_mae_hu, psnr, ssim  # noqa: E402
@@ -42,18 +42,6 @@ log = logging.getLogger("dose_benchmark")
 
 # Variants whose seconds per case are checked against targets: run alone, with all threads.
 TIMED = ("dit10", "dit1")
-
-
-def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def dose_figures(case, dose_gy: np.ndarray, template) -> dict:
@@ -185,12 +173,12 @@ def main() -> None:
 def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "date": started.isoformat(),
+    out.with_suffix(".json").write_text(json.dumps({"machine": describe_machine(), "date": started.isoformat(),
                                                     "args": vars(args), "results": results}, indent=1))
     names = {"dit10": "DiffKT3D cpu-default, 10 steps", "dit1": "DiffKT3D cpu-default, 1-step preview",
              "peer": "MONAI BasicUNet peer (L1 regression)"}
     lines = [f"# Dose benchmark: OpenKBP validation ({started:%Y-%m-%d %H:%M} UTC)", "",
-             f"Machine: {machine()}", "",
+             f"Machine: {describe_machine()}", "",
              f"Command: `python benchmarks/dose_benchmark.py {' '.join(sys.argv[1:])}`", "",
              "| model | cases | dose score (Gy) | DVH score (Gy) | PSNR (dB) | SSIM | Scorecard | s/case (median) | threads | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]

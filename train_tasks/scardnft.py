@@ -11,6 +11,7 @@ trained model wins). A build without the ScardNFT core answers POST /train/scard
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -59,10 +60,15 @@ class ScardNFTTrainTask(TrainTask):
 
     @staticmethod
     def available() -> bool:
-        return scardnft_entry() is not None
+        # peft (LoRA) is in the `transfer` extra, not in the lean server install.
+        return scardnft_entry() is not None and importlib.util.find_spec("peft") is not None
 
     def config(self) -> dict[str, Any]:
-        return {"available": self.available(), **({**DEFAULTS} if self.available() else {"reason": NOT_AVAILABLE})}
+        if self.available():
+            return {"available": True, **DEFAULTS}
+        reason = NOT_AVAILABLE if scardnft_entry() is None else \
+            "ScardNFT needs peft: pip install -e '.[transfer]' on the server"
+        return {"available": False, "reason": reason}
 
     def stats(self) -> dict[str, Any]:
         path = self.out / "train_stats.json"
