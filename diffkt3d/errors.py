@@ -34,3 +34,16 @@ class CaseError(DiffKT3DError):
 
 class ConfigError(DiffKT3DError):
     """A config, template or preset is invalid (unknown name, bad value)."""
+
+
+def reject_unknown_fields(data, cls: type, what: str, error: type[DiffKT3DError] = ConfigError) -> None:
+    """Raise `error` naming every key of `data` that is not a field of dataclass `cls`.
+
+    Configs are rebuilt from checkpoints and YAML files: a misspelt key must not be ignored.
+    """
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise error(f"unknown {what} keys {unknown}; known keys: {sorted(known)}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffkt3d.constants import MODALITIES, OPENKBP_OARS
-from diffkt3d.errors import ConfigError
+from diffkt3d.errors import ConfigError, reject_unknown_fields
 
 __all__ = ["DiTConfig", "DiTConfigError", "PRESETS", "get_config", "default_in_channels"]
 
@@ -179,10 +179,7 @@ class DiTConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DiTConfig:
         """Rebuild from :meth:`to_dict` output; unknown keys are an error (no silent ignore)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DiTConfigError(f"unknown DiTConfig keys {unknown}; known keys: {sorted(known)}")
+        reject_unknown_fields(data, cls, "DiTConfig", DiTConfigError)
         return cls(**data)
 
 

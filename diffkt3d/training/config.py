@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from diffkt3d.errors import ConfigError
+from diffkt3d.errors import ConfigError, reject_unknown_fields
 
 
 @dataclass
@@ -113,18 +113,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown training config keys {unknown}; known: {sorted(known)}")
+        reject_unknown_fields(d, cls, "training config")
         d = dict(d)
         if "stages" in d:
-            stage_fields = {f.name for f in dataclasses.fields(StageConfig)}
             stages = []
             for s in d["stages"]:
-                bad = sorted(set(s) - stage_fields)
-                if bad:
-                    raise ConfigError(f"unknown stage keys {bad}; known: {sorted(stage_fields)}")
+                reject_unknown_fields(s, StageConfig, "stage")
                 stages.append(StageConfig(**s))
             d["stages"] = stages
         if "grid" in d:

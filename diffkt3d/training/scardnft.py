@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from diffkt3d.data.case import Case
 from diffkt3d.data.dataset import list_case_dirs
 from diffkt3d.data.encoding import decode_dose, encode_case
-from diffkt3d.errors import ConfigError
+from diffkt3d.errors import ConfigError, reject_unknown_fields
 from diffkt3d.flow.matching import FlowConfig, add_noise, sample_timesteps, velocity_target
 from diffkt3d.flow.sampler import sample
 from diffkt3d.io.case_folder import load_case_folder
@@ -159,10 +159,7 @@ class ScardNFTConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ScardNFTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown ScardNFT config keys {unknown}; known: {sorted(known)}")
+        reject_unknown_fields(d, cls, "ScardNFT config")
         return cls(**dict(d))
 
     @classmethod

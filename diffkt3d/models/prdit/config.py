@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffkt3d.errors import ConfigError
+from diffkt3d.errors import ConfigError, reject_unknown_fields
 
 __all__ = ["PRDiTConfig", "PRDiTConfigError", "PRESETS", "get_config", "CT_IMPUTATION_CONDITIONS"]
 
@@ -153,10 +153,7 @@ class PRDiTConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PRDiTConfig:
         """Rebuild from :meth:`to_dict` output; unknown keys are an error (no silent ignore)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise PRDiTConfigError(f"unknown PRDiTConfig keys {unknown}; known keys: {sorted(known)}")
+        reject_unknown_fields(data, cls, "PRDiTConfig", PRDiTConfigError)
         return cls(**data)
 
 
