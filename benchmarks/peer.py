@@ -54,11 +54,33 @@ def train(args: argparse.Namespace) -> None:
     model = build_peer(enc)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     rng = random.Random(args.seed)
-    cpu0 = time.process_time()
-    step = 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    while time.process_time() - cpu0 < args.cpu_minutes * 60:
+    step, used0 = 0, 0.0
+    if args.resume and out.exists():
+        # Continue a budgeted run: the CPU minutes already spent count against --cpu-minutes.
+        blob = torch.load(out, map_location="cpu", weights_only=True)
+        model.load_state_dict(blob["state_dict"])
+        if "optimizer" in blob:
+            opt.load_state_dict(blob["optimizer"])
+        step, used0 = int(blob["steps"]), float(blob["cpu_minutes"])
+        rng.seed(args.seed + step)
+        log.info("resumed %s at step %d, %.1f CPU-min used", out, step, used0)
+    cpu0 = time.process_time()
+
+    def used() -> float:
+        return used0 + (time.process_time() - cpu0) / 60
+
+    def save() -> None:
+        torch.save({"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "grid": list(enc.grid),
+                    "features": FEATURES, "steps": step, "cpu_minutes": used()}, out)
+
+    while used() < args.cpu_minutes:
+        # Same warm-up-free constant lr with the optional final linear decay as the DiT recipe.
+        into = (used() / args.cpu_minutes - (1 - args.decay_fraction)) / max(args.decay_fraction, 1e-9)
+        scale = 1.0 - (1.0 - args.final_lr_ratio) * min(max(into, 0.0), 1.0) if args.decay_fraction > 0 else 1.0
+        for group in opt.param_groups:
+            group["lr"] = args.lr * scale
         batch = rng.sample(cases, k=args.batch_size)
         x = torch.stack([stack_inputs(c.tensors, enc) for c in batch])
         y = torch.stack([c.tensors["dose"].float() for c in batch])
@@ -69,12 +91,10 @@ def train(args: argparse.Namespace) -> None:
         opt.step()
         step += 1
         if step % 20 == 0:
-            used = (time.process_time() - cpu0) / 60
-            log.info("step %d loss %.4f (cpu %.1f / %.1f min)", step, loss.item(), used, args.cpu_minutes)
-            torch.save({"state_dict": model.state_dict(), "grid": list(enc.grid), "features": FEATURES,
-                        "steps": step, "cpu_minutes": used}, out)
-    torch.save({"state_dict": model.state_dict(), "grid": list(enc.grid), "features": FEATURES,
-                "steps": step, "cpu_minutes": (time.process_time() - cpu0) / 60}, out)
+            log.info("step %d loss %.4f lr %.2e (cpu %.1f / %.1f min)", step, loss.item(), args.lr * scale,
+                     used(), args.cpu_minutes)
+            save()
+    save()
     log.info("peer done: %d steps, %s", step, json.dumps({"out": str(out)}))
 
 
@@ -105,6 +125,9 @@ def main() -> None:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default="runs/peer/basicunet.pt")
+    t.add_argument("--resume", action="store_true", help="continue --out, counting its CPU minutes")
+    t.add_argument("--decay-fraction", type=float, default=0.0, help="final linear lr decay share")
+    t.add_argument("--final-lr-ratio", type=float, default=0.05)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cmd == "train":

@@ -30,8 +30,13 @@ class StageConfig:
             time it does not depend on what else the machine runs, so it is what we use to give
             the DiT and the regression peer the same compute.
         batch_size: cases per step.
-        lr: peak learning rate (constant after warm-up).
+        lr: peak learning rate (constant after warm-up, then the optional final decay).
         warmup_steps: linear warm-up from 0.
+        decay_fraction: share of the stage's budget (CPU minutes, wall minutes or steps, whichever
+            limit is nearest) over which the lr falls linearly to `final_lr_ratio` x lr at the end
+            (warm-up/stable/decay schedule). 0 keeps the paper's constant lr. A short run that
+            stops at a budget rather than converging gains most of its last-mile accuracy here.
+        final_lr_ratio: lr multiplier reached at the end of the decay.
         target_weights: Stage A sampling weights of the target modality.
         p_condition: Stage A probability that each other present modality is a condition.
     """
@@ -43,6 +48,8 @@ class StageConfig:
     batch_size: int = 2
     lr: float = 1e-4
     warmup_steps: int = 500
+    decay_fraction: float = 0.0
+    final_lr_ratio: float = 0.1
     target_weights: dict[str, float] = field(default_factory=lambda: {
         "dose": 0.4, "ct": 0.2, "ptv": 0.12, "oar": 0.12, "body": 0.06, "beam": 0.05, "angle": 0.05})
     p_condition: float = 0.7
@@ -50,6 +57,29 @@ class StageConfig:
     def __post_init__(self) -> None:
         if self.name not in ("any2any", "dose"):
             raise ConfigError(f"unknown stage {self.name!r}; expected 'any2any' or 'dose'")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"stage {self.name}: decay_fraction must be in [0, 1], found {self.decay_fraction}")
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise ConfigError(f"stage {self.name}: final_lr_ratio must be in [0, 1], found {self.final_lr_ratio}")
+
+    def progress(self, step: int, seconds: float, cpu_seconds: float) -> float:
+        """How far through its budget the stage is (0..1), by whichever limit ends it first."""
+        done = step / max(1, self.steps)
+        if self.max_minutes is not None:
+            done = max(done, seconds / (self.max_minutes * 60))
+        if self.max_cpu_minutes is not None:
+            done = max(done, cpu_seconds / (self.max_cpu_minutes * 60))
+        return min(done, 1.0)
+
+    def lr_at(self, step: int, seconds: float = 0.0, cpu_seconds: float = 0.0) -> float:
+        """Learning rate for the next step: linear warm-up, constant, linear decay at the end."""
+        lr = self.lr * min(1.0, (step + 1) / max(1, self.warmup_steps))
+        if self.decay_fraction > 0:
+            start = 1.0 - self.decay_fraction
+            into = (self.progress(step, seconds, cpu_seconds) - start) / self.decay_fraction
+            if into > 0:
+                lr *= 1.0 - (1.0 - self.final_lr_ratio) * min(into, 1.0)
+        return lr
 
 
 @dataclass

@@ -143,8 +143,7 @@ class Trainer:
         return torch.mean((v_hat.float() - velocity_target(x0, noise)) ** 2)
 
     def set_lr(self, stage: StageConfig) -> float:
-        warm = min(1.0, (self.stage_step + 1) / max(1, stage.warmup_steps))
-        lr = stage.lr * warm
+        lr = stage.lr_at(self.stage_step, self.stage_seconds, self.stage_cpu_seconds)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr

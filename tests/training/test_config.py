@@ -1,0 +1,39 @@
+"""Learning-rate schedule of a stage: warm-up, constant, final linear decay by budget."""
+
+from pathlib import Path
+
+import pytest
+
+from diffkt3d.errors import ConfigError
+from diffkt3d.training.config import StageConfig, TrainConfig
+
+
+def test_constant_after_warmup_without_decay():
+    s = StageConfig("dose", steps=100, lr=1e-3, warmup_steps=10)
+    assert s.lr_at(0) == pytest.approx(1e-4)
+    assert s.lr_at(9) == pytest.approx(1e-3)
+    assert s.lr_at(99) == pytest.approx(1e-3)
+
+
+def test_decay_follows_the_nearest_budget():
+    # 40 % decay to 0.1 x lr; the CPU budget (10 min) ends the stage long before 10^6 steps.
+    s = StageConfig("dose", steps=10**6, max_cpu_minutes=10, lr=1.0, warmup_steps=1,
+                    decay_fraction=0.4, final_lr_ratio=0.1)
+    assert s.lr_at(50, cpu_seconds=0.5 * 600) == pytest.approx(1.0)       # before the decay
+    assert s.lr_at(50, cpu_seconds=0.8 * 600) == pytest.approx(1.0 - 0.9 * 0.5)  # half-way
+    assert s.lr_at(50, cpu_seconds=600) == pytest.approx(0.1)             # end
+    # Steps end this one: same schedule on the step axis.
+    t = StageConfig("dose", steps=100, lr=1.0, warmup_steps=1, decay_fraction=0.5, final_lr_ratio=0.0)
+    assert [round(t.lr_at(k), 3) for k in (40, 50, 75, 100)] == [1.0, 1.0, 0.5, 0.0]
+
+
+@pytest.mark.parametrize("field,value", [("decay_fraction", 1.5), ("final_lr_ratio", -0.1)])
+def test_bad_schedule_is_a_config_error(field, value):
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig.from_dict({"stages": [{"name": "dose", field: value}]})
+
+
+def test_shipped_recipe_parses():
+    cfg = TrainConfig.from_yaml(Path(__file__).resolve().parents[2] / "configs/cpu-default.yaml")
+    assert [s.name for s in cfg.stages] == ["any2any", "dose"]
+    assert cfg.stages[1].decay_fraction > 0
