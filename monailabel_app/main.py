@@ -10,6 +10,11 @@ Request format: docs/request-format.md; install and start: docs/server.md.
 `model_dir` (where training writes, default `<app>/model`),
 `device`, `max_upload_mb` (default 512), `state_dir` (default `<studies>/.diffkt3d`, holds the
 preference store and case info).
+
+Authentication: off unless `MONAI_LABEL_AUTH_ENABLE=true` (environment, MONAI Label's setting);
+then `--conf auth_role_clinician|auth_role_physicist|auth_role_admin|auth_issuer|auth_audience|
+auth_jwks_uri|auth_algorithms|auth_leeway_s` tune it (monailabel_app/auth.py, docs/security.md).
+The audit log is `<state_dir>/audit/audit.jsonl`.
 """
 
 from __future__ import annotations
@@ -34,13 +39,16 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
 from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
 from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 
+from diffkt3d.audit import AuditLog  # noqa: E402
 from diffkt3d.errors import CaseError, ConfigError, DiffKT3DError  # noqa: E402
 from diffkt3d.preferences import PreferenceStore, check_id  # noqa: E402
 from diffkt3d.scorecard import list_templates  # noqa: E402
 from infer_tasks.common import CASE_ID_KEY, SOURCE_KEY, TaskError, model_provider  # noqa: E402
 from infer_tasks.dose import DoseTask  # noqa: E402
 from infer_tasks.impute import ImputeTask  # noqa: E402
+from monailabel_app.auth import AuthSettings, TokenVerifier  # noqa: E402
 from monailabel_app.datastore import CaseFolderDatastore, UnknownCaseError  # noqa: E402
+from monailabel_app.redact import install_log_redaction, redact  # noqa: E402
 from monailabel_app.strategy import PreferenceStrategy, record_candidates  # noqa: E402
 from train_tasks.any2any import Any2AnyTrainTask  # noqa: E402
 from train_tasks.scardnft import NOT_AVAILABLE, ScardNFTTrainTask  # noqa: E402
@@ -56,6 +64,11 @@ class DiffKT3DApp(MONAILabelApp):
         self.max_upload_bytes = int(float(conf.get("max_upload_mb", "512")) * 2**20)
         self.state_dir = Path(conf.get("state_dir") or Path(studies) / ".diffkt3d")
         self.preferences = PreferenceStore(self.state_dir / "preferences")
+        self.audit = AuditLog(self.state_dir / "audit")
+        try:
+            self.auth = AuthSettings.from_monailabel(conf)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.models = model_provider(self.model_dir, conf.get("model"), conf.get("device"))
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DiffKT3D",
                          description="Any2Any 3D diffusion: radiotherapy dose prediction with a clinical Scorecard",
@@ -85,7 +98,7 @@ class DiffKT3DApp(MONAILabelApp):
         meta = super().info()
         meta["diffkt3d"] = {"model_version": self.models.version(), "templates": list_templates(),
                             "max_upload_mb": self.max_upload_bytes / 2**20,
-                            "preferences_url": "/diffkt3d/preferences"}
+                            "preferences_url": "/diffkt3d/preferences", "auth": self.auth.enabled}
         return meta
 
     def on_init_complete(self) -> None:
@@ -95,7 +108,11 @@ class DiffKT3DApp(MONAILabelApp):
         from monailabel_app.routes import install
 
         unavailable = {} if ScardNFTTrainTask.available() else {"scardnft": NOT_AVAILABLE}
-        install(api, self.preferences, self.max_upload_bytes, unavailable)
+        verifier = TokenVerifier(self.auth) if self.auth.enabled else None
+        install(api, self.preferences, self.audit, self.max_upload_bytes, unavailable, verifier)
+        install_log_redaction()
+        log.info("authentication %s; audit log %s", "ON" if self.auth.enabled else "off (local demo)",
+                 self.audit.path)
 
     # -- infer: check the request before MONAI Label touches the file system -------------------
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
@@ -127,12 +144,13 @@ class DiffKT3DApp(MONAILabelApp):
             request[CASE_ID_KEY] = image
         try:
             return super().infer(request, datastore)
+        # Error texts go through `redact`: an uploaded file named after the patient stays out of them.
         except TaskError as exc:
-            raise HTTPException(exc.status, str(exc)) from None
+            raise HTTPException(exc.status, redact(str(exc))) from None
         except CaseError as exc:
-            raise HTTPException(422, str(exc)) from None
+            raise HTTPException(422, redact(str(exc))) from None
         except (ConfigError, DiffKT3DError, ValueError) as exc:
-            raise HTTPException(422, f"{type(exc).__name__}: {exc}") from None
+            raise HTTPException(422, redact(f"{type(exc).__name__}: {exc}")) from None
 
     def _store_candidates(self, case_id: str, source: str, result: dict[str, Any]) -> None:
         if source == "datastore":

@@ -1,5 +1,6 @@
-"""HTTP additions to MONAI Label's FastAPI app: preference records, an upload size limit, inference
-off the event loop, and a clear answer for training tasks this build cannot run.
+"""HTTP additions to MONAI Label's FastAPI app: preference records, the audit trail, authentication
+and roles (monailabel_app/auth.py), an upload size limit, inference off the event loop, and a clear
+answer for training tasks this build cannot run.
 
 MONAI Label 0.8.5 has no hook for app-defined routes, but its FastAPI object (`monailabel.app.app`)
 is importable and routes may be added to it at start-up (`MONAILabelApp.on_init_complete`, which
@@ -22,6 +23,7 @@ from fastapi import (
     Form,
     HTTPException,
     Query,
+    Request,
     UploadFile,
 )
 from fastapi.routing import APIRoute
@@ -30,13 +32,25 @@ from monailabel.endpoints.user.auth import RBAC, User
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from diffkt3d.audit import AuditLog
 from diffkt3d.preferences import PreferenceRecord, PreferenceStore
+from monailabel_app.auth import (
+    ANONYMOUS,
+    STATE_AUDIT,
+    STATE_IDENTITY,
+    AuthError,
+    AuthMiddleware,
+    Identity,
+    TokenVerifier,
+)
 
 log = logging.getLogger(__name__)
 
 PREFERENCES_PATH = "/diffkt3d/preferences"
-# MONAI Label's own role check (a no-op unless MONAI_LABEL_AUTH_ENABLE); module level so FastAPI
-# can resolve the annotation (this module uses postponed annotations).
+AUDIT_PATH = "/diffkt3d/audit"
+# MONAI Label's own role check (a no-op unless MONAI_LABEL_AUTH_ENABLE; with auth on it sees the
+# identity AuthMiddleware established, see `_current_user`); module level so FastAPI can resolve
+# the annotation (this module uses postponed annotations).
 UserDep = Annotated[User, Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))]
 
 
@@ -99,20 +113,34 @@ class UploadLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-def preference_router(store: PreferenceStore) -> APIRouter:
-    """POST/GET /diffkt3d/preferences (format: docs/request-format.md §7)."""
+def _identity(request: Request) -> Identity | None:
+    return getattr(request.state, STATE_IDENTITY, None)
+
+
+def preference_router(store: PreferenceStore, rater_from_token: bool) -> APIRouter:
+    """POST/GET /diffkt3d/preferences (format: docs/request-format.md §7).
+
+    Args:
+        store: the preference store.
+        rater_from_token: authentication is on: the rater is the logged-in user, whatever the body says.
+    """
     router = APIRouter(prefix=PREFERENCES_PATH, tags=["DiffKT3D preferences"])
 
     @router.post("", status_code=201, summary="Record a clinician's choice between candidate doses")
-    def add_preference(payload: Annotated[Any, Body()], user: UserDep) -> dict[str, Any]:
-        if isinstance(payload, dict) and settings.MONAI_LABEL_AUTH_ENABLE:
-            # With authentication on, the rater is who is logged in, never what the body says.
-            payload = {**payload, "rater": getattr(user, "username", None) or payload.get("rater")}
+    def add_preference(request: Request, payload: Annotated[Any, Body()], user: UserDep) -> dict[str, Any]:
+        audit = getattr(request.state, STATE_AUDIT, {})
+        identity = _identity(request)
+        if isinstance(payload, dict) and rater_from_token and identity is not None:
+            # A label is only worth learning from if we know who gave it: the token says who.
+            if payload.get("rater") not in (None, identity.username):
+                audit["ignored_body_rater"] = True
+            payload = {**payload, "rater": identity.username}
         try:
             record = PreferenceRecord.from_dict(payload, new=True)
         except (ValueError, TypeError) as exc:
             raise HTTPException(status_code=422, detail=f"invalid preference record: {exc}") from None
         store.append(record)
+        audit.update(record_id=record.record_id, case_id=record.case_id, chosen_id=record.chosen_id)
         log.info("preference %s stored (case %s, chosen %s)", record.record_id, record.case_id, record.chosen_id)
         return {"record": record.to_dict()}
 
@@ -126,6 +154,62 @@ def preference_router(store: PreferenceStore) -> APIRouter:
                 "skipped_lines": [{"line": n, "reason": why} for n, why in result.skipped]}
 
     return router
+
+
+def audit_router(audit: AuditLog) -> APIRouter:
+    """GET /diffkt3d/audit: the audit trail (admin role only when auth is on, see auth.POLICY)."""
+    router = APIRouter(prefix=AUDIT_PATH, tags=["DiffKT3D audit"])
+
+    @router.get("", summary="Audit trail: who recorded preferences, trained, changed models or data")
+    def read_audit(user: UserDep, user_name: Annotated[str | None, Query(alias="user")] = None,
+                   action: Annotated[str | None, Query()] = None) -> dict[str, Any]:
+        entries, skipped = audit.read(user=user_name, action=action)
+        return {"entries": [e.__dict__ for e in entries], "count": len(entries), "skipped_lines": skipped}
+
+    return router
+
+
+def _login_route(api: FastAPI, verifier: TokenVerifier) -> None:
+    """POST /auth/token (username, password form) -> the provider's token answer.
+
+    Replaces MONAI Label's, which turns a wrong password into a 500 (unguarded raise_for_status).
+    Resource-owner password grant for the Slicer module; a browser client would use the
+    provider's own login page instead.
+    """
+    import requests
+
+    def login(username: Annotated[str, Form()], password: Annotated[str, Form()]) -> dict[str, Any]:
+        try:
+            url = verifier.token_endpoint()
+            r = requests.post(url, data={"grant_type": "password", "client_id": verifier.settings.client_id,
+                                         "username": username, "password": password},
+                              timeout=verifier.settings.timeout_s)
+        except AuthError as exc:
+            raise HTTPException(exc.status, exc.detail) from None
+        except requests.RequestException as exc:
+            raise HTTPException(503, f"identity provider unreachable ({type(exc).__name__})") from None
+        if r.status_code in (400, 401, 403):
+            raise HTTPException(401, "login failed: wrong user name or password (or the account may not "
+                                     "use password login)", headers={"WWW-Authenticate": "Bearer"})
+        if r.status_code != 200:
+            raise HTTPException(502, f"identity provider answered HTTP {r.status_code} to the login")
+        return r.json()
+
+    _add_first(api, f"{settings.MONAI_LABEL_API_STR}/auth/token", login, "POST")
+
+
+def _current_user(request: Request) -> User:
+    """MONAI Label's `get_current_user`, answered from AuthMiddleware's identity.
+
+    The middleware has already refused requests whose role does not fit the policy, so MONAI
+    Label's own `RBAC` checks are given all of MONAI Label's roles for an authenticated user.
+    """
+    identity = _identity(request)
+    if identity is None or not identity.roles:
+        return User(username=ANONYMOUS, roles=[])
+    return User(username=identity.username, roles=[
+        settings.MONAI_LABEL_AUTH_ROLE_ADMIN, settings.MONAI_LABEL_AUTH_ROLE_REVIEWER,
+        settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR, settings.MONAI_LABEL_AUTH_ROLE_USER])
 
 
 def _threaded_infer_route(api: FastAPI) -> None:
@@ -170,25 +254,37 @@ def _unavailable(reason: str):
     return endpoint
 
 
-def install(api: FastAPI, store: PreferenceStore, max_upload_bytes: int, unavailable_trainers: dict[str, str],
+def install(api: FastAPI, store: PreferenceStore, audit: AuditLog, max_upload_bytes: int,
+            unavailable_trainers: dict[str, str], verifier: TokenVerifier | None = None,
             threaded_infer: bool = True) -> None:
     """Add our routes and middleware to MONAI Label's FastAPI app (once, at server start-up).
 
     Args:
         api: `monailabel.app.app`.
         store: the preference store.
+        audit: the audit log.
         max_upload_bytes: request body limit.
         unavailable_trainers: train task name -> reason; POST /train/<name> answers 503 with it
             instead of starting a subprocess that could only fail.
+        verifier: token verifier when authentication is on (MONAI_LABEL_AUTH_ENABLE), else None.
         threaded_infer: replace MONAI Label's event-loop-blocking POST /infer/{model} (see
             `_threaded_infer_route`); False only for in-process tests without MONAI Label's app.
     """
-    api.include_router(preference_router(store), prefix=settings.MONAI_LABEL_API_STR)
+    from monailabel.endpoints.user.auth import get_current_user
+
+    api.include_router(preference_router(store, rater_from_token=verifier is not None),
+                       prefix=settings.MONAI_LABEL_API_STR)
+    api.include_router(audit_router(audit), prefix=settings.MONAI_LABEL_API_STR)
     for name, reason in unavailable_trainers.items():
         _add_first(api, f"{settings.MONAI_LABEL_API_STR}/train/{name}", _unavailable(reason), "POST")
     if threaded_infer:
         _threaded_infer_route(api)
+    if verifier is not None:
+        _login_route(api, verifier)
+        api.dependency_overrides[get_current_user] = _current_user
     # Starlette builds its middleware stack lazily on the first call (the lifespan we are running
-    # in); clearing it makes the next request rebuild the stack with our limit outermost.
+    # in); clearing it makes the next request rebuild the stack. Added last = outermost: the upload
+    # limit answers 413 before anything reads the body, then auth, then MONAI Label's CORS.
     api.middleware_stack = None
+    api.add_middleware(AuthMiddleware, verifier=verifier, audit=audit, api_prefix=settings.MONAI_LABEL_API_STR)
     api.add_middleware(UploadLimitMiddleware, max_bytes=max_upload_bytes)

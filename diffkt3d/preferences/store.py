@@ -17,6 +17,8 @@ and never show a half-written one. Why JSONL with these rules rather than one fi
 * One file per record would need a directory fsync per record and an index to list them in order;
   JSONL gives order for free, one fsync per record, and is trivial to back up or read elsewhere.
 
+The write path is `diffkt3d.jsonl` (shared with the audit log).
+
 Layout: `<root>/preferences.jsonl`, lock file `<root>/preferences.jsonl.lock`.
 """
 
@@ -24,12 +26,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from filelock import FileLock
 
+from diffkt3d.jsonl import append_json_line, iter_json_lines
 from diffkt3d.preferences.record import PreferenceRecord
 
 log = logging.getLogger(__name__)
@@ -66,38 +68,13 @@ class PreferenceStore:
 
     def append(self, record: PreferenceRecord) -> PreferenceRecord:
         """Durably append one record; returns it once it is on disk (after fsync)."""
-        line = (json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-        assert b"\n" not in line[:-1], "json.dumps never emits raw newlines"
-        with self._lock:
-            created = not self.path.exists()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                size = os.fstat(fd).st_size
-                if size > 0 and not self._ends_with_newline(size):
-                    log.warning("preference store %s ends in a torn line; isolating it", self.path)
-                    line = b"\n" + line
-                written = os.write(fd, line)
-                if written != len(line):  # only on a full disk / quota: undo our partial line
-                    os.ftruncate(fd, size)
-                    raise OSError(f"short write to {self.path} ({written} of {len(line)} bytes)")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if created:
-                self._fsync_dir()
+        append_json_line(self.path, self._lock, record.to_dict())
         return record
 
     def read(self) -> ReadResult:
         """All complete, valid records in append order; torn or invalid lines are skipped and listed."""
         out = ReadResult()
-        if not self.path.exists():
-            return out
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        for no, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            is_last_unterminated = no == len(lines)  # no newline after it: possibly torn
+        for no, raw, is_last_unterminated in iter_json_lines(self.path):
             try:
                 out.records.append(PreferenceRecord.from_dict(json.loads(raw)))
             except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -119,20 +96,3 @@ class PreferenceStore:
     def labelled_cases(self, rater: str | None = None) -> set[str]:
         """Case ids that have at least one record (by `rater`, when given)."""
         return {r.case_id for r in self.query(rater=rater)}
-
-    # -- helpers -------------------------------------------------------------------------------
-    def _ends_with_newline(self, size: int) -> bool:
-        with open(self.path, "rb") as fh:
-            fh.seek(size - 1)
-            return fh.read(1) == b"\n"
-
-    def _fsync_dir(self) -> None:
-        """Make the new file's directory entry durable too (a fresh file can vanish otherwise)."""
-        try:
-            fd = os.open(self.root, os.O_RDONLY)
-        except OSError:  # e.g. Windows cannot open directories; the data itself is fsynced
-            return
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

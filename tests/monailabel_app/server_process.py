@@ -23,7 +23,8 @@ def free_port() -> int:
 
 def start_server(root: Path, studies: Path, conf: dict[str, str], env: dict[str, str] | None = None,
                  timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start the server (nice'd, own process group) and wait until /info/ answers.
+    """Start the server (nice'd, own process group) and wait until /info/ answers (200, or 401 when
+    authentication is on).
 
     Raises:
         RuntimeError: with the end of the server log if it does not come up.
@@ -43,7 +44,7 @@ def start_server(root: Path, studies: Path, conf: dict[str, str], env: dict[str,
     deadline = time.time() + timeout_s
     while time.time() < deadline and proc.poll() is None:
         try:
-            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+            if requests.get(f"{url}/info/", timeout=5).status_code in (200, 401):
                 return proc, url
         except requests.ConnectionError:
             time.sleep(1)

@@ -186,11 +186,13 @@ def test_routes_preferences_upload_limit_and_unavailable_trainer(tmp_path):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
+    from diffkt3d.audit import AuditLog
     from monailabel_app.routes import install
 
     api = FastAPI()
     store = PreferenceStore(tmp_path / "prefs")
-    install(api, store, max_upload_bytes=4000, unavailable_trainers={"scardnft": "not in this build"},
+    audit = AuditLog(tmp_path / "audit")
+    install(api, store, audit, max_upload_bytes=4000, unavailable_trainers={"scardnft": "not in this build"},
             threaded_infer=False)
     client = TestClient(api)
     rec = {"case_id": "case_a", "chosen_id": "c0", "rater": "r1",
@@ -206,6 +208,12 @@ def test_routes_preferences_upload_limit_and_unavailable_trainer(tmp_path):
     assert r.status_code == 422 and "rater" in r.json()["detail"]
     r = client.post("/train/scardnft", json={})
     assert r.status_code == 503 and r.json()["detail"] == "not in this build"
+    # auth off: writes are still audited, as "anonymous" (the 413 is answered before auth and audit)
+    entries, _ = audit.read()
+    assert [(e.user, e.action, e.status) for e in entries] == [
+        ("anonymous", "preference.record", 201), ("anonymous", "preference.record", 422),
+        ("anonymous", "train.start", 503)]
+    assert entries[0].details["case_id"] == "case_a"
 
 
 @pytest.mark.slow

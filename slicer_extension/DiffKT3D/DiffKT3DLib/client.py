@@ -6,6 +6,11 @@ has a (connect, read) timeout. A 4xx/5xx answer raises `ServerError` carrying th
 
 Transport: `requests` when importable (Slicer ships it), else the standard library `urllib`
 (with a small multipart encoder). No Slicer import.
+
+Authentication (docs/security.md): when the server has it on, `login()` exchanges a user name and
+password for a bearer token through the server's `POST /auth/token` (the server forwards them to
+the clinic's identity provider), or `set_token()` takes a token obtained elsewhere; every later
+call sends `Authorization: Bearer <token>`. A 401 raises `AuthenticationRequired`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from base64 import urlsafe_b64decode
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,6 +62,14 @@ class ServerError(ClientError):
     def __init__(self, status: int, detail: str, path: str):
         self.status, self.detail, self.path = status, detail, path
         super().__init__(f"server error {status} on {path}: {detail}")
+
+
+class AuthenticationRequired(ServerError):
+    """401: no token, or the token is invalid or expired - log in (again)."""
+
+    def __init__(self, detail: str, path: str):
+        super().__init__(401, detail, path)
+        self.args = (f"the server requires a login ({detail}); log in with your clinic account",)
 
 
 class ServerUnreachable(ClientError):
@@ -120,7 +134,8 @@ class _Response:
 class _Transport(Protocol):
     def request(self, method: str, url: str, *, query: dict | None, json_body: Any,
                 form: dict[str, str] | None, files: list[tuple[str, Path]] | None,
-                timeout: tuple[float, float], cancel: CancelToken | None) -> _Response: ...
+                timeout: tuple[float, float], cancel: CancelToken | None,
+                headers: dict[str, str] | None = None) -> _Response: ...
 
 
 class RequestsTransport:
@@ -131,7 +146,7 @@ class RequestsTransport:
 
         self._requests = requests
 
-    def request(self, method, url, *, query, json_body, form, files, timeout, cancel):
+    def request(self, method, url, *, query, json_body, form, files, timeout, cancel, headers=None):
         requests = self._requests
         handles = []
         try:
@@ -142,7 +157,7 @@ class RequestsTransport:
                               for (field_name, path), fh in zip(files, handles, strict=True)]
             # No shared Session: jobs (a dose and a preview) may run in parallel threads.
             resp = requests.request(method, url, params=query, json=json_body, data=form,
-                                    files=file_parts, timeout=timeout, stream=True)
+                                    files=file_parts, timeout=timeout, stream=True, headers=headers)
             chunks = []
             for chunk in resp.iter_content(_CHUNK_BYTES):
                 if cancel is not None:
@@ -163,14 +178,17 @@ class RequestsTransport:
 class UrllibTransport:
     """Standard-library transport for a Python without `requests`."""
 
-    def request(self, method, url, *, query, json_body, form, files, timeout, cancel):
+    def request(self, method, url, *, query, json_body, form, files, timeout, cancel, headers=None):
         if query:
             url = url + "?" + urllib.parse.urlencode(query)
-        headers = {}
+        headers = dict(headers or {})
         data = None
         if json_body is not None:
             data = json.dumps(json_body).encode()
             headers["Content-Type"] = "application/json"
+        elif form and not files:  # a plain form (the login)
+            data = urllib.parse.urlencode(form).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
         elif form or files:
             data, content_type = _encode_multipart(form or {}, files or [])
             headers["Content-Type"] = content_type
@@ -230,6 +248,7 @@ class DiffKT3DClient:
         self.small_timeout_s = small_timeout_s
         self.infer_timeout_s = infer_timeout_s
         self.transport = transport or default_transport()
+        self.token: str | None = None  # bearer token when the server requires a login
 
     # -- plumbing ------------------------------------------------------------------------------
     def _call(self, method: str, path: str, *, query: dict | None = None, json_body: Any = None,
@@ -237,8 +256,11 @@ class DiffKT3DClient:
               read_timeout_s: float | None = None, cancel: CancelToken | None = None) -> _Response:
         timeout = (self.connect_timeout_s, read_timeout_s or self.small_timeout_s)
         logger.debug("%s %s %s", method, path, query or "")
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         resp = self.transport.request(method, self.server_url + path, query=query, json_body=json_body,
-                                      form=form, files=files, timeout=timeout, cancel=cancel)
+                                      form=form, files=files, timeout=timeout, cancel=cancel, headers=headers)
+        if resp.status == 401:
+            raise AuthenticationRequired(_detail(resp), path)
         if resp.status >= 400:
             raise ServerError(resp.status, _detail(resp), path)
         return resp
@@ -248,6 +270,42 @@ class DiffKT3DClient:
             return json.loads(resp.body.decode() or "null")
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ClientError(f"the server's answer to {path} is not JSON: {resp.body[:120]!r}") from None
+
+    # -- authentication ------------------------------------------------------------------------
+    def auth_enabled(self) -> bool:
+        """Whether the server asks for a login (`GET /auth/` exists only when it does)."""
+        try:
+            body = self._json(self._call("GET", "/auth/"), "/auth/")
+        except ServerError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return bool((body or {}).get("enabled"))
+
+    def login(self, username: str, password: str) -> str:
+        """`POST /auth/token`: log in with the clinic account; keeps and returns the user name.
+
+        Raises:
+            ValueError: empty user name or password.
+            AuthenticationRequired: wrong user name or password.
+        """
+        if not username.strip() or not password:
+            raise ValueError("enter your user name and password to log in")
+        resp = self._call("POST", "/auth/token", form={"username": username.strip(), "password": password})
+        token = (self._json(resp, "/auth/token") or {}).get("access_token")
+        if not token:
+            raise ClientError("the server answered the login without a token: is authentication on?")
+        return self.set_token(token)
+
+    def set_token(self, token: str | None) -> str:
+        """Use a bearer token obtained elsewhere (pasted); None logs out. Returns the token's user name."""
+        self.token = (token or "").strip() or None
+        return self.username or ""
+
+    @property
+    def username(self) -> str | None:
+        """User name in the token (display only: the server checks the signature, not us)."""
+        return token_username(self.token) if self.token else None
 
     # -- discovery -----------------------------------------------------------------------------
     def info(self, cancel: CancelToken | None = None) -> dict[str, Any]:
@@ -346,6 +404,17 @@ class DiffKT3DClient:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+def token_username(token: str, claim: str = "preferred_username") -> str | None:
+    """The user name claim of a JWT, read without verifying it (for display; None if unreadable)."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return None
+    value = claims.get(claim) if isinstance(claims, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def _detail(resp: _Response) -> str:
     """The server's `detail` message, else a short body text."""
     text = resp.body.decode(errors="replace").strip()

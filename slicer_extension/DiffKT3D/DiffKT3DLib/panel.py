@@ -37,6 +37,7 @@ class Panel:
         ui.imputeTargetComboBox.addItems(sorted(IMPUTE_TASKS))
         ui.progressBar.hide()
         ui.connectButton.clicked.connect(self.on_connect)
+        ui.loginButton.clicked.connect(self.on_login)
         ui.segmentationSelector.currentNodeChanged.connect(lambda node: self.fill_roles())
         ui.predictButton.clicked.connect(self.on_predict)
         ui.cancelButton.clicked.connect(self.on_cancel)
@@ -88,6 +89,19 @@ class Panel:
         qt.QSettings().setValue(_SETTINGS_URL, url)
         self.workflow.connect(on_done=self.on_connected, on_error=self.error)
         self.status(f"connecting to {url} ...")
+
+    def on_login(self) -> None:
+        def done(username: str) -> None:
+            self.ui.loginPasswordLineEdit.text = ""
+            self.ui.tokenLineEdit.text = ""
+            self.ui.raterLineEdit.text = username  # the server records the logged-in user as rater
+            self.status(f"logged in as {username}")
+
+        try:
+            self.workflow.login(self.ui.loginUserLineEdit.text, self.ui.loginPasswordLineEdit.text,
+                                self.ui.tokenLineEdit.text, on_done=done, on_error=self.error)
+        except ValueError as exc:
+            self.error(exc)
 
     def on_connected(self, result) -> None:
         templates = (result["info"].get("diffkt3d") or {}).get("templates") or []

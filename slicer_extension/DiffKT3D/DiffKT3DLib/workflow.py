@@ -123,6 +123,30 @@ class Workflow:
         self.info, self.tasks = None, {}
         return self.client.server_url
 
+    def login(self, username: str = "", password: str = "", token: str = "",
+              on_done: Callable[[str], None] | None = None,
+              on_error: Callable[[BaseException], None] | None = None) -> Job:
+        """Log in to a server that requires it (job): a pasted `token`, else user name + password.
+
+        `on_done` gets the logged-in user name, which is also the rater the server records.
+        """
+        if token.strip():
+            return self.runner.submit(lambda ctx: self._check_token(token), description="log in",
+                                      on_done=on_done, on_error=on_error)
+        if not username.strip() or not password:
+            raise ValueError("enter a user name and password, or paste a token")
+        return self.runner.submit(lambda ctx: self.client.login(username, password), description="log in",
+                                  on_done=on_done, on_error=on_error)
+
+    def _check_token(self, token: str) -> str:
+        self.client.set_token(token)
+        self.client.info()  # a bad or expired token fails here (AuthenticationRequired), not later
+        return self.client.username or ""
+
+    def rater(self, typed: str) -> str:
+        """The rater to send: the logged-in user when there is one (the server uses it anyway)."""
+        return self.client.username or typed
+
     def close(self) -> None:
         self.enable_preview(None, False)
         if hasattr(self.runner, "shutdown"):
@@ -283,7 +307,7 @@ class Workflow:
         """Record the planner's choice among the current candidates (job)."""
         if self.candidate_set is None:
             raise ValueError("no candidates to rate: request a dose with 2 or more candidates")
-        record = self.candidate_set.preference_record(chosen_id, rater, comment)
+        record = self.candidate_set.preference_record(chosen_id, self.rater(rater), comment)
         return self.runner.submit(lambda ctx: self.client.record_preference(record),
                                   description="send preference", on_done=on_done, on_error=on_error)
 
@@ -291,6 +315,7 @@ class Workflow:
                   on_done: Callable[[dict], None] | None = None,
                   on_error: Callable[[BaseException], None] | None = None) -> Job:
         """Ask the active-learning strategy for the next case to label (job)."""
+        rater = self.rater(rater)
         if not rater.strip():
             raise ValueError("enter a rater name: the strategy skips cases this rater labelled")
         return self.runner.submit(lambda ctx: self.client.next_case(rater.strip(), strategy),
