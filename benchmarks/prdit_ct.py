@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -35,11 +33,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine_info import describe_machine  # noqa: E402
+
 from diffkt3d.constants import CT_WINDOW_HU
 from diffkt3d.data.encoding import EncodingConfig, decode_ct
 from diffkt3d.io.case_folder import load_case_folder
 from diffkt3d.metrics.image import masked_mae_hu, psnr
-from diffkt3d.models.prdit import PRDiT, get_config, impute_ct, save_checkpoint, unit_to_hu
+from diffkt3d.models.prdit import (
+    PRDiT,
+    get_config,
+    impute_ct,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    unit_to_hu,
+)
 from diffkt3d.training.prdit_trainer import (
     StageSettings,
     VolumeSet,
@@ -114,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local-wall-s", type=float, default=None, help="wall-seconds cap of stage 1 (shared machine)")
     ap.add_argument("--global-wall-s", type=float, default=None, help="wall-seconds cap of stage 2")
     ap.add_argument("--max-steps", type=int, default=100000)
+    ap.add_argument("--reuse", action="store_true",
+                    help="load checkpoints found in --ckpt-dir (with their training figures) instead of training")
+    ap.add_argument("--train-only", action="store_true", help="train and save checkpoints, skip the evaluation")
     ap.add_argument("--any2any", default=None, help="also impute with this Any2Any checkpoint (diffkt3d.inference)")
+    ap.add_argument("--any2any-train-cpu-min", type=float, default=float("nan"),
+                    help="training CPU minutes of that checkpoint, for the table (from its model card)")
     ap.add_argument("--lr-local", type=float, default=1e-3)
     ap.add_argument("--lr-global", type=float, default=3e-4)
     ap.add_argument("--batch", type=int, default=2)
@@ -134,109 +148,131 @@ def main(argv: list[str] | None = None) -> int:
     train_dirs = case_dirs(DATA / "train", args.n_train)
     val_dirs = case_dirs(DATA / "validation", args.n_val)
     train = load_ct_imputation_data(train_dirs, grid)
-    val = load_ct_imputation_data(val_dirs, grid)
-    val_cases = [load_case_folder(d, with_dose=False) for d in val_dirs]
+    val = None if args.train_only else load_ct_imputation_data(val_dirs, grid)
+    val_cases = [] if args.train_only else [load_case_folder(d, with_dose=False) for d in val_dirs]
     data_cpu = time.process_time() - cpu0
-    log.info("data: %d train, %d val cases, %.0f CPU s", len(train), len(val), data_cpu)
+    log.info("data: %d train, %d val cases, %.0f CPU s", len(train), len(val_cases), data_cpu)
 
-    # 2. Models: full PRDiT and the no-overlap ablation, same step counts.
+    # 2. Models: full PRDiT and the no-overlap ablation (local denoiser only, same step count).
     full_cfg = config_for_ct_imputation(get_config(args.preset))
     s = full_cfg.stride
-    noov_cfg = config_for_ct_imputation(get_config(args.preset, patch_size=s, stride=s, padding=0))
-    train_info = {}
-    models = {}
+    noov_cfg = config_for_ct_imputation(get_config(args.preset, patch_size=s, stride=s, padding=0, global_depth=0))
+    train_info: dict[str, dict] = {}
+    models: dict[str, PRDiT] = {}
     steps_used: dict[str, int] = {}
     for name, cfg in (("full", full_cfg), ("no-overlap", noov_cfg)):
-        torch.manual_seed(args.seed)
-        model = PRDiT(cfg)
-        g = torch.Generator().manual_seed(args.seed)
-        if name == "full":
-            local = StageSettings(steps=args.max_steps, lr=args.lr_local, batch_size=args.batch,
-                                  max_cpu_seconds=args.local_cpu_s, max_wall_seconds=args.local_wall_s, log_every=25)
-            glob = StageSettings(steps=args.max_steps, lr=args.lr_global, batch_size=args.batch,
-                                 max_cpu_seconds=args.global_cpu_s, max_wall_seconds=args.global_wall_s, log_every=25)
-        else:  # same number of steps as the full model
-            local = StageSettings(steps=steps_used["local"], lr=args.lr_local, batch_size=args.batch, log_every=25)
-            glob = StageSettings(steps=steps_used["global"], lr=args.lr_global, batch_size=args.batch, log_every=25)
-        reports = train_two_stage(model, train, local, glob, g)
-        if name == "full":
-            steps_used = {r.stage: r.steps for r in reports}
-        train_info[name] = {"params_local": model.num_parameters("local"), "params_global": model.num_parameters("global"),
-                            "stages": [r.to_dict() for r in reports]}
-        models[name] = model
-        if args.ckpt_dir:
-            save_checkpoint(model, Path(args.ckpt_dir) / f"prdit_ct_{name}.pt", encoding=enc.to_dict(),
-                            meta={"benchmark": "benchmarks/prdit_ct.py", "train": train_info[name]})
-        log.info("%s trained: %s", name, json.dumps(train_info[name]))
+        ckpt = Path(args.ckpt_dir) / f"prdit_ct_{name}.pt" if args.ckpt_dir else None
+        if args.reuse and ckpt is not None and ckpt.is_file():
+            models[name] = load_checkpoint(ckpt)
+            train_info[name] = read_checkpoint(ckpt)["meta"]["train"]
+            log.info("%s: reused %s (%s)", name, ckpt, json.dumps(train_info[name]))
+        else:
+            torch.manual_seed(args.seed)
+            model = PRDiT(cfg)
+            g = torch.Generator().manual_seed(args.seed)
+            if name == "full":
+                local = StageSettings(steps=args.max_steps, lr=args.lr_local, batch_size=args.batch,
+                                      max_cpu_seconds=args.local_cpu_s, max_wall_seconds=args.local_wall_s,
+                                      log_every=25)
+                glob = StageSettings(steps=args.max_steps, lr=args.lr_global, batch_size=args.batch,
+                                     max_cpu_seconds=args.global_cpu_s, max_wall_seconds=args.global_wall_s,
+                                     log_every=25)
+            else:  # same number of local steps as the full model; no global DiT
+                local = StageSettings(steps=steps_used["local"], lr=args.lr_local, batch_size=args.batch, log_every=25)
+                glob = None
+            reports = train_two_stage(model, train, local, glob, g)
+            train_info[name] = {"params_local": model.num_parameters("local"),
+                                "params_global": model.num_parameters("global"),
+                                "stages": [r.to_dict() for r in reports],
+                                "command": "python " + " ".join(sys.argv)}
+            models[name] = model
+            if ckpt is not None:
+                save_checkpoint(model, ckpt, encoding=enc.to_dict(),
+                                meta={"benchmark": "benchmarks/prdit_ct.py", "train": train_info[name]})
+            log.info("%s trained: %s", name, json.dumps(train_info[name]))
+        steps_used = steps_used or {st["stage"]: st["steps"] for st in train_info[name]["stages"]}
+    if args.train_only:
+        log.info("--train-only: checkpoints in %s, total CPU %.1f min", args.ckpt_dir,
+                 (time.process_time() - cpu0) / 60)
+        return 0
 
-    # 3. Evaluation on the validation cases.
+    # 3. Evaluation on the validation cases. Rows run in order of importance and the report is
+    # rewritten after each one, so a run cut short still leaves a valid (partial) table.
     peer = LabelMeanPeer(train)
     ks = [float(k) for k in args.ks.split(",")]
+    any2any_label = f"Any2Any DiT ({Path(args.any2any).name}, 10 steps)" if args.any2any else None
     runs = [(f"PRDiT k={k:g}", "full", True, k, "predictor-corrector") for k in ks]
-    runs += [("PRDiT ancestral", "full", True, 1.0, "ancestral"),
-             ("PRDiT w/o global DiT (k=2)", "full", False, 2.0, "predictor-corrector"),
-             ("PRDiT w/o overlap (k=2)", "no-overlap", True, 2.0, "predictor-corrector")]
+    runs += [(f"PRDiT w/o global DiT (local only, k={k:g})", "full", False, k, "predictor-corrector") for k in (1.0, 2.0)]
+    runs += [(f"PRDiT w/o overlap (local only, k={k:g})", "no-overlap", False, k, "predictor-corrector")
+             for k in (1.0, 2.0)]
+    runs += [("PRDiT ancestral", "full", True, 1.0, "ancestral")]
+    stage_cpu_min = {(name, st["stage"]): st["cpu_seconds"] / 60 for name, info in train_info.items()
+                     for st in info["stages"]}
+    train_cpu_min = {"label-mean peer": 0.0}
+    for label, model_name, use_global, _, _ in runs:
+        train_cpu_min[label] = stage_cpu_min[(model_name, "local")] + (
+            stage_cpu_min.get((model_name, "global"), 0.0) if use_global else 0.0)
+    if any2any_label:
+        train_cpu_min[any2any_label] = args.any2any_train_cpu_min
+    order: list[str] = ["label-mean peer", runs[0][0], *([any2any_label] if any2any_label else []),
+                        *[r[0] for r in runs[1:]]]
+    run_of = {r[0]: r for r in runs}
+    predictor = None
     rows: dict[str, list[dict]] = {}
-    rows["label-mean peer"] = []
-    for i in range(len(val)):
-        x0, cond = val.batch([i])
-        t0 = time.perf_counter()
-        pred = peer.predict_unit(cond)
-        sec = time.perf_counter() - t0
-        f = figures(pred, x0, cond[0, 8] > 0, val_cases[i], enc)
-        f["seconds"] = sec
-        rows["label-mean peer"].append(f)
-    for label, model_name, use_global, k, sampler in runs:
+    for label in order:
         rows[label] = []
         for i in range(len(val)):
             x0, cond = val.batch([i])
-            conds = {"ptv": cond[:, 0:1], "oar": cond[:, 1:8], "body": cond[:, 8:9]}
-            g = torch.Generator().manual_seed(args.seed + i)
             t0, c0 = time.perf_counter(), time.process_time()
-            pred = impute_ct(models[model_name], conds, steps=args.steps, k=k, generator=g, sampler=sampler,
-                             use_global=use_global)
+            if label == "label-mean peer":
+                pred = peer.predict_unit(cond)
+            elif label == any2any_label:
+                from diffkt3d.inference.predictor import Predictor
+
+                predictor = predictor or Predictor.load(args.any2any, device="cpu")
+                case = val_cases[i]
+                ct_hu = predictor.impute(case, "ct", steps=10, seed=args.seed + i).ct_hu
+                sec, cpu = time.perf_counter() - t0, time.process_time() - c0
+                lo, hi = CT_WINDOW_HU
+                rows[label].append({"mae_case": masked_mae_hu(ct_hu, case.ct_hu, case.body),
+                                    "psnr_case": psnr(np.clip(ct_hu, lo, hi), np.clip(case.ct_hu, lo, hi),
+                                                      data_range=2000.0),
+                                    "mae_work": float("nan"), "psnr_work": float("nan"), "seconds": sec,
+                                    "cpu_seconds": cpu})
+                continue
+            else:
+                _, model_name, use_global, k, sampler = run_of[label]
+                conds = {"ptv": cond[:, 0:1], "oar": cond[:, 1:8], "body": cond[:, 8:9]}
+                g = torch.Generator().manual_seed(args.seed + i)
+                pred = impute_ct(models[model_name], conds, steps=args.steps, k=k, generator=g, sampler=sampler,
+                                 use_global=use_global)
             sec, cpu = time.perf_counter() - t0, time.process_time() - c0
             f = figures(pred, x0, cond[0, 8] > 0, val_cases[i], enc)
             f.update(seconds=sec, cpu_seconds=cpu)
             rows[label].append(f)
         log.info("%s: %s", label, {m: round(float(np.mean([r[m] for r in rows[label]])), 2) for m in rows[label][0]})
-        if args.json:  # partial results survive an interrupted run
+        if args.json:
             Path(args.json).write_text(json.dumps({"rows": rows, "train": train_info}, indent=1))
-    if args.any2any:
-        from diffkt3d.inference.predictor import Predictor
-
-        predictor = Predictor.load(args.any2any, device="cpu")
-        label = f"Any2Any DiT ({Path(args.any2any).name}, 10 steps)"
-        rows[label] = []
-        for i, case in enumerate(val_cases):
-            x0, cond = val.batch([i])
-            t0, c0 = time.perf_counter(), time.process_time()
-            ct_hu = predictor.impute(case, "ct", steps=10, seed=args.seed + i).ct_hu
-            sec, cpu = time.perf_counter() - t0, time.process_time() - c0
-            lo, hi = CT_WINDOW_HU
-            f = {"mae_case": masked_mae_hu(ct_hu, case.ct_hu, case.body),
-                 "psnr_case": psnr(np.clip(ct_hu, lo, hi), np.clip(case.ct_hu, lo, hi), data_range=2000.0),
-                 "mae_work": float("nan"), "psnr_work": float("nan"), "seconds": sec, "cpu_seconds": cpu}
-            rows[label].append(f)
-        log.info("%s: %s", label, {m: round(float(np.mean([r[m] for r in rows[label]])), 2) for m in rows[label][0]})
+        write_report(args, argv, rows, train_info, train_cpu_min, data_cpu, time.process_time() - cpu0,
+                     time.perf_counter() - wall0, len(train), val.case_ids, full_cfg, noov_cfg)
 
     total_cpu = time.process_time() - cpu0
     total_wall = time.perf_counter() - wall0
-    write_report(args, argv, rows, train_info, data_cpu, total_cpu, total_wall, len(train), val.case_ids, full_cfg, noov_cfg)
+    write_report(args, argv, rows, train_info, train_cpu_min, data_cpu, total_cpu, total_wall, len(train),
+                 val.case_ids, full_cfg, noov_cfg)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "train": train_info}, indent=1))
     log.info("total CPU %.1f min, wall %.1f min", total_cpu / 60, total_wall / 60)
     return 0
 
 
-def _machine() -> str:
-    try:
-        return "\n".join(subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()[:10])
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor()
+def _as_command(argv_line: str) -> str:
+    """The recorded ``sys.argv`` of a run as a shell command from the repository root."""
+    return argv_line if argv_line.startswith("python") else f"python {argv_line}"
 
 
-def write_report(args, argv, rows, train_info, data_cpu, total_cpu, total_wall, n_train, val_ids, full_cfg, noov_cfg) -> None:
+def write_report(args, argv, rows, train_info, train_cpu_min, data_cpu, total_cpu, total_wall, n_train, val_ids,
+                 full_cfg, noov_cfg) -> None:
     def mean(label, key):
         return float(np.mean([r[key] for r in rows[label]]))
 
@@ -248,18 +284,18 @@ def write_report(args, argv, rows, train_info, data_cpu, total_cpu, total_wall, 
         "# PRDiT CT imputation — small CPU benchmark (issue 5, item 6)",
         "",
         f"Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; torch {torch.__version__}, "
-        f"{args.threads} thread(s), `nice -n 15`, machine shared with other jobs.",
+        f"{args.threads} thread(s), machine shared with other jobs.",
         "",
-        "Command:",
+        f"Machine: {describe_machine()}. {args.threads} thread(s) per process; the machine was shared with the "
+        "lead's training runs, which had priority (this run's processes got roughly 10 % of one core), so "
+        "wall times are long and only the process CPU times are comparable.",
+        "",
+        "Commands (from the repository root; the first trains and saves the checkpoints, the second reuses "
+        "them, evaluates and writes this file):",
         "",
         "```",
-        "nice -n 15 .venv/bin/python benchmarks/prdit_ct.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "```",
-        "",
-        "Machine (`lscpu | head`):",
-        "",
-        "```",
-        _machine(),
+        *sorted({_as_command(info.get("command", "(training command not recorded)")) for info in train_info.values()}),
+        "python benchmarks/prdit_ct.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "```",
         "",
         "## What this is (and is not)",
@@ -271,10 +307,13 @@ def write_report(args, argv, rows, train_info, data_cpu, total_cpu, total_wall, 
         f"{full_cfg.padding}, global DiT depth {full_cfg.global_depth}, width {full_cfg.global_hidden}, "
         f"{full_cfg.global_heads} heads; local {train_info['full']['params_local']:,} + global "
         f"{train_info['full']['params_global']:,} parameters. No-overlap ablation: patch {noov_cfg.patch_size} / "
-        f"stride {noov_cfg.stride} / padding 0, trained for the same number of steps.",
+        f"stride {noov_cfg.stride} / padding 0, a local denoiser only, trained for the same number of local steps "
+        "as the full model; compare it with the full model's local denoiser (the 'w/o global DiT' rows), which "
+        "isolates the effect of the overlap (a global DiT for it did not fit the CPU budget).",
         f"- Training: AdamW, lr {args.lr_local:g} (stage 1) / {args.lr_global:g} (stage 2) — higher than the "
         f"paper's 1e-4 / 9e-5 because the runs are a few hundred steps —, batch {args.batch}, grad clip 1.0, "
-        f"stage budgets {args.local_cpu_s:.0f} / {args.global_cpu_s:.0f} CPU s. This is minutes of CPU, not the "
+        "stage budgets in process CPU seconds as in the training command (`--local-cpu-s` / `--global-cpu-s`; "
+        "steps and CPU minutes actually used: table 'Training cost'). This is minutes of CPU, not the "
         "paper's 6,000 + 8,000 epochs on A100s: figures show the pipeline works end to end and rank the "
         "ablations at this budget only; they say nothing about PRDiT at full scale.",
         f"- Sampling: {args.steps} steps, one sample per case, seed = {args.seed} + case index; the final "
@@ -293,14 +332,16 @@ def write_report(args, argv, rows, train_info, data_cpu, total_cpu, total_wall, 
         "",
         "## Results (mean over validation cases)",
         "",
-        "| Method | MAE HU (body), case grid 128^3 | PSNR dB, case grid | MAE HU (body), working grid | "
-        "PSNR dB, working grid | sampling s / case (wall) |",
-        "|---|---|---|---|---|---|",
+        "| Method | CT MAE HU (body), case grid 128^3 | PSNR dB, case grid | MAE HU (body), working grid | "
+        "PSNR dB, working grid | training CPU min | sampling CPU s / case | sampling wall s / case |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label in rows:
+        tcpu = train_cpu_min.get(label, float("nan"))
         lines.append(f"| {label} | {cell(label, 'mae_case', '.1f')} | {cell(label, 'psnr_case', '.2f')} | "
                      f"{cell(label, 'mae_work', '.1f')} | {cell(label, 'psnr_work', '.2f')} | "
-                     f"{cell(label, 'seconds', '.2f')} |")
+                     f"{'—' if not np.isfinite(tcpu) else format(tcpu, '.1f')} | "
+                     f"{cell(label, 'cpu_seconds', '.2f')} | {cell(label, 'seconds', '.2f')} |")
     lines += ["", "## Training cost", "", "| Model | stage | steps | CPU min | wall min | first loss | mean loss, last 50 steps |",
               "|---|---|---|---|---|---|---|"]
     for name, info in train_info.items():

@@ -17,6 +17,8 @@ import numpy as np
 from diffkt3d.data.case import Case
 from diffkt3d.errors import CaseError
 from diffkt3d.inference import Predictor, default_model_path
+from diffkt3d.inference.ct_backbone import CTImputationConfig
+from diffkt3d.inference.prdit_predictor import PRDiTCTPredictor
 from diffkt3d.io.case_folder import load_case_folder
 from diffkt3d.metrics import dvh
 
@@ -91,6 +93,51 @@ class ModelProvider:
             return self.get().model_version
         except Exception as exc:  # /info/ must keep working without a model
             log.warning("model not loadable: %s", exc)
+            return None
+
+
+class PRDiTModelProvider:
+    """Serves the PRDiT CT-imputation checkpoint of ``--conf ct_backbone prdit`` (issue 5).
+
+    Same ``get()`` / ``run_lock`` / ``version()`` surface as :class:`ModelProvider`, so the
+    ``impute_ct`` task does not know which backbone it runs. The checkpoint is loaded at the first
+    request and again when the file changes; ``run_lock`` is the Any2Any provider's, so one
+    prediction runs at a time whichever model it uses.
+
+    Args:
+        config: the parsed CT-imputation config (backbone "prdit", checkpoint, k, sampler).
+        run_lock: the lock that serialises all predictions of the app.
+    """
+
+    def __init__(self, config: CTImputationConfig, run_lock: threading.Lock):
+        self.config = config
+        self.run_lock = run_lock
+        self._lock = threading.Lock()
+        self._key: tuple[str, int] | None = None
+        self._predictor: PRDiTCTPredictor | None = None
+
+    def current_path(self) -> Path | None:
+        path = self.config.prdit_model
+        return path if path is not None and path.is_file() else None
+
+    def get(self) -> PRDiTCTPredictor:
+        path = self.current_path()
+        if path is None:
+            raise TaskError(503, f"PRDiT CT model not available: {self.config.prdit_model} does not exist")
+        key = (str(path), path.stat().st_mtime_ns)
+        with self._lock:
+            if key != self._key:
+                log.info("loading PRDiT CT model %s", path)
+                self._predictor = PRDiTCTPredictor.load(self.config)
+                self._key = key
+            assert self._predictor is not None
+            return self._predictor
+
+    def version(self) -> str | None:
+        try:
+            return self.get().model_version
+        except Exception as exc:  # /info/ must keep working without a model
+            log.warning("PRDiT CT model not loadable: %s", exc)
             return None
 
 

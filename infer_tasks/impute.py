@@ -29,7 +29,8 @@ class ImputeTask(InferTask):
 
     Args:
         target: the modality to generate.
-        models: the shared model provider.
+        models: the shared model provider; for `impute_ct` the PRDiT provider when the app is
+            configured with `ct_backbone prdit` (same interface).
         max_upload_bytes: session upload limit.
     """
 

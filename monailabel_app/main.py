@@ -9,7 +9,9 @@ Request format: docs/request-format.md; install and start: docs/server.md.
 `--conf` keys (strings): `model` (checkpoint path, overrides the shipped/trained model),
 `model_dir` (where training writes, default `<app>/model`),
 `device`, `max_upload_mb` (default 512), `state_dir` (default `<studies>/.diffkt3d`, holds the
-preference store and case info).
+preference store and case info), `ct_backbone` (`any2any`, the default, or `prdit`: `impute_ct` then
+runs the PRDiT checkpoint `prdit_model` with sampler `prdit_sampler` and predictor multiplier
+`prdit_k`; see `diffkt3d.inference.ct_backbone`).
 
 Authentication: off unless `MONAI_LABEL_AUTH_ENABLE=true` (environment, MONAI Label's setting);
 then `--conf auth_role_clinician|auth_role_physicist|auth_role_admin|auth_issuer|auth_audience|
@@ -41,9 +43,10 @@ from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 
 from diffkt3d.audit import AuditLog  # noqa: E402
 from diffkt3d.errors import CaseError, ConfigError, DiffKT3DError  # noqa: E402
+from diffkt3d.inference.ct_backbone import CTImputationConfig  # noqa: E402
 from diffkt3d.preferences import PreferenceStore, check_id  # noqa: E402
 from diffkt3d.scorecard import list_templates  # noqa: E402
-from infer_tasks.common import CASE_ID_KEY, SOURCE_KEY, TaskError, model_provider  # noqa: E402
+from infer_tasks.common import CASE_ID_KEY, SOURCE_KEY, PRDiTModelProvider, TaskError, model_provider  # noqa: E402
 from infer_tasks.dose import DoseTask  # noqa: E402
 from infer_tasks.impute import ImputeTask  # noqa: E402
 from monailabel_app.auth import AuthSettings, TokenVerifier  # noqa: E402
@@ -70,6 +73,9 @@ class DiffKT3DApp(MONAILabelApp):
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.models = model_provider(self.model_dir, conf.get("model"), conf.get("device"))
+        self.ct_imputation = CTImputationConfig.from_conf(conf)
+        self.ct_models = (PRDiTModelProvider(self.ct_imputation, self.models.run_lock)
+                          if self.ct_imputation.uses_prdit else self.models)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DiffKT3D",
                          description="Any2Any 3D diffusion: radiotherapy dose prediction with a clinical Scorecard",
                          version="0.1.0")
@@ -81,7 +87,8 @@ class DiffKT3DApp(MONAILabelApp):
     def init_infers(self) -> dict[str, InferTask]:
         return {
             "dose": DoseTask(self.models, self.max_upload_bytes, on_candidates=self._store_candidates),
-            **{f"impute_{t}": ImputeTask(t, self.models, self.max_upload_bytes) for t in ("ct", "ptv", "oar")},
+            "impute_ct": ImputeTask("ct", self.ct_models, self.max_upload_bytes),
+            **{f"impute_{t}": ImputeTask(t, self.models, self.max_upload_bytes) for t in ("ptv", "oar")},
         }
 
     def init_trainers(self) -> dict[str, TrainTask]:
@@ -98,7 +105,8 @@ class DiffKT3DApp(MONAILabelApp):
         meta = super().info()
         meta["diffkt3d"] = {"model_version": self.models.version(), "templates": list_templates(),
                             "max_upload_mb": self.max_upload_bytes / 2**20,
-                            "preferences_url": "/diffkt3d/preferences", "auth": self.auth.enabled}
+                            "preferences_url": "/diffkt3d/preferences", "auth": self.auth.enabled,
+                            "ct_backbone": self.ct_imputation.backbone, "ct_model_version": self.ct_models.version()}
         return meta
 
     def on_init_complete(self) -> None:

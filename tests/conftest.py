@@ -62,3 +62,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 p.normal_(0, 0.02)
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
     return save_checkpoint(path, model, cfg, enc, flow_shift=3.0, meta={"name": "tiny-test"})
+
+
+@pytest.fixture(scope="session")
+def tiny_prdit_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random `tiny` PRDiT CT-imputation checkpoint on a 16^3 grid (tests/monailabel_app/tiny_model.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_model", REPO / "tests" / "monailabel_app" / "tiny_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_tiny_prdit_checkpoint(tmp_path_factory.mktemp("prdit") / "tiny-prdit.pt")

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from diffkt3d.constants import IMPUTABLE
+from diffkt3d.errors import ConfigError
+from diffkt3d.inference.ct_backbone import CT_BACKBONES, PRDIT_SAMPLERS, CTImputationConfig
 from diffkt3d.io.case_folder import load_case_folder, save_nifti
 
 
@@ -22,13 +24,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    g = p.add_argument_group("CT backbone (issue 5)", "PRDiT as an alternative CT-imputation backbone")
+    g.add_argument("--ct-backbone", choices=CT_BACKBONES, default="any2any",
+                   help="model that imputes the CT (default: the Any2Any DiT of --model)")
+    g.add_argument("--prdit-model", default=None, help="PRDiT checkpoint (required with --ct-backbone prdit)")
+    g.add_argument("--prdit-k", type=float, default=CTImputationConfig.prdit_k,
+                   help="predictor multiplier k of Algorithm 1 (1 = cold deterministic)")
+    g.add_argument("--prdit-sampler", choices=PRDIT_SAMPLERS, default=CTImputationConfig.prdit_sampler)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from diffkt3d.inference import Predictor
+    from diffkt3d.inference.prdit_predictor import PRDiTCTPredictor
 
-    predictor = Predictor.load(args.model, device=args.device)
+    ct_config = CTImputationConfig(backbone=args.ct_backbone, prdit_model=args.prdit_model,
+                                   prdit_k=args.prdit_k, prdit_sampler=args.prdit_sampler)
+    if ct_config.uses_prdit:
+        if args.target != "ct":
+            raise ConfigError(f"--ct-backbone prdit imputes CT only; --target {args.target} needs the Any2Any model")
+        predictor = PRDiTCTPredictor.load(ct_config)
+    else:
+        predictor = Predictor.load(args.model, device=args.device)
     for folder in args.cases:
         case = load_case_folder(folder)
         res = predictor.impute(case, args.target, steps=args.steps, seed=args.seed)

@@ -117,7 +117,8 @@ class PRDiTImputer:
             raise ConfigError(f"PRDiT checkpoint {path}: no data encoding stored; cannot map cases to model inputs")
         return cls(load_checkpoint(path), EncodingConfig.from_dict(enc))
 
-    def impute_case(self, case: Case, steps: int = 10, k: float = 2.0, seed: int = 0) -> np.ndarray:
+    def impute_case(self, case: Case, steps: int = 10, k: float = 2.0, seed: int = 0,
+                    sampler: str = "predictor-corrector") -> np.ndarray:
         """CT of ``case`` in HU, (I, J, K) float32 on the case grid; -1000 HU (air) outside the body.
 
         Raises:
@@ -126,7 +127,8 @@ class PRDiTImputer:
         conds = {name: encode_modality(case, name, self.encoding)[None] for name in self.model.config.conditions}
         g = torch.Generator().manual_seed(int(seed))
         shape = (1, *self.encoding.grid)
-        x = impute_ct(self.model, conds, steps=steps, k=k, generator=g, shape=shape)  # (1, 1, D, H, W)
+        x = impute_ct(self.model, conds, steps=steps, k=k, generator=g, shape=shape,
+                      sampler=sampler)  # (1, 1, D, H, W)
         ct = decode_ct(x[0], case.grid, self.encoding)
         if case.body is not None:  # outside the body is air, as the Any2Any predictor does
             ct = np.where(case.body, ct, self.encoding.ct_window_hu[0])
