@@ -101,3 +101,14 @@ class AuditLog:
             if (user is None or entry.user == user) and (action is None or entry.action.startswith(action)):
                 entries.append(entry)
         return entries, skipped
+
+
+def model_published(task: str, model: Path, run_dir: Path) -> AuditEntry:
+    """Entry for a model a training run has just put in service (action `model.publish`).
+
+    The run itself has no user (it is a subprocess); who started it is the `train.start` entry
+    before it.
+    """
+    return AuditEntry(user="training-run", roles=[], action="model.publish", method="TRAIN",
+                      path=f"/train/{task}", status=200,
+                      details={"task": task, "model": f"{task}/{model.name}", "run": run_dir.name})

@@ -92,8 +92,9 @@ class DiffKT3DApp(MONAILabelApp):
         }
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        return {"any2any": Any2AnyTrainTask(self.model_dir),
-                "scardnft": ScardNFTTrainTask(self.model_dir, self.preferences, self.models.current_path)}
+        return {"any2any": Any2AnyTrainTask(self.model_dir, self.audit),
+                "scardnft": ScardNFTTrainTask(self.model_dir, self.preferences, self.models.current_path,
+                                              self.audit)}
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {"preference": PreferenceStrategy(self.preferences)}

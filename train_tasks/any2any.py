@@ -19,6 +19,7 @@ import yaml
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from diffkt3d.audit import AuditLog, model_published
 from diffkt3d.errors import DiffKT3DError
 from diffkt3d.training import StageConfig, TrainConfig, run_training
 
@@ -83,11 +84,14 @@ class Any2AnyTrainTask(TrainTask):
 
     Args:
         model_dir: the app's model dir; output goes to `<model_dir>/any2any/`.
+        audit: audit log that records each published model (who started the run is in the
+            `train.start` entry before it).
     """
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, audit: AuditLog | None = None):
         super().__init__("Any2Any + dose training on datastore cases with dose.nii.gz (diffkt3d.training)")
         self.out = Path(model_dir) / "any2any"
+        self.audit = audit
 
     def config(self) -> dict[str, Any]:
         return dict(DEFAULTS)
@@ -118,6 +122,8 @@ class Any2AnyTrainTask(TrainTask):
         target = self.out / "model.pt"
         shutil.copyfile(final, str(target) + ".part")
         os.replace(str(target) + ".part", target)
+        if self.audit is not None:
+            self.audit.append(model_published("any2any", target, run_dir))
         stats = {"status": "done", "model": str(target), "run_dir": str(run_dir), "cases": len(ids),
                  "seconds": round(time.time() - t0, 1)}
         self._write_stats(stats)

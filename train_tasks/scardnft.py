@@ -24,6 +24,7 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from diffkt3d.audit import AuditLog, model_published
 from diffkt3d.errors import DiffKT3DError
 from diffkt3d.preferences import PreferenceStore
 
@@ -50,11 +51,14 @@ class ScardNFTTrainTask(TrainTask):
         model_dir: the app's model dir; runs go to `<model_dir>/scardnft/runs/<time>/`.
         store: the preference store whose records shape the reward.
         served_model: returns the checkpoint currently served (the base of the post-training).
+        audit: audit log that records each published model.
     """
 
-    def __init__(self, model_dir: str | Path, store: PreferenceStore, served_model: Callable[[], Path | None]):
+    def __init__(self, model_dir: str | Path, store: PreferenceStore, served_model: Callable[[], Path | None],
+                 audit: AuditLog | None = None):
         super().__init__("ScardNFT: Scorecard-reward RL post-training driven by clinician preferences")
         self.out = Path(model_dir) / "scardnft"
+        self.audit = audit
         self.store = store
         self.served_model = served_model
 
@@ -101,6 +105,8 @@ class ScardNFTTrainTask(TrainTask):
         target = self.out / "model.pt"
         shutil.copyfile(result.merged_path, str(target) + ".part")
         os.replace(str(target) + ".part", target)
+        if self.audit is not None:
+            self.audit.append(model_published("scardnft", target, run_dir))
         stats = {"status": "done", "model": str(target), "adapter": str(result.adapter_path),
                  "base_model": str(base), "iterations": result.iterations,
                  "cpu_minutes": round(result.cpu_minutes, 2), "item_weights": result.item_weights,

@@ -192,13 +192,23 @@ def test_forged_rater_is_ignored(server, idp):
 
 
 # -- 4. audit trail ------------------------------------------------------------------------------------------
-def test_training_run_and_refusals_are_audited_and_only_admins_read_the_trail(server, idp):
-    url = server["url"]
-    request = {"preset": "tiny", "any2any_steps": 1, "dose_steps": 1, "grid": 16, "batch_size": 1, "max_minutes": 1}
-    r = requests.post(f"{url}/train/any2any", json=request, headers=_h(idp, "phys.jones"), timeout=60)
+def test_training_runs_models_and_refusals_are_audited_and_only_admins_read_the_trail(server, idp):
+    url, phys = server["url"], _h(idp, "phys.jones")
+    request = {"preset": "tiny", "any2any_steps": 1, "dose_steps": 1, "grid": 16, "batch_size": 1,
+               "warmup_steps": 1, "max_minutes": 5}
+    # one run to the end: its published model is audited ...
+    r = requests.post(f"{url}/train/any2any", json=request, headers=phys, timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    deadline, status = time.time() + 900, {}
+    while time.time() < deadline and status.get("status") not in ("DONE", "ERROR"):
+        time.sleep(3)
+        status = requests.get(f"{url}/train/", headers=phys, timeout=30).json()
+    assert status.get("status") == "DONE", json.dumps(status)[-1500:]
+    # ... and one stopped by the physicist
+    r = requests.post(f"{url}/train/any2any", json=request, headers=phys, timeout=60)
     assert r.status_code == 200, r.text[:300]
     time.sleep(1.0)
-    r = requests.delete(f"{url}/train/", headers=_h(idp, "phys.jones"), timeout=60)
+    r = requests.delete(f"{url}/train/", headers=phys, timeout=60)
     assert r.status_code == 200, r.text[:300]
     requests.put(f"{url}/model/dose", files={"file": ("m.pt", b"x")}, headers=_h(idp, "dr.smith"), timeout=30)
     for user in ("dr.smith", "phys.jones", "visitor"):
@@ -207,6 +217,10 @@ def test_training_run_and_refusals_are_audited_and_only_admins_read_the_trail(se
     seen = {(e["user"], e["action"], e["status"]) for e in entries}
     assert ("phys.jones", "train.start", 200) in seen and ("phys.jones", "train.stop", 200) in seen
     assert ("dr.smith", "model.upload", 403) in seen
+    published = [e for e in entries if e["action"] == "model.publish"]
+    assert len(published) == 1 and published[0]["details"]["model"] == "any2any/model.pt"
+    starts = [i for i, e in enumerate(entries) if e["action"] == "train.start" and e["status"] == 200]
+    assert starts[0] < entries.index(published[0])  # who started the run precedes what it published
     assert ("anonymous", "model.upload", 401) in seen or any(e["action"] == "model.upload" and e["status"] == 401
                                                             for e in entries)
     # filters
