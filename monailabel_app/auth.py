@@ -144,6 +144,9 @@ class AuthSettings:
         algorithms: accepted signature algorithms (`--conf auth_algorithms`, comma-separated,
             default "RS256"); never "none" or HS*, which a public key cannot verify.
         leeway_s: clock skew allowed on exp/nbf/iat (`--conf auth_leeway_s`, default 30).
+        jwks_cooldown_s: at most one key-set refetch per this many seconds for an unknown key id
+            (`--conf auth_jwks_cooldown_s`, default 30): a rotated key is picked up within it,
+            and tokens with made-up key ids cannot make the server hammer the provider.
     """
 
     enabled: bool = False
@@ -158,6 +161,7 @@ class AuthSettings:
     jwks_uri: str = ""
     algorithms: tuple[str, ...] = ("RS256",)
     leeway_s: float = 30.0
+    jwks_cooldown_s: float = 30.0
 
     @classmethod
     def from_monailabel(cls, conf: dict[str, str]) -> AuthSettings:
@@ -178,7 +182,8 @@ class AuthSettings:
                    role_names={r: conf.get(f"auth_role_{r}", f"diffkt3d-{r}") for r in ROLES},
                    issuer=conf.get("auth_issuer", ""), audience=conf.get("auth_audience", ""),
                    jwks_uri=conf.get("auth_jwks_uri", ""), algorithms=algorithms,
-                   leeway_s=float(conf.get("auth_leeway_s", "30")))
+                   leeway_s=float(conf.get("auth_leeway_s", "30")),
+                   jwks_cooldown_s=float(conf.get("auth_jwks_cooldown_s", "30")))
 
 
 class AuthError(Exception):
@@ -215,7 +220,8 @@ class TokenVerifier:
             self._issuer = self._issuer or meta.get("issuer", "")
             jwks_uri = s.jwks_uri or meta.get("jwks_uri")
             if jwks_uri:
-                self._jwks = jwt.PyJWKClient(jwks_uri, cache_keys=True, lifespan=300, timeout=int(s.timeout_s))
+                self._jwks = jwt.PyJWKClient(jwks_uri, cache_keys=False, lifespan=300, timeout=s.timeout_s,
+                                             cooldown_duration=s.jwks_cooldown_s)
                 return
             # A Keycloak realm URL answers with its public key (what MONAI Label 0.8.5 reads).
             r = requests.get(s.realm_uri, timeout=s.timeout_s)

@@ -15,7 +15,7 @@ runs the PRDiT checkpoint `prdit_model` with sampler `prdit_sampler` and predict
 
 Authentication: off unless `MONAI_LABEL_AUTH_ENABLE=true` (environment, MONAI Label's setting);
 then `--conf auth_role_clinician|auth_role_physicist|auth_role_admin|auth_issuer|auth_audience|
-auth_jwks_uri|auth_algorithms|auth_leeway_s` tune it (monailabel_app/auth.py, docs/security.md).
+auth_jwks_uri|auth_algorithms|auth_leeway_s|auth_jwks_cooldown_s` tune it (monailabel_app/auth.py, docs/security.md).
 The audit log is `<state_dir>/audit/audit.jsonl`.
 """
 

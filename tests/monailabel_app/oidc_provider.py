@@ -39,8 +39,14 @@ class LocalOIDCProvider:
         self.users = users
         self.key = new_key()
         self.kid = "test-key-1"
+        self.discovery = True  # False: a bare Keycloak-style realm URL (public_key only)
         self._server: ThreadingHTTPServer | None = None
         self.token_requests = 0
+
+    def rotate(self) -> None:
+        """New signing key under a new key id (old tokens stop verifying)."""
+        self.key = new_key()
+        self.kid = f"test-key-{int(self.kid.rsplit('-', 1)[1]) + 1}"
 
     @property
     def realm_uri(self) -> str:
@@ -83,7 +89,7 @@ class LocalOIDCProvider:
                 base = f"/realms/{REALM}"
                 if self.path == base:
                     self._json(200, {"realm": REALM, "public_key": provider.public_key_b64()})
-                elif self.path == f"{base}/.well-known/openid-configuration":
+                elif self.path == f"{base}/.well-known/openid-configuration" and provider.discovery:
                     uri = provider.realm_uri
                     self._json(200, {"issuer": uri, "jwks_uri": f"{uri}/protocol/openid-connect/certs",
                                      "token_endpoint": f"{uri}/protocol/openid-connect/token"})
