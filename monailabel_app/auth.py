@@ -333,18 +333,24 @@ class AuthMiddleware:
         if not action.audited:
             await self.app(scope, receive, send)
             return
-        status = 500
+        status, audited = 500, False
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal status
+        async def audit_then_send(message: Message) -> None:
+            # The entry is on disk before the last byte of the answer leaves: a client that saw
+            # "done" can rely on the trail, and entries are in the order requests completed.
+            nonlocal status, audited
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body") and not audited:
+                audited = True
+                await self._audit(identity, action, method, path, status, state[STATE_AUDIT])
             await send(message)
 
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, audit_then_send)
         finally:
-            await self._audit(identity, action, method, path, status, state[STATE_AUDIT])
+            if not audited:  # failed before answering (or the client went away)
+                await self._audit(identity, action, method, path, status, state[STATE_AUDIT])
 
     async def _refuse(self, send: Send, status: int, detail: str, action: Action, method: str, path: str,
                       identity: Identity) -> None:
@@ -353,11 +359,11 @@ class AuthMiddleware:
             headers.append((b"www-authenticate", b"Bearer"))
         body = json.dumps({"detail": detail}).encode()
         headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
         log.info("%s %s refused (%d) for user %s", method, path, status, identity.username)
         if action.audited:
             await self._audit(identity, action, method, path, status, {"reason": detail})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     async def _audit(self, identity: Identity, action: Action, method: str, path: str, status: int,
                      details: dict[str, Any]) -> None:

@@ -314,6 +314,10 @@ def test_path_traversal_in_ids_and_file_names_is_refused(server, idp, tmp_path):
         assert 400 <= r.status_code < 600 and r.status_code not in (401, 403), (bad, r.status_code)
         r = requests.get(f"{url}/datastore/image", params={"image": bad}, headers=clin, timeout=30)
         assert r.status_code >= 400, (bad, r.status_code)
+    # a datastore upload whose case id comes from a path-like file name
+    for name in ("../../evil.zip", "..\\..\\evil.nii.gz", "/tmp/evil.nii.gz"):
+        r = requests.put(f"{url}/datastore/image", files={"file": (name, nifti)}, headers=phys, timeout=60)
+        assert r.status_code >= 400 and r.status_code not in (401, 403), (name, r.status_code)
     # file names with path parts are reduced to their base name inside the session folder
     r = requests.put(f"{url}/session/", files=[("files", ("../../evil.nii.gz", nifti)),
                                               ("files", ("../ct.nii.gz", nifti))], headers=clin, timeout=60)
