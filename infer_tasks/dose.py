@@ -81,7 +81,8 @@ def scorecard_items(scorecard: dict[str, Any] | None) -> dict[str, float]:
 
 
 class CandidateCache:
-    """Candidate doses of recent requests, so a client can fetch each one without re-sampling.
+    """Candidate doses of recent multi-candidate requests, so a client can fetch each one without
+    re-sampling.
 
     Bounded by bytes (oldest requests evicted first) and by age.
 
@@ -106,8 +107,9 @@ class CandidateCache:
             self._evict()
             item = self._items.get(request_id)
             if item is None:
-                raise TaskError(404, f"request {request_id!r} is unknown or expired; send the dose request "
-                                     "again with the same seed (sampling is deterministic)")
+                raise TaskError(404, f"request {request_id!r} is unknown or expired (single-candidate results are "
+                                     "not kept: their dose was the response); send the dose request again with "
+                                     "the same seed (sampling is deterministic)")
             _, grid, doses, meta = item
             if candidate_id not in doses:
                 raise TaskError(404, f"request {request_id!r} has no candidate {candidate_id!r}; "
@@ -182,8 +184,13 @@ class DoseTask(InferTask):
                             "scorecard_items": scorecard_items(c.scorecard),
                             "scorecard": c.scorecard} for c in pred.candidates],
         }
-        self.cache.put(request_id, case.grid, {c.id: c.dose_gy for c in pred.candidates},
-                       {"case_id": case.case_id, "model_version": pred.model_version})
+        if len(pred.candidates) > 1:
+            # Only multi-candidate results are kept: a single candidate IS the response image, and
+            # keeping it pinned 8 MB per preview (a 128^3 float32 dose) until the 512 MB budget was
+            # full -- the RSS growth the 15-minute soak of previews showed
+            # (benchmarks/results/server_concurrency_soak.md).
+            self.cache.put(request_id, case.grid, {c.id: c.dose_gy for c in pred.candidates},
+                           {"case_id": case.case_id, "model_version": pred.model_version})
         result["timings"] = {"load_s": round(t1 - t0, 4), **{f"predict_{k}": v for k, v in pred.timings.items()},
                              "total_s": round(time.perf_counter() - t0, 4), "model_s": round(t2 - t1, 4)}
         if self.on_candidates is not None and len(pred.candidates) > 1:

@@ -247,3 +247,27 @@ def test_gpus_request_field_maps_to_training_processes():
     assert processes_for_gpus(3) == (3, None)
     with pytest.raises(DiffKT3DError, match="gpus"):
         processes_for_gpus("many")
+
+
+def test_dose_task_keeps_only_multi_candidate_results(tmp_path, tiny_checkpoint):
+    """A preview (one candidate) is the response image: keeping it would pin 8 MB per request on a
+    128^3 case until the cache budget is full (the soak benchmark's RSS growth)."""
+    from infer_tasks.common import CASE_ID_KEY, SOURCE_KEY, ModelProvider
+    from infer_tasks.dose import DoseTask
+
+    task = DoseTask(ModelProvider(tiny_checkpoint, [], None, "cpu"), max_upload_bytes=10**9)
+    request = {"image": str(_write_case(tmp_path / "case_a", with_dose=False)), SOURCE_KEY: "datastore",
+               CASE_ID_KEY: "case_a"}
+    for _ in range(3):
+        out, preview = task({**request, "preview": True})
+        Path(out).unlink()  # the server deletes the response file once sent
+    assert len(task.cache._items) == 0
+    with pytest.raises(TaskError, match="single-candidate results are not kept"):
+        task({**request, "request_id": preview["request_id"], "candidate_id": preview["chosen_id"]})
+    out, multi = task({**request, "preview": True, "candidates": 2, "seed": 4})
+    Path(out).unlink()
+    assert len(task.cache._items) == 1
+    other = next(c["id"] for c in multi["candidates"] if c["id"] != multi["chosen_id"])
+    path, meta = task({**request, "request_id": multi["request_id"], "candidate_id": other})
+    assert meta["candidate_id"] == other and nib.load(path).shape == (12, 10, 8)
+    Path(path).unlink()
