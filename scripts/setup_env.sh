@@ -19,10 +19,12 @@ extras=""
 [ "$profile" = "test" ] && extras="[dev,transfer]"
 stamp=".venv/.diffkt3d-setup-$profile"
 digest=$(cat pyproject.toml requirements-server.txt requirements-server-nodeps.txt | sha1sum | cut -c1-12)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
-  echo "[setup] .venv is up to date ($profile)"
-  exit 0
-fi
+for done_stamp in "$stamp" .venv/.diffkt3d-setup-test; do   # the test profile includes demo
+  if [ -f "$done_stamp" ] && [ "$(cat "$done_stamp")" = "$digest" ]; then
+    echo "[setup] .venv is up to date ($profile)"
+    exit 0
+  fi
+done
 echo "[setup] installing DiffKT3D ($profile profile) into .venv -- the first run takes a few minutes"
 .venv/bin/python -m pip install --upgrade --progress-bar on pip >/dev/null
 .venv/bin/python -m pip install --progress-bar on "torch==2.13.0"

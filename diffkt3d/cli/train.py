@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 
+from diffkt3d.errors import ConfigError
 from diffkt3d.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,23 +24,71 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=None,
                    help="data-parallel training with N processes via torchrun (one per GPU; gloo on CPU); "
                         "see docs/gpu.md")
+    smoke = p.add_argument_group("smoke run", "check a recipe end to end quickly; the result is not a model to "
+                                 "ship and goes to <out_dir>-smoke unless --out-dir is given")
+    smoke.add_argument("--max-steps", type=int, default=None,
+                       help="cap every stage at N optimiser steps (scardnft: N iterations); budgets still apply")
+    smoke.add_argument("--max-cases", type=int, default=None,
+                       help="use only the first N case folders of the training and of the validation roots")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.stage == "scardnft":
-        from diffkt3d.training.scardnft import run_scardnft_from_yaml
+def apply_smoke_limits(cfg: TrainConfig, max_steps: int | None, max_cases: int | None,
+                       out_dir_given: bool = False) -> TrainConfig:
+    """Return `cfg` with every stage capped at `max_steps` and the data roots cut to `max_cases` cases.
 
-        run_scardnft_from_yaml(args.config, out_dir=args.out_dir, device=args.device)
+    The roots become explicit case folders (`train_roots` accepts those), so the encoded-case cache
+    of a full run is reused and nothing else in the recipe changes. Without an explicit out_dir the
+    run goes to `<out_dir>-smoke`, so a smoke run never resumes from or overwrites the real run.
+    """
+    if max_steps is not None:
+        cfg = dataclasses.replace(cfg, stages=[dataclasses.replace(s, steps=min(s.steps, max_steps))
+                                               for s in cfg.stages])
+    if max_cases is not None:
+        from diffkt3d.data.dataset import list_case_dirs
+
+        cfg = dataclasses.replace(cfg, train_roots=[str(p) for p in list_case_dirs(cfg.train_roots)[:max_cases]],
+                                  val_roots=[str(p) for p in list_case_dirs(cfg.val_roots)[:max_cases]])
+    if max_steps is not None or max_cases is not None:
+        if not out_dir_given:
+            cfg = dataclasses.replace(cfg, out_dir=f"{cfg.out_dir.rstrip('/')}-smoke")
+        log.warning("smoke run (--max-steps %s, --max-cases %s) into %s: not a model to ship",
+                    max_steps, max_cases, cfg.out_dir)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    smoke = args.max_steps is not None or args.max_cases is not None
+    for name, value in (("--max-steps", args.max_steps), ("--max-cases", args.max_cases)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, found {value}")
+    if args.stage == "scardnft":
+        from diffkt3d.training.scardnft import ScardNFTConfig, run_scardnft, run_scardnft_from_yaml
+
+        if not smoke:
+            run_scardnft_from_yaml(args.config, out_dir=args.out_dir, device=args.device)
+            return 0
+        # smoke run: --max-steps caps the iterations (one case group each), --max-cases the cases
+        cfg = ScardNFTConfig.from_yaml(args.config)
+        limits = {"iterations": min(cfg.iterations, args.max_steps) if args.max_steps else cfg.iterations,
+                  "max_cases": min(cfg.max_cases or args.max_cases, args.max_cases) if args.max_cases else cfg.max_cases}
+        cfg = dataclasses.replace(cfg, **limits)
+        out_dir = args.out_dir or f"{cfg.out_dir.rstrip('/')}-smoke"
+        log.warning("ScardNFT smoke run (%s) into %s: not a model to ship", limits, out_dir)
+        result = run_scardnft(cfg, out_dir=out_dir, device=args.device)
+        print(f"merged checkpoint: {result.merged_path}")
         return 0
     if args.nproc:
+        if smoke:
+            raise ConfigError("--max-steps/--max-cases are not supported with --nproc")
         from diffkt3d.training.distributed import launch_distributed
 
         extra = (["--out-dir", args.out_dir] if args.out_dir else []) + (["--no-resume"] if args.no_resume else [])
         return launch_distributed(args.config, args.nproc, extra_args=extra).returncode
     from diffkt3d.training.trainer import run_training
 
-    cfg = TrainConfig.from_yaml(args.config, out_dir=args.out_dir)
+    cfg = apply_smoke_limits(TrainConfig.from_yaml(args.config, out_dir=args.out_dir), args.max_steps, args.max_cases,
+                             out_dir_given=args.out_dir is not None)
     path = run_training(cfg, device=args.device, resume=not args.no_resume)
     print(f"final checkpoint: {path}")
     return 0

@@ -1,0 +1,27 @@
+"""README "Benchmarks": `python benchmarks/dose_benchmark.py`, run as written with its own options that
+keep it cheap (`--limit 1 --variants dit1`, output in a temporary folder): the script, its child
+process, the metrics and the report writer all run; the figures themselves come from the full run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_dose_benchmark_one_case_preview(tmp_path: Path, openkbp_root: Path) -> None:
+    out = tmp_path / "dose_benchmark"
+    proc = subprocess.run([sys.executable, "benchmarks/dose_benchmark.py", "--limit", "1", "--variants", "dit1",
+                           "--threads", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out.with_suffix(".md").read_text()
+    assert "| DiffKT3D cpu-default, 1-step preview | 1 |" in report and "Machine:" in report
+    blob = json.loads(out.with_suffix(".json").read_text())
+    summary = blob["results"]["dit1"]["summary"]
+    assert summary["n"] == 1 and 0 < summary["dose_score"] < 40 and blob["results"]["dit1"]["peak_rss_mb"] > 0
