@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="load checkpoints found in --ckpt-dir (with their training figures) instead of training")
     ap.add_argument("--train-only", action="store_true", help="train and save checkpoints, skip the evaluation")
     ap.add_argument("--any2any", default=None, help="also impute with this Any2Any checkpoint (diffkt3d.inference)")
+    ap.add_argument("--any2any-from", default=None,
+                    help="instead of --any2any: take the Any2Any CT figures of the same validation cases from this "
+                         "benchmarks/dose_benchmark.py JSON (saves its sampling CPU on a starved machine)")
     ap.add_argument("--any2any-train-cpu-min", type=float, default=float("nan"),
                     help="training CPU minutes of that checkpoint, for the table (from its model card)")
     ap.add_argument("--lr-local", type=float, default=1e-3)
@@ -201,6 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     peer = LabelMeanPeer(train)
     ks = [float(k) for k in args.ks.split(",")]
     any2any_label = f"Any2Any DiT ({Path(args.any2any).name}, 10 steps)" if args.any2any else None
+    imported: dict[str, list[dict]] = {}
+    if args.any2any_from:
+        src = json.loads(Path(args.any2any_from).read_text())
+        by_case = {r["case"]: r for r in src["results"]["impute"]["rows"] if "ct_mae_hu" in r}
+        missing = [c for c in val.case_ids if c not in by_case]
+        if missing:
+            raise SystemExit(f"{args.any2any_from}: no CT imputation figures for {missing}")
+        label = f"Any2Any DiT (cpu-default, 10 steps; figures from {Path(args.any2any_from).name})"
+        imported[label] = [{"mae_case": by_case[c]["ct_mae_hu"], "psnr_case": by_case[c]["ct_psnr"],
+                            "mae_work": float("nan"), "psnr_work": float("nan"), "seconds": float("nan"),
+                            "cpu_seconds": float("nan")} for c in val.case_ids]
     runs = [(f"PRDiT k={k:g}", "full", True, k, "predictor-corrector") for k in ks]
     runs += [(f"PRDiT w/o global DiT (local only, k={k:g})", "full", False, k, "predictor-corrector") for k in (1.0, 2.0)]
     runs += [(f"PRDiT w/o overlap (local only, k={k:g})", "no-overlap", False, k, "predictor-corrector")
@@ -219,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     run_of = {r[0]: r for r in runs}
     predictor = None
     rows: dict[str, list[dict]] = {}
+    for label in imported:
+        train_cpu_min[label] = args.any2any_train_cpu_min
     for label in order:
         rows[label] = []
         for i in range(len(val)):
@@ -251,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             f.update(seconds=sec, cpu_seconds=cpu)
             rows[label].append(f)
         log.info("%s: %s", label, {m: round(float(np.mean([r[m] for r in rows[label]])), 2) for m in rows[label][0]})
+        if label == "label-mean peer":
+            rows.update(imported)
         if args.json:
             Path(args.json).write_text(json.dumps({"rows": rows, "train": train_info}, indent=1))
         write_report(args, argv, rows, train_info, train_cpu_min, data_cpu, time.process_time() - cpu0,
