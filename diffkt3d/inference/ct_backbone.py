@@ -33,7 +33,7 @@ class CTImputationConfig:
             "prdit"; it stores its own data encoding).
         prdit_k: predictor multiplier k of Algorithm 1 (>= 1; 1 = the cold deterministic sampler,
             the default because a single imputed CT is judged voxel-wise and k = 1 had the lowest
-            MAE in benchmarks/results/prdit_ct.md).
+            MAE of k = 1, 2, 3 in benchmarks/results/prdit_ct.md).
         prdit_sampler: "predictor-corrector" (Algorithm 1) or "ancestral".
     """
 
