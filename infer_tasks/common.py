@@ -37,7 +37,53 @@ class TaskError(Exception):
         self.status = status
 
 
-class ModelProvider:
+class _ReloadingModel:
+    """Caches one loaded model and reloads it when the file `current_path()` names changes.
+
+    Subclasses say which file is served (`current_path`), how to load it (`_load`) and what to tell
+    the client when there is none (`_missing`); the cache key is (path, mtime), so a new training
+    run or a replaced checkpoint takes over at the next request without a restart.
+    """
+
+    label = "model"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple[str, int] | None = None
+        self._predictor = None
+
+    def current_path(self) -> Path | None:
+        raise NotImplementedError
+
+    def _load(self, path: Path):
+        raise NotImplementedError
+
+    def _missing(self) -> str:
+        raise NotImplementedError
+
+    def get(self):
+        path = self.current_path()
+        if path is None:
+            raise TaskError(503, self._missing())
+        key = (str(path), path.stat().st_mtime_ns)
+        with self._lock:
+            if key != self._key:
+                log.info("loading %s %s", self.label, path)
+                self._predictor = self._load(path)
+                self._key = key
+            assert self._predictor is not None
+            return self._predictor
+
+    def version(self) -> str | None:
+        """Model version if a model is loadable, else None (for /info/)."""
+        try:
+            return self.get().model_version
+        except Exception as exc:  # /info/ must keep working without a model
+            log.warning("%s not loadable: %s", self.label, exc)
+            return None
+
+
+class ModelProvider(_ReloadingModel):
     """Loads the predictor once and reloads it when the served checkpoint changes (new training run).
 
     Which checkpoint is served: `override` when given (`--conf model`); else the NEWEST of the models
@@ -57,9 +103,7 @@ class ModelProvider:
         self.trained = [Path(p) for p in trained]
         self.override = Path(override) if override else None
         self.device = device
-        self._lock = threading.Lock()
-        self._key: tuple[str, int] | None = None
-        self._predictor: Predictor | None = None
+        super().__init__()
         # One model instance serves every request; running two samplers on it at once would only
         # double the memory on a CPU box, so predictions are serialised.
         self.run_lock = threading.Lock()
@@ -72,31 +116,19 @@ class ModelProvider:
             return max(trained, key=lambda p: p.stat().st_mtime_ns)
         return self.shipped if self.shipped.is_file() else None
 
+    def _missing(self) -> str:
+        where = [self.override] if self.override else [self.shipped, *self.trained]
+        return ("no model available: none of " + ", ".join(str(p) for p in where)
+                + " exists (ship weights, set DIFFKT3D_MODEL, or train with POST /train/any2any)")
+
+    def _load(self, path: Path) -> Predictor:
+        return Predictor.load(path, device=self.device)
+
     def get(self) -> Predictor:
-        path = self.current_path()
-        if path is None:
-            where = [self.override] if self.override else [self.shipped, *self.trained]
-            raise TaskError(503, "no model available: none of " + ", ".join(str(p) for p in where)
-                            + " exists (ship weights, set DIFFKT3D_MODEL, or train with POST /train/any2any)")
-        key = (str(path), path.stat().st_mtime_ns)
-        with self._lock:
-            if key != self._key:
-                log.info("loading model %s", path)
-                self._predictor = Predictor.load(path, device=self.device)
-                self._key = key
-            assert self._predictor is not None
-            return self._predictor
-
-    def version(self) -> str | None:
-        """Model version if a model is loadable, else None (for /info/)."""
-        try:
-            return self.get().model_version
-        except Exception as exc:  # /info/ must keep working without a model
-            log.warning("model not loadable: %s", exc)
-            return None
+        return super().get()
 
 
-class PRDiTModelProvider:
+class PRDiTModelProvider(_ReloadingModel):
     """Serves the PRDiT CT-imputation checkpoint of ``--conf ct_backbone prdit`` (issue 5).
 
     Same ``get()`` / ``run_lock`` / ``version()`` surface as :class:`ModelProvider`, so the
@@ -109,36 +141,25 @@ class PRDiTModelProvider:
         run_lock: the lock that serialises all predictions of the app.
     """
 
+    label = "PRDiT CT model"
+
     def __init__(self, config: CTImputationConfig, run_lock: threading.Lock):
         self.config = config
         self.run_lock = run_lock
-        self._lock = threading.Lock()
-        self._key: tuple[str, int] | None = None
-        self._predictor: PRDiTCTPredictor | None = None
+        super().__init__()
 
     def current_path(self) -> Path | None:
         path = self.config.prdit_model
         return path if path is not None and path.is_file() else None
 
-    def get(self) -> PRDiTCTPredictor:
-        path = self.current_path()
-        if path is None:
-            raise TaskError(503, f"PRDiT CT model not available: {self.config.prdit_model} does not exist")
-        key = (str(path), path.stat().st_mtime_ns)
-        with self._lock:
-            if key != self._key:
-                log.info("loading PRDiT CT model %s", path)
-                self._predictor = PRDiTCTPredictor.load(self.config)
-                self._key = key
-            assert self._predictor is not None
-            return self._predictor
+    def _missing(self) -> str:
+        return f"PRDiT CT model not available: {self.config.prdit_model} does not exist"
 
-    def version(self) -> str | None:
-        try:
-            return self.get().model_version
-        except Exception as exc:  # /info/ must keep working without a model
-            log.warning("PRDiT CT model not loadable: %s", exc)
-            return None
+    def _load(self, path: Path) -> PRDiTCTPredictor:
+        return PRDiTCTPredictor.load(self.config)
+
+    def get(self) -> PRDiTCTPredictor:
+        return super().get()
 
 
 def session_case_root(image: Path) -> Path:
