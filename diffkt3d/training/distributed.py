@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import hashlib
 import json
 import logging
@@ -399,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         final = trainer.run(resume=not args.no_resume)
         if env.is_main:
             log.info("final checkpoint: %s", final)
+        # The DDP reducer keeps gloo work objects; free it while the process group still exists,
+        # not in the interpreter's teardown after destroy_process_group (see _exit_now).
+        trainer.ddp = None
+        del trainer
+        gc.collect()
         return 0
     except DiffKT3DError as exc:
         logging.getLogger("diffkt3d").error("rank %d: %s", env.rank, exc)
@@ -408,5 +414,20 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
+def _exit_now(code: int) -> None:
+    """Flush and leave without running C++ static destructors.
+
+    Why: with gloo on CPU, a rank that had finished cleanly sometimes aborted at interpreter exit
+    ("terminate called without an active exception", SIGABRT; seen in CI on torch 2.13 with 2
+    processes) when a gloo thread object was destroyed during finalisation; torchrun then
+    reported the whole run as failed although every checkpoint was written. All work is done
+    and the process group destroyed by the time this runs, so skipping finalisation loses nothing.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())
