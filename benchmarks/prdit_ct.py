@@ -152,9 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     val_dirs = case_dirs(DATA / "validation", args.n_val)
     train = load_ct_imputation_data(train_dirs, grid)
     val = None if args.train_only else load_ct_imputation_data(val_dirs, grid)
-    val_cases = [] if args.train_only else [load_case_folder(d, with_dose=False) for d in val_dirs]
+    # Only the validation cases the loader kept (same order), so val_cases[i] is val's row i.
+    val_cases = [] if args.train_only else [c for c in (load_case_folder(d, with_dose=False) for d in val_dirs)
+                                            if c.case_id in set(val.case_ids)]
+    data_info = {"train_folders": len(train_dirs), "train_used": len(train), "train_skipped": train.skipped,
+                 "val_folders": len(val_dirs), "val_used": 0 if val is None else len(val),
+                 "val_skipped": {} if val is None else val.skipped}
     data_cpu = time.process_time() - cpu0
-    log.info("data: %d train, %d val cases, %.0f CPU s", len(train), len(val_cases), data_cpu)
+    log.info("data: %d of %d train folders with a CT used (skipped %s), %d of %d val (skipped %s), %.0f CPU s",
+             len(train), len(train_dirs), train.skipped or "none", len(val_cases), len(val_dirs),
+             data_info["val_skipped"] or "none", data_cpu)
 
     # 2. Models: full PRDiT and the no-overlap ablation (local denoiser only, same step count).
     full_cfg = config_for_ct_imputation(get_config(args.preset))
@@ -270,16 +277,16 @@ def main(argv: list[str] | None = None) -> int:
         if label == "label-mean peer":
             rows.update(imported)
         if args.json:
-            Path(args.json).write_text(json.dumps({"rows": rows, "train": train_info}, indent=1))
+            Path(args.json).write_text(json.dumps({"rows": rows, "train": train_info, "data": data_info}, indent=1))
         write_report(args, argv, rows, train_info, train_cpu_min, data_cpu, time.process_time() - cpu0,
-                     time.perf_counter() - wall0, len(train), val.case_ids, full_cfg, noov_cfg)
+                     time.perf_counter() - wall0, data_info, val.case_ids, full_cfg, noov_cfg)
 
     total_cpu = time.process_time() - cpu0
     total_wall = time.perf_counter() - wall0
-    write_report(args, argv, rows, train_info, train_cpu_min, data_cpu, total_cpu, total_wall, len(train),
+    write_report(args, argv, rows, train_info, train_cpu_min, data_cpu, total_cpu, total_wall, data_info,
                  val.case_ids, full_cfg, noov_cfg)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "train": train_info}, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": rows, "train": train_info, "data": data_info}, indent=1))
     log.info("total CPU %.1f min, wall %.1f min", total_cpu / 60, total_wall / 60)
     return 0
 
@@ -289,7 +296,33 @@ def _as_command(argv_line: str) -> str:
     return argv_line if argv_line.startswith("python") else f"python {argv_line}"
 
 
-def write_report(args, argv, rows, train_info, train_cpu_min, data_cpu, total_cpu, total_wall, n_train, val_ids,
+def _skipped_text(skipped: dict[str, str]) -> str:
+    """``{"pt_38": "no body mask"}`` -> "pt_38 (no body mask)"; "none" when empty."""
+    return ", ".join(f"{cid} ({why})" for cid, why in skipped.items()) or "none"
+
+
+def cpu_share_sentence(train_info: dict, threads: int, total_cpu: float, total_wall: float) -> str:
+    """How much CPU the processes got, from their own process CPU time vs wall time.
+
+    Training: summed over the recorded training stages (``StageReport`` cpu / wall seconds, which
+    for ``--reuse`` come from the checkpoints, i.e. from the run that trained them); evaluation:
+    this process from start to report.
+    """
+    stages = [st for info in train_info.values() for st in info["stages"]]
+    t_cpu = sum(st["cpu_seconds"] for st in stages)
+    t_wall = sum(st["wall_seconds"] for st in stages)
+
+    def share(cpu: float, wall: float) -> str:
+        return f"{cpu / 60:.1f} CPU min in {wall / 60:.1f} wall min, {100 * cpu / wall:.0f} % of one core" \
+            if wall > 0 else f"{cpu / 60:.1f} CPU min"
+
+    return (f"Process CPU time vs wall time: training stages {share(t_cpu, t_wall)}; this run (data, "
+            f"evaluation, report) {share(total_cpu, total_wall)}; {threads} thread(s) per process. Where "
+            f"the share is well below {100 * threads} %, the machine was busy with other jobs and wall "
+            "times are inflated; the process CPU times are the comparable figures.")
+
+
+def write_report(args, argv, rows, train_info, train_cpu_min, data_cpu, total_cpu, total_wall, data_info, val_ids,
                  full_cfg, noov_cfg) -> None:
     def mean(label, key):
         return float(np.mean([r[key] for r in rows[label]]))
@@ -302,11 +335,9 @@ def write_report(args, argv, rows, train_info, train_cpu_min, data_cpu, total_cp
         "# PRDiT CT imputation — small CPU benchmark (issue 5, item 6)",
         "",
         f"Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; torch {torch.__version__}, "
-        f"{args.threads} thread(s), machine shared with other jobs.",
+        f"{args.threads} thread(s).",
         "",
-        f"Machine: {describe_machine()}. {args.threads} thread(s) per process; the machine was shared with the "
-        "lead's training runs, which had priority (this run's processes got roughly 10 % of one core), so "
-        "wall times are long and only the process CPU times are comparable.",
+        f"Machine: {describe_machine()}. {cpu_share_sentence(train_info, args.threads, total_cpu, total_wall)}",
         "",
         "Commands (from the repository root; the first trains and saves the checkpoints, the second reuses "
         "them, evaluates and writes this file):",
@@ -318,8 +349,12 @@ def write_report(args, argv, rows, train_info, train_cpu_min, data_cpu, total_cp
         "",
         "## What this is (and is not)",
         "",
-        f"- Data: OpenKBP train, first {n_train} cases with a CT (natural order) for training; validation "
-        f"cases {', '.join(val_ids)} for the figures. CT and conditions (ptv prescription map, 7 OAR channels, "
+        f"- Data: OpenKBP train, the first {data_info['train_folders']} case folders with a CT (natural order, "
+        f"`--n-train {args.n_train}`): {data_info['train_used']} used for training, skipped: "
+        f"{_skipped_text(data_info['train_skipped'])}. OpenKBP validation, the first {data_info['val_folders']} "
+        f"case folders with a CT (`--n-val {args.n_val}`): {data_info['val_used']} used for the figures "
+        f"({', '.join(val_ids)}), skipped: {_skipped_text(data_info['val_skipped'])}. "
+        "CT and conditions (ptv prescription map, 7 OAR channels, "
         f"body) encoded by `diffkt3d.data.encoding` on a {args.grid}^3 working grid (area resampling of 128^3).",
         f"- PRDiT preset `{args.preset}`: patch {full_cfg.patch_size} / stride {full_cfg.stride} / padding "
         f"{full_cfg.padding}, global DiT depth {full_cfg.global_depth}, width {full_cfg.global_hidden}, "

@@ -110,9 +110,12 @@ class VolumeSet:
         targets: (N, C, D, H, W) clean volumes in [-1, 1].
         conditions: (N, C_c, D, H, W) stacked conditions, or None (unconditional).
         case_ids: names for messages.
+        skipped: case id -> reason for cases a loader left out (e.g. "no body mask"), so reports
+            can say exactly which cases were used.
     """
 
-    def __init__(self, targets: Tensor, conditions: Tensor | None = None, case_ids: list[str] | None = None):
+    def __init__(self, targets: Tensor, conditions: Tensor | None = None, case_ids: list[str] | None = None,
+                 skipped: Mapping[str, str] | None = None):
         if targets.ndim != 5:
             raise ValueError(f"targets must be (N, C, D, H, W), found shape {tuple(targets.shape)}")
         if conditions is not None and (conditions.shape[0] != targets.shape[0] or conditions.shape[2:] != targets.shape[2:]):
@@ -120,6 +123,7 @@ class VolumeSet:
         self.targets = targets.float()
         self.conditions = conditions.float() if conditions is not None else None
         self.case_ids = case_ids or [str(i) for i in range(targets.shape[0])]
+        self.skipped: dict[str, str] = dict(skipped or {})
 
     def __len__(self) -> int:
         return self.targets.shape[0]
@@ -219,17 +223,20 @@ def load_ct_imputation_data(case_dirs: Iterable[str | Path], grid: tuple[int, in
 
     Uses ``diffkt3d.data.encoding`` (CT window -> [-1, 1], ptv prescription map, OAR channels, body
     mask; area resampling). Cases without a CT (or without a body mask when ``body`` is a condition)
-    are skipped with a log line; an empty result is an error.
+    are skipped with a log line and listed in the result's ``skipped`` (case id -> reason); an empty
+    result is an error.
 
     Raises:
         CaseError: no usable case, or a condition whose channel count differs from ``conditions``.
     """
     enc = EncodingConfig(grid=tuple(grid))
     targets, conds, ids = [], [], []
+    skipped: dict[str, str] = {}
     for case_dir in case_dirs:
         case = load_case_folder(case_dir, with_dose=False)
         if case.ct_hu is None or ("body" in conditions and case.body is None):
-            log.info("skipping %s: no %s", case.case_id, "CT" if case.ct_hu is None else "body mask")
+            skipped[case.case_id] = "no CT" if case.ct_hu is None else "no body mask"
+            log.info("skipping %s: %s", case.case_id, skipped[case.case_id])
             continue
         parts = []
         for name, channels in conditions.items():
@@ -244,7 +251,7 @@ def load_ct_imputation_data(case_dirs: Iterable[str | Path], grid: tuple[int, in
     if not targets:
         raise CaseError("no case with a CT among the given folders")
     stacked = torch.stack(conds) if conds[0] is not None else None
-    return VolumeSet(torch.stack(targets), stacked, ids)
+    return VolumeSet(torch.stack(targets), stacked, ids, skipped)
 
 
 def config_for_ct_imputation(preset_config: PRDiTConfig) -> PRDiTConfig:

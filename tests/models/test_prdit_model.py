@@ -169,6 +169,17 @@ def test_impute_ct_shape_range_and_seed():
         impute_ct(model, cond, steps=2, sampler="euler")
 
 
+def test_sampling_k_defaults_come_from_the_one_product_default():
+    import inspect
+
+    from diffkt3d.inference.ct_backbone import PRDIT_DEFAULT_K, CTImputationConfig
+    from diffkt3d.models.prdit import PRDiTImputer, sample_predictor_corrector
+
+    assert PRDIT_DEFAULT_K == 1.0 and CTImputationConfig().prdit_k == PRDIT_DEFAULT_K
+    for fn in (impute_ct, PRDiTImputer.impute_case, sample_predictor_corrector):
+        assert inspect.signature(fn).parameters["k"].default == PRDIT_DEFAULT_K, fn.__qualname__
+
+
 def test_local_denoiser_follows_equation_2():
     # Re-implement seed 004 eq. 2 with plain tensor ops and slicing, using the module's weights.
     import torch.nn.functional as F

@@ -45,17 +45,39 @@ def test_highres_training_changes_only_the_refiner_and_lf_term_is_added():
     from diffkt3d.training.prdit_trainer import StageSettings, VolumeSet, train_stage
 
     low, hr = _models()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # a non-zero refiner head, so x0_hat is more than the upsampled estimate
+        for p in hr.refiner.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     low_state = {k: v.clone() for k, v in low.state_dict().items()}
-    x0 = torch.tanh(torch.randn(2, 1, 16, 16, 8))
+    x0 = torch.tanh(torch.randn(2, 1, 16, 16, 8, generator=g))
     body = torch.sign(x0)
-    # loss(lf_weight=w) - loss(0) = w * mse(avgpool(x0_hat), x0_low) for the same draw of t, eps
+    # loss(lf_weight=w) - loss(0) = w * mean((avgpool_2(x0_hat) - x0_low)^2) for the same draw of t, eps.
+    w = 2.0
     l0 = hr.training_loss(x0, body, lf_weight=0.0, generator=torch.Generator().manual_seed(4))
-    l2 = hr.training_loss(x0, body, lf_weight=2.0, generator=torch.Generator().manual_seed(4))
-    assert float((l2 - l0).detach()) > 0
+    lw = hr.training_loss(x0, body, lf_weight=w, generator=torch.Generator().manual_seed(4))
+    # Independent LF term: redo the draw (t uniform in 1..T, then eps), the forward process, the
+    # low model on every second voxel and 2x2x2 block means by reshaping.
+    gd = torch.Generator().manual_seed(4)
+    t = torch.randint(1, 1001, (2,), generator=gd).float()
+    eps = torch.randn(x0.shape, generator=gd)
+    th = (t * torch.pi / 2000).view(-1, 1, 1, 1, 1)
+    x_t = torch.cos(th) * x0 + torch.sin(th) * eps
+    with torch.no_grad():
+        out = hr(x_t, t, body)
+        x0_low = low(x_t[:, :, ::2, ::2, ::2], t, F.avg_pool3d(body, 2)).x0_hat
+    torch.testing.assert_close(out.x0_low, x0_low)
+    pooled = out.x0_hat.reshape(2, 1, 8, 2, 8, 2, 4, 2).mean(dim=(3, 5, 7))
+    lf = float(((pooled - x0_low) ** 2).mean())
+    l0_ref = float(((out.x0_hat - x0) ** 2).mean() + ((out.eps_hat - eps) ** 2).mean())
+    assert lf > 1e-3  # the term is not trivially zero
+    assert float(l0.detach()) == pytest.approx(l0_ref, rel=1e-5)  # the draw was reproduced
+    assert float((lw - l0).detach()) == pytest.approx(w * lf, rel=1e-4, abs=1e-7)
+    refiner_state = {k: v.clone() for k, v in hr.refiner.state_dict().items()}
     report = train_stage(hr, VolumeSet(x0, body), "highres", StageSettings(steps=5, lr=1e-3, batch_size=2))
     assert report.steps == 5 and all(torch.isfinite(torch.tensor(report.losses)))
     assert all(torch.equal(v, low.state_dict()[k]) for k, v in low_state.items())
-    assert any(p.abs().sum() > 0 for p in hr.refiner.final.parameters())
+    assert any(not torch.equal(v, hr.refiner.state_dict()[k]) for k, v in refiner_state.items())
 
 
 def test_highres_samples_and_checkpoint_round_trip(tmp_path):

@@ -60,6 +60,25 @@ def test_k_greater_than_one_adds_noise_and_k_below_one_is_rejected():
         sample_predictor_corrector(_fake_model, x_T, 4, k=0.5)
 
 
+def test_clamped_steps_predict_to_zero_then_renoise_and_only_the_last_is_deterministic():
+    # k = 3, 10 steps: t = 200 -> 100 would need t_pred = -100; clamped to 0 the step is
+    # x_t' = cos(th') (x_t + th_t g) + sin(th') z with cos(th') = 0.988, sin(th') = 0.156 (a hot step).
+    g = torch.Generator().manual_seed(0)
+    x_t, z = torch.randn(1, 1, 4, 4, 4, generator=g), torch.randn(1, 1, 4, 4, 4, generator=g)
+    x0_hat, eps_hat = _fake_model(x_t, torch.tensor([200.0]))
+    th_t, th_next = math.pi * 200 / (2 * T), math.pi * 100 / (2 * T)
+    assert (math.cos(th_next), math.sin(th_next)) == (pytest.approx(0.988, abs=1e-3), pytest.approx(0.156, abs=1e-3))
+    x_tilde = x_t + th_t * (math.sin(th_t) * x0_hat - math.cos(th_t) * eps_hat)
+    out = predictor_corrector_step(x_t, x0_hat, eps_hat, 200.0, 100.0, 3.0, T, z)
+    torch.testing.assert_close(out, math.cos(th_next) * x_tilde + math.sin(th_next) * z)
+    other = predictor_corrector_step(x_t, x0_hat, eps_hat, 200.0, 100.0, 3.0, T, -z)
+    assert not torch.allclose(out, other)  # the step depends on the noise
+    # The final step (t' = 0) is deterministic for any k and needs no noise.
+    last = predictor_corrector_step(x_t, x0_hat, eps_hat, 100.0, 0.0, 3.0, T, None)
+    torch.testing.assert_close(last, x_t + (math.pi / 20) * (math.sin(math.pi / 20) * x0_hat
+                                                              - math.cos(math.pi / 20) * eps_hat))
+
+
 @pytest.mark.parametrize("k", [2.0, 3.0])
 def test_one_hot_step_has_the_right_marginal(k):
     # From x_t on the true path, one PC step must land (to Euler accuracy) on

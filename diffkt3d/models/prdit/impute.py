@@ -19,6 +19,7 @@ from diffkt3d.constants import CT_WINDOW_HU
 from diffkt3d.data.case import Case
 from diffkt3d.data.encoding import EncodingConfig, decode_ct, encode_modality
 from diffkt3d.errors import ConfigError
+from diffkt3d.inference.ct_backbone import PRDIT_DEFAULT_K
 from diffkt3d.models.prdit.checkpoint import load_checkpoint, read_checkpoint
 from diffkt3d.models.prdit.model import PRDiT, stack_conditions
 from diffkt3d.models.prdit.multires import PRDiTHighRes
@@ -42,7 +43,8 @@ def unit_to_hu(ct_unit: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def impute_ct(model: PRDiT | PRDiTHighRes, conditions: Mapping[str, Tensor] | None, steps: int = 20, k: float = 2.0,
+def impute_ct(model: PRDiT | PRDiTHighRes, conditions: Mapping[str, Tensor] | None, steps: int = 20,
+              k: float = PRDIT_DEFAULT_K,
               generator: torch.Generator | None = None, *, shape: tuple[int, ...] | None = None,
               sampler: str = "predictor-corrector", use_global: bool = True) -> Tensor:
     """Sample a CT given the other modalities.
@@ -52,7 +54,8 @@ def impute_ct(model: PRDiT | PRDiTHighRes, conditions: Mapping[str, Tensor] | No
         conditions: name -> (B, C, D, H, W) in [-1, 1], the names and channels of
             ``model.config.conditions`` (e.g. ptv, oar, body); None / empty for an unconditional model.
         steps: sampler steps L.
-        k: predictor multiplier of Algorithm 1 (1 = cold deterministic).
+        k: predictor multiplier of Algorithm 1 (1 = cold deterministic); the default is the
+            product's ``diffkt3d.inference.ct_backbone.PRDIT_DEFAULT_K`` (why: see there).
         generator: seeds x_T and the corrector noise (same seed, same CT).
         shape: (B, D, H, W) for an unconditional model (conditions give it otherwise).
         sampler: "predictor-corrector" (Algorithm 1) or "ancestral".
@@ -117,9 +120,11 @@ class PRDiTImputer:
             raise ConfigError(f"PRDiT checkpoint {path}: no data encoding stored; cannot map cases to model inputs")
         return cls(load_checkpoint(path), EncodingConfig.from_dict(enc))
 
-    def impute_case(self, case: Case, steps: int = 10, k: float = 2.0, seed: int = 0,
+    def impute_case(self, case: Case, steps: int = 10, k: float = PRDIT_DEFAULT_K, seed: int = 0,
                     sampler: str = "predictor-corrector") -> np.ndarray:
         """CT of ``case`` in HU, (I, J, K) float32 on the case grid; -1000 HU (air) outside the body.
+
+        ``k`` defaults to ``PRDIT_DEFAULT_K``, the same default as the CLI and server (``prdit_k``).
 
         Raises:
             CaseError: a condition the model needs cannot be built from the case (e.g. no body mask).

@@ -12,9 +12,21 @@ Predictor-corrector step from t to t' = t - dt with multiplier k >= 1 (non-integ
     x_t'   = alpha x~ + sigma z,  z ~ N(0, I)        hot corrector: exact Gaussian t_pred -> t'
 
 k = 1 gives t_pred = t', alpha = 1, sigma = 0: the deterministic "cold" update of Zhang et al.
-Clamping t_pred at 0 is ours: Algorithm 1 does not treat the last steps, where t - k dt < 0 would
-give cos(theta_pred) < cos(theta_t') and alpha > 1 (no real sigma); clamped, those steps are
-cold steps that land on t' (the final step to t' = 0 is always deterministic).
+
+Clamping t_pred at 0 is ours. Algorithm 1 does not treat t - k dt < 0, which on the uniform
+schedule (t = l dt) happens in the last ceil(k) - 1 steps (l < k): theta_pred would be negative
+(the Euler step overshoots past the clean end t = 0), and once t - k dt < -t' it gives
+cos(theta_pred) < cos(theta_t'), alpha > 1 and no real sigma. Clamped, theta_pred = 0 and the step
+becomes "predict the clean volume, then re-noise it to t'":
+
+    x~     = x_t + theta_t g                          Euler jump all the way to t = 0
+    alpha  = cos(theta_t'),  sigma = sin(theta_t')
+    x_t'   = cos(theta_t') x~ + sin(theta_t') z       the forward process q(x_t' | x~), fresh z
+
+This is a hot step, not a cold one: e.g. k = 3, 10 steps, T = 1000, the step t = 200 -> 100 has
+alpha = cos(pi/20) = 0.988, sigma = sin(pi/20) = 0.156. Only the final step to t' = 0 is
+deterministic (alpha = 1, sigma = 0), for every k. For integer k the step with t = k dt reaches
+t_pred = 0 exactly, without clamping, and has the same form.
 
 The ancestral ("conventional hot", A.6.3 eq. 7, DDPM / DDIM eta = 1) sampler uses eps_hat only:
 with sqrt(abar_t) = cos(theta_t), x0 = (x_t - sin(theta_t) eps_hat) / cos(theta_t),
@@ -31,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from diffkt3d.inference.ct_backbone import PRDIT_DEFAULT_K
 from diffkt3d.models.prdit.model import DenoiseFn, angle
 
 __all__ = [
@@ -73,7 +86,7 @@ def predictor_corrector_step(
 
     Args:
         noise: standard normal like ``x_t`` for the corrector; may be None only when sigma = 0
-            (k = 1, or the clamped final steps).
+            (k = 1, or the final step to ``t_next = 0``).
     """
     if k < 1:
         raise ValueError(f"predictor multiplier k must be >= 1, found {k}")
@@ -150,7 +163,7 @@ def sample_predictor_corrector(
     denoise: DenoiseFn,
     x_T: Tensor,
     steps: int,
-    k: float = 1.0,
+    k: float = PRDIT_DEFAULT_K,
     num_timesteps: int = 1000,
     generator: torch.Generator | None = None,
     keep_trajectory: bool = False,
@@ -161,7 +174,8 @@ def sample_predictor_corrector(
         denoise: ``(x_t, t) -> (x0_hat, eps_hat)``, e.g. ``PRDiT.denoiser(cond)``.
         x_T: (B, C, D, H, W) start, normally standard normal (x_T = eps under this process).
         steps: number of outer steps L.
-        k: predictor multiplier (1 = cold deterministic; the paper's best values are 2-3.5).
+        k: predictor multiplier (1 = cold deterministic; the paper's best values are 2-3.5);
+            default ``diffkt3d.inference.ct_backbone.PRDIT_DEFAULT_K`` (1).
         num_timesteps: T of the model.
         generator: drives the corrector noise (one draw per step, also for k = 1, so that runs with
             different k consume the generator identically).
