@@ -1,7 +1,9 @@
 """Dose + imputation benchmark on the OpenKBP validation cases, DiT vs the MONAI peer, one run.
 
-For every validation case (40): the shipped DiT with 10 steps and with the 1-step preview, and the
-BasicUNet peer trained with the same CPU budget (benchmarks/peer.py). Figures: OpenKBP dose score
+For every validation case (40): the shipped DiT with 10 steps and with the 1-step preview, the
+BasicUNet peer trained with the same CPU budget (benchmarks/peer.py), and the model's geometric
+dose prior alone (``models.dose_prior`` with the shipped model's falloffs and initial mix, no
+network): what the DiT adds over the prior it starts from. Figures: OpenKBP dose score
 and DVH score (official definitions, diffkt3d.metrics.openkbp), PSNR, SSIM, Scorecard total
 (openkbp_hn), seconds per case, and peak memory (each model runs in its own child process, so
 ru_maxrss is that model's peak). Imputation (DiT): CT MAE (HU, inside the body) and PSNR, PTV and
@@ -61,11 +63,11 @@ def run_child(args: argparse.Namespace) -> None:
     template = load_template(args.template)
     cases = list_case_dirs([args.cases])[: args.limit or None]
     rows = []
-    if args.child in ("dit10", "dit1", "impute"):
+    if args.child in ("dit10", "dit1", "impute", "prior"):
         from diffkt3d.inference import Predictor
 
         predictor = Predictor.load(args.model)
-    else:
+    if args.child == "peer":
         from peer import load_peer, predict_peer
 
         from diffkt3d.data.dataset import prepare_case
@@ -86,6 +88,10 @@ def run_child(args: argparse.Namespace) -> None:
             from diffkt3d.scorecard import score_case
 
             row["scorecard_ref"] = float(score_case(ref.dose_gy, ref, template).to_dict()["total"])
+        elif args.child == "prior":
+            dose = prior_dose(predictor, folder)
+            row["seconds"] = 0.0
+            row.update({k: v for k, v in dose_figures(ref, dose, template).items() if k != "_score"})
         elif args.child == "peer":
             t0 = time.perf_counter()
             inp = prepare_case(folder)
@@ -113,6 +119,34 @@ def run_child(args: argparse.Namespace) -> None:
     Path(args.child_out).write_text(json.dumps({"rows": rows, "peak_rss_mb": peak_mb}))
 
 
+def prior_dose(predictor, folder: Path) -> np.ndarray:
+    """The shipped model's dose prior alone, decoded to the case grid like a prediction (Gy)."""
+    from diffkt3d.data.dataset import prepare_case
+    from diffkt3d.data.encoding import decode_dose, encode_case
+    from diffkt3d.models.dose_prior import prior_basis
+
+    cfg, enc = predictor.model.config, predictor.encoding
+    if not cfg.dose_prior_falloffs:
+        raise SystemExit("variant 'prior': the model has no dose prior (dose_prior_falloffs is empty)")
+    case = prepare_case(folder)
+    case.dose_gy = None
+    tensors = encode_case(case, enc, ("ptv", "body"))
+    basis = prior_basis(tensors["ptv"][None], tensors["body"][None], cfg.dose_prior_falloffs, cfg.dose_prior_reach)
+    w0 = torch.tensor(cfg.dose_prior_weights).view(1, -1, 1, 1, 1)
+    x0 = 2.0 * (w0 * basis).sum(dim=1) - 1.0  # (1, D, H, W) dose encoding
+    return decode_dose(x0, case.grid, enc, case.body)
+
+
+def paired(rows_a: list[dict], rows_b: list[dict], key: str = "dose_score") -> dict:
+    """Per-case paired comparison a - b over the cases both have: mean, cases a is better, Wilcoxon p."""
+    from scipy.stats import wilcoxon
+
+    b = {r["case"]: r[key] for r in rows_b}
+    diffs = [r[key] - b[r["case"]] for r in rows_a if r["case"] in b]
+    p = float(wilcoxon(diffs).pvalue) if len(diffs) > 1 and any(diffs) else float("nan")
+    return {"n": len(diffs), "mean_diff": float(np.mean(diffs)), "a_better": int(sum(d < 0 for d in diffs)), "p": p}
+
+
 def summarise(rows: list[dict]) -> dict:
     out = {"n": len(rows)}
     if rows and "dose_score" in rows[0]:
@@ -132,7 +166,7 @@ def main() -> None:
     p.add_argument("--template", default="openkbp_hn")
     p.add_argument("--limit", type=int, default=0, help="first N cases only (0 = all)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", nargs="+", default=["dit10", "dit1", "peer", "impute"])
+    p.add_argument("--variants", nargs="+", default=["dit10", "dit1", "peer", "prior", "impute"])
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/dose_benchmark"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -173,10 +207,9 @@ def main() -> None:
 def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"machine": describe_machine(), "date": started.isoformat(),
-                                                    "args": vars(args), "results": results}, indent=1))
     names = {"dit10": "DiffKT3D cpu-default, 10 steps", "dit1": "DiffKT3D cpu-default, 1-step preview",
-             "peer": "MONAI BasicUNet peer (L1 regression)"}
+             "peer": "MONAI BasicUNet peer (L1 regression)",
+             "prior": "geometric dose prior alone (no network; what the DiT starts from)"}
     lines = [f"# Dose benchmark: OpenKBP validation ({started:%Y-%m-%d %H:%M} UTC)", "",
              f"Machine: {describe_machine()}", "",
              f"Command: `python benchmarks/dose_benchmark.py {' '.join(sys.argv[1:])}`", "",
@@ -193,6 +226,14 @@ def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) 
         ref_scores = [r["scorecard_ref"] for r in results["dit10"]["rows"]]
         lines.append(f"| reference plans (for scale) | {len(ref_scores)} | 0 | 0 | inf | 1 | "
                      f"{np.mean(ref_scores):.2f} | | | |")
+    pairs = [(a, b) for a, b in (("dit10", "peer"), ("dit10", "prior"), ("dit1", "peer"), ("dit1", "prior")) if a in results and b in results]
+    if pairs:
+        lines += ["", "## Paired per-case comparison (dose score, Gy; Wilcoxon signed-rank, two-sided)", "",
+                  "| A vs B | cases | mean A - B (Gy) | cases A better | p |", "|---|---|---|---|---|"]
+        for a, b in pairs:
+            c = paired(results[a]["rows"], results[b]["rows"])
+            results.setdefault("paired", {})[f"{a}-{b}"] = c
+            lines.append(f"| {a} vs {b} | {c['n']} | {c['mean_diff']:+.3f} | {c['a_better']} | {c['p']:.2g} |")
     if "impute" in results:
         rows = results["impute"]["rows"]
         ct = [r for r in rows if "ct_mae_hu" in r]
@@ -215,6 +256,8 @@ def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) 
         lines.append(f"\nPeer training: {meta.get('steps')} steps in {meta.get('cpu_minutes', 0):.1f} CPU-minutes "
                      "(compare with the DiT's budget in docs/model-card.md; equal budgets are the target).")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"machine": describe_machine(), "date": started.isoformat(),
+                                                    "args": vars(args), "results": results}, indent=1))
     print("\n".join(lines))
 
 

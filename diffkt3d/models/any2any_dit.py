@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from diffkt3d.models.config import DiTConfig
+from diffkt3d.models.dose_prior import prior_basis
 from diffkt3d.models.layers import (
     FP32LayerNorm,
     RMSNorm,
@@ -143,7 +144,7 @@ class Head(nn.Module):
         dim = config.dim
         self.norm = FP32LayerNorm(dim, eps=config.eps)
         self.head = nn.ModuleDict(
-            {m: nn.Linear(dim, config.in_channels[m] * config.patch_volume) for m in config.modalities}
+            {m: nn.Linear(dim, config.head_channels(m) * config.patch_volume) for m in config.modalities}
         )
         self.modulation = init_modulation_table(2, dim, zero=False)
 
@@ -326,12 +327,31 @@ class Any2AnyDiT(nn.Module):
 
         # 5. Head on the target tokens only, modulated by the target's embedding; unpatchify.
         out = self.head(x[:, :n_target], e_role[:, ROLE_TARGET], target)  # (B, n, C * p^3)
-        out = self.unpatchify(out, grid, cfg.in_channels[target])  # (B, C, D, H, W)
+        out = self.unpatchify(out, grid, cfg.head_channels(target))  # (B, C_head, D, H, W)
         if cfg.prediction == "x0":
+            if target == "dose" and cfg.dose_prior_falloffs:
+                out = self._dose_x0_with_prior(out, volumes)  # (B, 1, D, H, W)
             # 6. x0-parameterised head (config docstring): v_hat = (x_t - x0_hat) / t, fp32.
             t_div = t.float().clamp_min(cfg.x0_min_t).view(-1, 1, 1, 1, 1)
             return (volumes[target].float() - out.float()) / t_div
         return out
+
+    def _dose_x0_with_prior(self, out: Tensor, volumes: dict[str, Tensor]) -> Tensor:
+        """Dose x0_hat from the head's (residual, basis weights) and the geometric prior, fp32.
+
+        ``out`` (B, 1 + n, D, H, W) -> (B, 1, D, H, W) in the [-1, 1] dose encoding:
+        2 * sum_j (w0_j + w_j) * P_j - 1 + residual, or the residual alone without a ``ptv``
+        condition (config ``dose_prior_falloffs``; ``models.dose_prior`` says why).
+        """
+        cfg = self.config
+        residual = out[:, :1].float()
+        if "ptv" not in volumes:
+            return residual
+        basis = prior_basis(volumes["ptv"], volumes.get("body"), cfg.dose_prior_falloffs,
+                            cfg.dose_prior_reach)  # (B, n, D, H, W) in [0, 1]
+        w0 = torch.tensor(cfg.dose_prior_weights, device=out.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        weights = out[:, 1:].float() + w0  # (B, n, D, H, W)
+        return 2.0 * (weights * basis).sum(dim=1, keepdim=True) - 1.0 + residual
 
     def unpatchify(self, tokens: Tensor, grid: tuple[int, ...], channels: int) -> Tensor:
         """(B, d*h*w, C * pd*ph*pw) -> (B, C, d*pd, h*ph, w*pw), inverse of the Conv3d patching."""

@@ -378,9 +378,10 @@ def transfer_wan_state_dict(model: Any2AnyDiT, wan_state: dict[str, Tensor]) -> 
         report.adapted[f"patch_embedding.{m}.weight"] = ("patch_embedding.weight", f"{c_wan}->{c} ch, {how}")
         report.adapted[f"patch_embedding.{m}.bias"] = ("patch_embedding.bias", "copied")
         head = model.head.head[m]
-        head.weight.copy_(adapt_head(w_head, pv, c).to(head.weight.dtype))
-        head.bias.copy_(adapt_head(b_head, pv, c).to(head.bias.dtype))
-        note = "rows (p, c) -> (c, p)" + ("" if c == c_wan else f", {c_wan}->{c} ch")
+        c_head = cfg.head_channels(m)  # + dose-prior weights when the config has them
+        head.weight.copy_(adapt_head(w_head, pv, c_head).to(head.weight.dtype))
+        head.bias.copy_(adapt_head(b_head, pv, c_head).to(head.bias.dtype))
+        note = "rows (p, c) -> (c, p)" + ("" if c_head == c_wan else f", {c_wan}->{c_head} ch")
         report.adapted[f"head.head.{m}.weight"] = ("head.head.weight", note)
         report.adapted[f"head.head.{m}.bias"] = ("head.head.bias", note)
 

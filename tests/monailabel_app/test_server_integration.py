@@ -155,9 +155,6 @@ def test_dose_on_client_sent_case_matches_datastore_case(server):
 
 
 @pytest.mark.skipif(not SHIPPED, reason="needs the shipped model in diffkt3d/weights/ (random tiny model here)")
-@pytest.mark.xfail(strict=True, reason="known miss of the shipped cpu-default model (issue 3): PTV70 Dmean on "
-                   "pt_201 is 53.3 Gy (10 steps, seed 0), not 70 +- 10 %; strict, so a model that passes "
-                   "turns this into a failure and the marker must go")
 def test_mean_dose_in_ptv70_near_prescription(server):
     r = _infer(server, "dose", {"steps": 10}, image="pt_201")
     meta, _ = _multipart(r)
