@@ -21,7 +21,11 @@ parts:
   checks the identity this middleware established, so they pass exactly when the policy did.
 
 The middleware also writes the audit trail (`diffkt3d.audit`) for every audited action, whether
-auth is on or off (then the user is "anonymous"), including refused attempts.
+auth is on or off (then the user is "anonymous"), including refused attempts. An allowed audited
+action is first written to a write-ahead journal (`<audit dir>/journal/audit.jsonl`, status 0);
+when that entry cannot be written the request is refused with 503 before anything is done, so no
+change goes ahead unaudited. The outcome entry (final status) goes to the trail when the answer is
+sent; if that write fails, the outcome goes to the journal instead and the failure is logged.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +51,10 @@ ROLES = (CLINICIAN, PHYSICIST, ADMIN)
 ANONYMOUS = "anonymous"
 STATE_IDENTITY = "diffkt3d_identity"  # request.state key of the Identity
 STATE_AUDIT = "diffkt3d_audit_details"  # request.state key routes fill with ids for the audit entry
+JOURNAL_DIR = "journal"  # write-ahead journal of audited actions, under the audit log's directory
+AUDIT_UNAVAILABLE = ("audit trail unavailable: the server could not record this action in its audit log, so it "
+                     "was not carried out (nothing was changed); ask the server's administrator to check the "
+                     "audit directory (disk space, permissions), then retry")
 
 
 @dataclass(frozen=True)
@@ -290,15 +299,27 @@ def bearer_token(scope: Scope) -> str | None:
 class AuthMiddleware:
     """Authenticate (when enabled), authorise by `POLICY`, and audit every audited action.
 
+    Audited actions that pass the role check are journalled first (`journal`, status 0, with a
+    request id the outcome entry repeats); if that fails the request is answered 503
+    (`AUDIT_UNAVAILABLE`) without reaching the app.
+
     Args:
         app: the wrapped ASGI app.
         verifier: token verifier, or None when authentication is off.
         audit: the audit log.
         api_prefix: MONAI Label's API prefix (`settings.MONAI_LABEL_API_STR`, usually "").
+        journal: the write-ahead journal (default `journal_for(audit)`).
     """
 
-    def __init__(self, app: ASGIApp, verifier: TokenVerifier | None, audit: AuditLog, api_prefix: str = ""):
+    def __init__(self, app: ASGIApp, verifier: TokenVerifier | None, audit: AuditLog, api_prefix: str = "",
+                 journal: AuditLog | None = None):
         self.app, self.verifier, self.audit, self.prefix = app, verifier, audit, api_prefix
+        self.journal: AuditLog | None = journal
+        if journal is None:
+            try:
+                self.journal = journal_for(audit)
+            except OSError:  # e.g. the directory cannot be created: audited actions are refused (503)
+                log.exception("AUDIT JOURNAL UNAVAILABLE under %s", audit.root)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
@@ -333,6 +354,20 @@ class AuthMiddleware:
         if not action.audited:
             await self.app(scope, receive, send)
             return
+        # Write-ahead: the attempt is on disk before the app may change anything, or nothing happens.
+        request_id = uuid.uuid4().hex
+        try:
+            if self.journal is None:
+                raise OSError("no audit journal")
+            await run_in_threadpool(self.journal.append, AuditEntry(
+                user=identity.username, roles=list(identity.roles), action=action.name, method=method, path=path,
+                status=0, details={"stage": "before", "request": request_id}))
+        except Exception:
+            log.exception("AUDIT JOURNAL WRITE FAILED for %s %s by %s: request refused (503)", method, path,
+                          identity.username)
+            await self._refuse(send, 503, AUDIT_UNAVAILABLE, action, method, path, identity)
+            return
+        state[STATE_AUDIT]["request"] = request_id
         status, audited = 500, False
 
         async def audit_then_send(message: Message) -> None:
@@ -371,5 +406,17 @@ class AuthMiddleware:
                            method=method, path=path, status=status, details=details)
         try:
             await run_in_threadpool(self.audit.append, entry)
+            return
         except Exception:  # the request has been answered; losing the entry must be loud
             log.exception("AUDIT LOG WRITE FAILED for %s %s by %s", method, path, identity.username)
+        if details.get("request") and self.journal is not None:  # journalled: keep the outcome next to it
+            try:
+                await run_in_threadpool(self.journal.append, entry)
+            except Exception:
+                log.exception("AUDIT JOURNAL WRITE FAILED for the outcome of %s %s by %s", method, path,
+                              identity.username)
+
+
+def journal_for(audit: AuditLog) -> AuditLog:
+    """The write-ahead journal kept next to an audit log (`<audit dir>/journal/audit.jsonl`)."""
+    return AuditLog(audit.root / JOURNAL_DIR)

@@ -11,6 +11,9 @@ FOLDERS (ct + one mask per structure + plan.json), so this implements `Datastore
   clinic hands us stays untouched.
 
 Ids are checked against a strict pattern before they touch the file system (no path traversal).
+Refusals carry an HTTP status (`status`): the server turns every `CaseError` from here into that
+4xx (routes.install), never a 500: bad id 400, unknown case 404, a change refused by design 409
+(removing a case, the read-only `final` label, an existing case id), anything else 422.
 """
 
 from __future__ import annotations
@@ -36,6 +39,27 @@ log = logging.getLogger(__name__)
 class UnknownCaseError(CaseError):
     """A case id that is well formed but not in the datastore (HTTP 404)."""
 
+    status = 404
+
+
+class InvalidIdError(CaseError, ValueError):
+    """A case id or label tag that does not match the id pattern (HTTP 400; also a ValueError)."""
+
+    status = 400
+
+
+class RefusedChange(CaseError):
+    """A datastore change the server refuses by design, whoever asks (HTTP 409)."""
+
+    status = 409
+
+
+def _check_id(value: str, what: str) -> str:
+    try:
+        return check_id(value, what)
+    except ValueError as exc:
+        raise InvalidIdError(str(exc)) from None
+
 
 class CaseFolderDatastore(Datastore):
     """Datastore whose images are case folders.
@@ -57,8 +81,8 @@ class CaseFolderDatastore(Datastore):
 
     # -- ids and paths ---------------------------------------------------------------------
     def case_dir(self, image_id: str) -> Path:
-        """Folder of a case; raises ValueError (bad id) or UnknownCaseError (no such case)."""
-        check_id(image_id, "case id")
+        """Folder of a case; raises InvalidIdError (a ValueError: bad id) or UnknownCaseError (no such case)."""
+        _check_id(image_id, "case id")
         folder = self.root / image_id
         # resolve() guards against a case folder that is a symlink pointing outside the root
         if not folder.is_dir() or folder.resolve().parent != self.root:
@@ -127,8 +151,8 @@ class CaseFolderDatastore(Datastore):
     def get_label_uri(self, label_id: str, label_tag: str) -> str:
         if label_tag == DefaultLabelTag.FINAL.value:
             return str(self.case_dir(label_id) / DOSE_FILE)
-        check_id(label_tag, "label tag")
-        return str(self.state_dir / "labels" / label_tag / f"{check_id(label_id, 'case id')}.nii.gz")
+        _check_id(label_tag, "label tag")
+        return str(self.state_dir / "labels" / label_tag / f"{_check_id(label_id, 'case id')}.nii.gz")
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
         folder = self.case_dir(image_id)
@@ -164,10 +188,10 @@ class CaseFolderDatastore(Datastore):
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         """Add a case from a folder or an archive (.zip/.tar/.tar.gz) of a case folder."""
-        check_id(image_id, "case id")
+        _check_id(image_id, "case id")
         dest = self.root / image_id
         if dest.exists():
-            raise CaseError("a case with this id already exists", case=image_id)
+            raise RefusedChange("a case with this id already exists (choose another id)", case=image_id)
         src = Path(image_filename)
         tmp = Path(tempfile.mkdtemp(prefix=".adding-", dir=self.root))
         try:
@@ -186,13 +210,13 @@ class CaseFolderDatastore(Datastore):
         return image_id
 
     def remove_image(self, image_id: str) -> None:
-        raise CaseError("removing cases through the server is not supported (case folders are the "
-                        "clinic's data; remove the folder on disk)", case=image_id)
+        raise RefusedChange("removing cases through the server is not supported, for any role (case folders "
+                            "are the clinic's data; an administrator removes the folder on disk)", case=image_id)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         if label_tag == DefaultLabelTag.FINAL.value:
-            raise CaseError("the 'final' label is the case's reference dose.nii.gz and is read-only",
-                            case=image_id)
+            raise RefusedChange("the 'final' label is the case's reference dose.nii.gz and is read-only",
+                                case=image_id)
         self.case_dir(image_id)
         dest = Path(self.get_label_uri(image_id, label_tag))
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +227,7 @@ class CaseFolderDatastore(Datastore):
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         if label_tag == DefaultLabelTag.FINAL.value:
-            raise CaseError("the 'final' label (dose.nii.gz) is read-only", case=label_id)
+            raise RefusedChange("the 'final' label (dose.nii.gz) is read-only", case=label_id)
         Path(self.get_label_uri(label_id, label_tag)).unlink(missing_ok=True)
 
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
@@ -232,7 +256,7 @@ class CaseFolderDatastore(Datastore):
 
     # -- info files ----------------------------------------------------------------------------
     def _info_path(self, image_id: str) -> Path:
-        return self.state_dir / "info" / f"{check_id(image_id, 'case id')}.json"
+        return self.state_dir / "info" / f"{_check_id(image_id, 'case id')}.json"
 
     def _read_info(self, image_id: str) -> dict[str, Any]:
         path = self._info_path(image_id)

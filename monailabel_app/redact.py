@@ -5,8 +5,9 @@ and MONAI Label 0.8.5 logs every uploaded file name (session and datastore uploa
 Files: [UploadFile(filename='...')]", "Image: ...; File: ...", the saved session path). DICOM
 tags themselves are never read by the server (it accepts NIfTI case folders only, see
 docs/request-format.md), so file names are what can leak. This filter, put on every log handler
-at start-up, replaces them before a record is written anywhere; the app passes its error
-messages through `redact` too.
+at start-up (including MONAI Label's `task_train` / `task_scoring` / `task_batch_infer` loggers,
+which relay the output of training, scoring and batch-inference subprocesses), replaces them
+before a record is written anywhere; the app passes its error messages through `redact` too.
 
 Names from the case-folder vocabulary (ct, dose, body, plates, plan and the OpenKBP structure
 names, shared/docs/INTERFACES.md) are kept, because they say which input is wrong and cannot
@@ -73,10 +74,24 @@ class RedactFileNames(logging.Filter):
         return True
 
 
+# Loggers MONAI Label 0.8.5 configures with handlers of their own and `propagate: false`
+# (monailabel/logging.json): the output of training, scoring and batch-inference subprocesses, line
+# by line, which can name case files and uploads. The root's filter never sees these records.
+TASK_LOGGERS = ("task_train", "task_scoring", "task_batch_infer")
+_NAMED_LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "monailabel", "fastapi", *TASK_LOGGERS)
+
+
 def install_log_redaction() -> None:
-    """Put the filter on every handler of the root, uvicorn and monailabel loggers (idempotent)."""
+    """Put the filter on every handler of every logger configured so far (the root, uvicorn's,
+    MONAI Label's, its `task_*` loggers and any other), idempotent.
+
+    Call it after logging is configured (the app does, at server start-up): a handler added later
+    is not covered.
+    """
     f = RedactFileNames()
-    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access", "monailabel", "fastapi"):
+    names = {*_NAMED_LOGGERS, *(name for name, logger in list(logging.root.manager.loggerDict.items())
+                                if isinstance(logger, logging.Logger))}
+    for name in sorted(names):
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(x, RedactFileNames) for x in handler.filters):
                 handler.addFilter(f)

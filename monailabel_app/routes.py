@@ -1,6 +1,7 @@
 """HTTP additions to MONAI Label's FastAPI app: preference records, the audit trail, authentication
-and roles (monailabel_app/auth.py), an upload size limit, inference off the event loop, and a clear
-answer for training tasks this build cannot run.
+and roles (monailabel_app/auth.py), an upload size limit, inference off the event loop, a clear
+answer for training tasks this build cannot run, datastore refusals and MONAI Label's invalid-input
+errors as 4xx instead of 500, and datastore uploads that need an explicit case id.
 
 MONAI Label 0.8.5 has no hook for app-defined routes, but its FastAPI object (`monailabel.app.app`)
 is importable and routes may be added to it at start-up (`MONAILabelApp.on_init_complete`, which
@@ -26,14 +27,17 @@ from fastapi import (
     Request,
     UploadFile,
 )
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from diffkt3d.audit import AuditLog
-from diffkt3d.preferences import PreferenceRecord, PreferenceStore
+from diffkt3d.errors import CaseError
+from diffkt3d.preferences import PreferenceRecord, PreferenceStore, check_id
 from monailabel_app.auth import (
     ANONYMOUS,
     STATE_AUDIT,
@@ -43,6 +47,7 @@ from monailabel_app.auth import (
     Identity,
     TokenVerifier,
 )
+from monailabel_app.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +244,74 @@ def _threaded_infer_route(api: FastAPI) -> None:
     _add_first(api, f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}", infer, "POST")
 
 
+NO_CASE_ID = ("a datastore upload needs an explicit case id: PUT /datastore/image?image=<case id>, a "
+              "pseudonymous id (never a patient name or record number); the uploaded file's name is never "
+              "used as the case id, because file names often carry the patient's name")
+
+
+def _datastore_upload_route(api: FastAPI) -> None:
+    """PUT /datastore/image (and MONAI Label's deprecated PUT /datastore/) with a required case id.
+
+    MONAI Label 0.8.5 makes the uploaded file's name the case id when `image` is missing, and file
+    names from a clinic's exports often carry the patient's name, which would then sit in the
+    studies folder, every URL, the log and the audit trail. Here a missing id is a 400 (auth on or
+    off: the request format documents case ids as chosen by the client), a bad id a 400 before the
+    upload is stored; then MONAI Label's own `add_image` runs with the id.
+    """
+    def add_image(request: Request, background_tasks: BackgroundTasks, file: Annotated[UploadFile, File()],
+                  user: UserDep, image: str | None = None, params: Annotated[str, Form()] = "{}") -> dict[str, Any]:
+        if not image:
+            raise HTTPException(status_code=400, detail=NO_CASE_ID)
+        try:
+            check_id(image, "case id")
+        except ValueError as exc:
+            raise HTTPException(status_code=400, detail=redact(str(exc))) from None
+        try:
+            json.loads(params or "{}")
+        except json.JSONDecodeError as exc:
+            raise HTTPException(status_code=400, detail=f"form field 'params' is not valid JSON: {exc}") from None
+        getattr(request.state, STATE_AUDIT, {})["case_id"] = image
+        from monailabel.endpoints.datastore import add_image as monailabel_add_image
+
+        return monailabel_add_image(background_tasks, image, params, file, user.username)
+
+    for path in ("/datastore/image", "/datastore/"):
+        _add_first(api, f"{settings.MONAI_LABEL_API_STR}{path}", add_image, "PUT")
+
+
+def _model_upload_route(api: FastAPI) -> None:
+    """PUT /model/{model}: a clear 404 for DiffKT3D's tasks instead of MONAI Label's 500.
+
+    DiffKT3D's infer tasks have no MONAI Label model file (models are put in service by training
+    runs or `--conf model`), so MONAI Label answers 500 "Model File Name NOT configured"; its GET
+    and DELETE already answer 404 for the same reason. A task that does have a file goes on to
+    MONAI Label's own upload.
+    """
+    def upload(background_tasks: BackgroundTasks, model: str, file: UploadFile, user: UserDep):
+        from monailabel.endpoints.model import update_model
+        from monailabel.interfaces.utils.app import app_instance
+
+        if not app_instance().model_file(model, validate=False):
+            raise HTTPException(status_code=404, detail=(
+                f"no model file for {model!r} can be replaced through /model/: DiffKT3D models are put in "
+                "service by training runs (POST /train/any2any, /train/scardnft) or the server's --conf model"))
+        return update_model(background_tasks, model, file)
+
+    _add_first(api, f"{settings.MONAI_LABEL_API_STR}/model/{{model}}", upload, "PUT")
+
+
+async def _case_error(request: Request, exc: Exception) -> JSONResponse:
+    """A datastore refusal (`CaseError`, status from monailabel_app.datastore) as a 4xx with its reason."""
+    return JSONResponse({"detail": redact(str(exc))}, status_code=getattr(exc, "status", 422))
+
+
+async def _monailabel_error(request: Request, exc: Exception) -> JSONResponse:
+    """MONAI Label's INVALID_INPUT errors (unknown train task or scoring method ...) as 400; others stay 500."""
+    if isinstance(exc, MONAILabelException) and exc.error == MONAILabelError.INVALID_INPUT:
+        return JSONResponse({"detail": redact(exc.msg)}, status_code=400)
+    raise exc
+
+
 def _add_first(api: FastAPI, path: str, endpoint, method: str) -> None:
     """Add a route that wins over MONAI Label's (Starlette matches routes in order)."""
     api.router.add_api_route(path, endpoint, methods=[method], include_in_schema=False)
@@ -279,6 +352,10 @@ def install(api: FastAPI, store: PreferenceStore, audit: AuditLog, max_upload_by
         _add_first(api, f"{settings.MONAI_LABEL_API_STR}/train/{name}", _unavailable(reason), "POST")
     if threaded_infer:
         _threaded_infer_route(api)
+    _datastore_upload_route(api)
+    _model_upload_route(api)
+    api.add_exception_handler(CaseError, _case_error)
+    api.add_exception_handler(MONAILabelException, _monailabel_error)
     if verifier is not None:
         _login_route(api, verifier)
         api.dependency_overrides[get_current_user] = _current_user

@@ -47,7 +47,22 @@ def test_policy_table():
                                ("PUT", "/datastore/label", "data.label_upload")):
         action = action_for(method, path)
         assert action.name == name and action.roles == (PHYSICIST, ADMIN) and action.audited
-    assert action_for("GET", "/diffkt3d/audit").roles == (ADMIN,)
+    for method, path, name in (("PUT", "/datastore/image/info", "data.info_update"),
+                               ("PUT", "/datastore/label/info", "data.info_update"),
+                               ("PUT", "/datastore/updatelabelinfo", "data.info_update"),
+                               ("DELETE", "/datastore/image", "data.delete"), ("DELETE", "/datastore/label", "data.delete"),
+                               ("DELETE", "/datastore/", "data.delete"), ("GET", "/datastore/dataset", "data.download"),
+                               ("GET", "/model/dose", "model.download"), ("GET", "/model/info/dose", "model.download"),
+                               ("POST", "/batch/infer/dose", "batch_infer"), ("DELETE", "/batch/infer", "batch_infer"),
+                               ("POST", "/scoring/", "scoring"), ("POST", "/scoring/dice", "scoring"),
+                               ("DELETE", "/scoring/", "scoring"), ("POST", "/train/", "train.start")):
+        action = action_for(method, path)
+        assert action.name == name and action.roles == (PHYSICIST, ADMIN) and action.audited, (method, path)
+    # the viewer's own uploads and next-case requests are open to every role (clinicians included)
+    for method, path in (("PUT", "/session/"), ("DELETE", "/session/abc"), ("POST", "/activelearning/preference")):
+        assert action_for(method, path).roles == (CLINICIAN, PHYSICIST, ADMIN)
+    for method, path in (("GET", "/diffkt3d/audit"), ("GET", "/logs/"), ("GET", "/logs/gpu"), ("POST", "/reload")):
+        assert action_for(method, path).roles == (ADMIN,), (method, path)
     # unknown writes: admin only and audited (deny by default); unknown reads: any role
     unknown = action_for("POST", "/some/new/route")
     assert unknown.roles == (ADMIN,) and unknown.audited
@@ -108,3 +123,71 @@ def test_provider_down_is_503_and_recovers(idp):
     idp.start()  # on a new port: point the settings at it, as a restarted provider would be
     v.settings.realm_uri = idp.realm_uri
     assert v.verify(idp.issue("u", [])).username == "u"
+
+
+# -- no unaudited change: the write-ahead journal ---------------------------------------------------------
+def _app_with_audit(tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from diffkt3d.audit import AuditLog
+    from diffkt3d.preferences import PreferenceStore
+    from monailabel_app.routes import install
+
+    api = FastAPI()
+    store, audit = PreferenceStore(tmp_path / "prefs"), AuditLog(tmp_path / "audit")
+    install(api, store, audit, max_upload_bytes=2**20, unavailable_trainers={"scardnft": "not in this build"},
+            threaded_infer=False)
+    return TestClient(api), store, audit
+
+
+RECORD = {"case_id": "case_a", "chosen_id": "c0", "rater": "r1",
+          "candidates": [{"id": "c0", "seed": 0, "model_version": "m"}, {"id": "c1", "seed": 1, "model_version": "m"}]}
+
+
+def test_an_audited_action_is_journalled_before_it_runs(tmp_path):
+    from diffkt3d.audit import AuditLog
+    from monailabel_app.auth import journal_for
+
+    client, store, audit = _app_with_audit(tmp_path)
+    assert client.post("/diffkt3d/preferences", json=RECORD).status_code == 201
+    journal, _ = journal_for(audit).read()
+    entries, _ = audit.read()
+    assert [(e.action, e.status, e.details["stage"]) for e in journal] == [("preference.record", 0, "before")]
+    assert [(e.action, e.status) for e in entries] == [("preference.record", 201)]
+    assert entries[0].details["request"] == journal[0].details["request"]  # attempt and outcome linked
+    assert journal_for(audit).path == AuditLog(tmp_path / "audit" / "journal").path
+
+
+def test_writes_are_refused_with_503_when_the_audit_entry_cannot_be_written_first(tmp_path):
+    """A real write failure (the journal file is a directory: fails for root too): nothing is done."""
+    from monailabel_app.auth import journal_for
+
+    client, store, audit = _app_with_audit(tmp_path)
+    journal = journal_for(audit)
+    journal.path.mkdir()  # open(O_APPEND) now fails with IsADirectoryError
+    r = client.post("/diffkt3d/preferences", json=RECORD)
+    assert r.status_code == 503 and "audit trail unavailable" in r.json()["detail"]
+    assert "nothing was changed" in r.json()["detail"]
+    assert store.read().records == []
+    r = client.post("/train/scardnft", json={})  # train start: refused by the audit layer, not by the trainer
+    assert r.status_code == 503 and "audit" in r.json()["detail"]
+    # the refusal itself is in the trail; reads are not audited and still work
+    assert [(e.action, e.status) for e in audit.read()[0]] == [("preference.record", 503), ("train.start", 503)]
+    assert client.get("/diffkt3d/preferences").status_code == 200
+    # the journal is back: the write goes through again
+    journal.path.rmdir()
+    assert client.post("/diffkt3d/preferences", json=RECORD).status_code == 201
+    assert len(store.read().records) == 1
+
+
+def test_an_outcome_that_cannot_go_to_the_trail_is_kept_in_the_journal(tmp_path):
+    from monailabel_app.auth import journal_for
+
+    client, store, audit = _app_with_audit(tmp_path)
+    audit.path.mkdir()  # the trail itself fails, the journal works: the attempt was recorded before
+    assert client.post("/diffkt3d/preferences", json=RECORD).status_code == 201
+    journal, _ = journal_for(audit).read()
+    assert [(e.action, e.status) for e in journal] == [("preference.record", 0), ("preference.record", 201)]
+    assert journal[0].details["request"] == journal[1].details["request"]
+    assert journal[1].details["case_id"] == "case_a"

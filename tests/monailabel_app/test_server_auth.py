@@ -130,46 +130,158 @@ def test_infer_needs_a_token_and_a_clinician_may_infer(server, idp):
     assert r.status_code == 200, r.text[:500]
 
 
-# Writes and who may do them: (method, path, request kwargs) -> roles allowed.
-def _write_requests() -> list[tuple[str, str, dict, set[str]]]:
-    nii = ("label.nii.gz", b"not really a label")
+# Every write or privileged route of the running app (MONAI Label 0.8.5's endpoints plus ours, as in
+# monailabel_app/auth.py POLICY), who may call it and what an allowed user gets.
+CLIN, PHYS, ADMIN = "dr.smith", "phys.jones", "root.admin"
+EVERYONE, DATA_ROLES = {CLIN, PHYS, ADMIN}, {PHYS, ADMIN}
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def _privileged_routes(server, idp) -> list[tuple[str, object, set[str], set[int] | None]]:
+    """(method, request(user) -> (path, request kwargs), users allowed, statuses an allowed user gets).
+
+    `request(None)` is the probe sent without a token, with an expired token and with wrong roles.
+    Statuses None: the request would start real work (a training run of every trainer, a WSI or
+    DICOMweb proxy call, nvidia-smi), so allowed users are not sent it; `POST /train/any2any`
+    succeeding for a physicist is `test_training_runs_models_and_refusals_are_audited...` below.
+    Sessions (`PUT /session/`, `DELETE /session/<id>`) and `POST /activelearning/*` are open to
+    clinicians BY DESIGN (auth.POLICY, docs/security.md section 4): a session is the viewer's own
+    upload of the case it has loaded, used only for inference, never stored in the datastore or
+    trained on, and it expires; the strategy only picks which case to show next.
+    """
+    ct = (VALIDATION / CASE / "ct.nii.gz").read_bytes()
+    label = ("label.nii.gz", b"not really a label")
+    data = {"json": {}}
+
+    def fixed(path: str, **kwargs):
+        return lambda user: (path, kwargs)
+
+    def own_session(user):  # a session of the user's own, to delete
+        if user is None:
+            return "/session/00000000-no-such-session", {}
+        r = requests.put(f"{server['url']}/session/", files=[("files", ("ct.nii.gz", ct))],
+                         headers=_h(idp, user), timeout=60)
+        assert r.status_code == 200, r.text[:300]
+        return f"/session/{r.json()['session_id']}", {}
+
+    def upload(user):  # a new datastore case with an explicit, pseudonymous id
+        return "/datastore/image", {"params": {"image": f"upload-{(user or 'probe').split('.')[0]}"},
+                                    "files": {"file": ("case.zip", _zip({"ct.nii.gz": ct}))}}
+
+    nobatch = {"label_tag": "no-such-tag", "device": "cpu", "multi_gpu": False, "max_workers": 1}
     return [
-        ("POST", "/diffkt3d/preferences", {"json": _record()}, {"dr.smith", "root.admin"}),
-        ("PUT", "/datastore/image", {"params": {"image": "new_case"}, "files": {"file": ("c.zip", b"PK")}},
-         {"phys.jones", "root.admin"}),
-        ("PUT", "/datastore/label", {"params": {"image": CASE, "tag": "edited"}, "files": {"label": nii}},
-         {"phys.jones", "root.admin"}),
-        ("POST", "/train/any2any", {"json": {}}, {"phys.jones", "root.admin"}),
-        ("DELETE", "/train/", {}, {"phys.jones", "root.admin"}),
-        ("PUT", "/model/dose", {"files": {"file": ("m.pt", b"x")}}, {"phys.jones", "root.admin"}),
-        ("DELETE", "/model/dose", {}, {"phys.jones", "root.admin"}),
-        ("GET", "/datastore/dataset", {}, {"phys.jones", "root.admin"}),
-        ("GET", "/diffkt3d/audit", {}, {"root.admin"}),
-        ("GET", "/logs/", {}, {"root.admin"}),
+        # the viewer's requests: every role
+        ("PUT", fixed("/session/", files=[("files", ("ct.nii.gz", ct))]), EVERYONE, {200}),
+        ("DELETE", own_session, EVERYONE, {200}),
+        ("POST", fixed("/activelearning/preference", json={}), EVERYONE, {200}),
+        ("POST", fixed("/diffkt3d/preferences", json=_record()), {CLIN, ADMIN}, {201}),
+        # training, batch inference, scoring: physicist / admin
+        ("POST", fixed("/train/any2any", **data), DATA_ROLES, None),
+        ("POST", fixed("/train/", **data), DATA_ROLES, None),
+        ("POST", fixed("/train/no_such_task", params={"run_sync": "true"}, **data), DATA_ROLES, {400}),
+        ("DELETE", fixed("/train/"), DATA_ROLES, {200}),
+        ("POST", fixed("/batch/infer/dose", params={"images": "labeled", "run_sync": "true"}, json=nobatch),
+         DATA_ROLES, {200}),
+        ("DELETE", fixed("/batch/infer"), DATA_ROLES, {200}),
+        ("POST", fixed("/scoring/", **data), DATA_ROLES, {200}),
+        ("POST", fixed("/scoring/dice", params={"run_sync": "true"}, **data), DATA_ROLES, {400}),
+        ("DELETE", fixed("/scoring/"), DATA_ROLES, {200}),
+        # the datastore: physicist / admin
+        ("PUT", upload, DATA_ROLES, {200}),
+        ("PUT", fixed("/datastore/", params={"image": "junk-case"}, files={"file": ("c.zip", b"PK")}),
+         DATA_ROLES, {422}),
+        ("PUT", fixed("/datastore/label", params={"image": CASE, "tag": "edited"}, files={"label": label}),
+         DATA_ROLES, {200}),
+        ("PUT", fixed("/datastore/image/info", params={"image": CASE}, data={"info": '{"note": "x"}'}),
+         DATA_ROLES, {200}),
+        ("PUT", fixed("/datastore/label/info", params={"label": CASE, "tag": "edited"}, data={"info": "{}"}),
+         DATA_ROLES, {200}),
+        ("PUT", fixed("/datastore/updatelabelinfo", params={"label": CASE, "tag": "edited"}, data={"params": "{}"}),
+         DATA_ROLES, {200}),
+        ("DELETE", fixed("/datastore/label", params={"id": CASE, "tag": "edited"}), DATA_ROLES, {200}),
+        ("DELETE", fixed("/datastore/image", params={"id": CASE}), DATA_ROLES, {409}),
+        ("DELETE", fixed("/datastore/", params={"id": CASE}), DATA_ROLES, {409}),
+        ("GET", fixed("/datastore/dataset", params={"limit_cases": 1}), DATA_ROLES, {200}),
+        # models (DiffKT3D's tasks have no MONAI Label model file: trained models are published by runs)
+        ("GET", fixed("/model/dose"), DATA_ROLES, {404}),
+        ("GET", fixed("/model/info/dose"), DATA_ROLES, {404}),
+        ("PUT", fixed("/model/dose", files={"file": ("m.pt", b"x")}), DATA_ROLES, {404}),
+        ("DELETE", fixed("/model/dose"), DATA_ROLES, {404}),
+        # admin only: the trail, the server log, reload, and writes no policy entry names (deny by default)
+        ("GET", fixed("/diffkt3d/audit"), {ADMIN}, {200}),
+        ("GET", fixed("/logs/"), {ADMIN}, {200}),
+        ("GET", fixed("/logs/gpu"), {ADMIN}, None),
+        ("POST", fixed("/infer/wsi_v2/dose", **data), {ADMIN}, None),
+        ("POST", fixed("/proxy/dicom/qido/studies", **data), {ADMIN}, None),
+        ("POST", fixed("/reload"), {ADMIN}, {200}),  # last: the next request re-creates the app
     ]
 
 
 def test_writes_need_the_right_role(server, idp):
-    """No token -> 401 everywhere; a token without the role -> 403, naming the role needed.
-
-    Allowed roles are only checked for 'not 401/403' where the request itself is harmless; the
-    successful train / preference paths are tested below.
-    """
-    for method, path, kwargs, allowed in _write_requests():
-        r = requests.request(method, server["url"] + path, timeout=60, **kwargs)
-        assert r.status_code == 401, (method, path, r.status_code, r.text[:200])
-        for user in ("dr.smith", "phys.jones", "root.admin"):
-            if user in allowed:
-                continue
-            r = requests.request(method, server["url"] + path, headers=_h(idp, user), timeout=60, **kwargs)
-            assert r.status_code == 403, (user, method, path, r.status_code, r.text[:200])
+    """Every write / privileged route: 401 without a token and with an expired one (of a user who
+    would be allowed), 403 naming the role for a token without it, the expected answer for the roles
+    that may."""
+    url = server["url"]
+    expired = {"Authorization": f"Bearer {idp.issue(ADMIN, USERS[ADMIN][1], expires_in_s=-120)}"}
+    for method, make, allowed, ok in _privileged_routes(server, idp):
+        path, kwargs = make(None)
+        where = (method, path)
+        r = requests.request(method, url + path, timeout=60, **kwargs)
+        assert r.status_code == 401, (*where, r.status_code, r.text[:200])
+        r = requests.request(method, url + path, headers=expired, timeout=60, **kwargs)
+        assert r.status_code == 401 and "expired" in r.json()["detail"], (*where, r.status_code, r.text[:200])
+        for user in ({CLIN, PHYS, ADMIN} - allowed) | {"visitor"}:
+            r = requests.request(method, url + path, headers=_h(idp, user), timeout=60, **kwargs)
+            assert r.status_code == 403, (user, *where, r.status_code, r.text[:200])
             assert "requires the role" in r.json()["detail"], r.text
-    # allowed, harmless: a physicist's label upload of a non-NIfTI is refused by the datastore, not by auth
-    method, path, kwargs, _ = _write_requests()[2]
-    r = requests.request(method, server["url"] + path, headers=_h(idp, "phys.jones"), timeout=60, **kwargs)
-    assert r.status_code not in (401, 403), r.text[:300]
-    r = requests.get(f"{server['url']}/logs/", headers=_h(idp, "root.admin"), timeout=60)
-    assert r.status_code == 200
+        for user in sorted(allowed) if ok else ():
+            path, kwargs = make(user)
+            r = requests.request(method, url + path, headers=_h(idp, user), timeout=120, **kwargs)
+            assert r.status_code in ok, (user, method, path, r.status_code, r.text[:300])
+    assert requests.get(f"{url}/info/", headers=_h(idp, CLIN), timeout=120).status_code == 200  # after /reload
+    entries = _audit(server, idp)
+    uploads = [e for e in entries if e["action"] == "data.image_upload" and e["status"] == 200]
+    assert {e["details"]["case_id"] for e in uploads} == {"upload-phys", "upload-root"}
+    assert {p.name for p in server["studies"].iterdir()} >= {CASE, "upload-phys", "upload-root"}
+
+
+def test_removing_a_case_is_a_clear_409_not_a_500(server, idp):
+    for path in ("/datastore/image", "/datastore/"):
+        r = requests.delete(f"{server['url']}{path}", params={"id": CASE}, headers=_h(idp, PHYS), timeout=30)
+        assert r.status_code == 409, (path, r.status_code, r.text[:300])
+        assert "removing cases through the server is not supported" in r.json()["detail"]
+    assert (server["studies"] / CASE / "ct.nii.gz").is_file()
+    # the other datastore refusals are 4xx too: the read-only reference dose, an existing id, a bad tag
+    r = requests.delete(f"{server['url']}/datastore/label", params={"id": CASE, "tag": "final"},
+                        headers=_h(idp, PHYS), timeout=30)
+    assert r.status_code == 409 and "read-only" in r.json()["detail"]
+    r = requests.put(f"{server['url']}/datastore/image", params={"image": CASE},
+                     files={"file": ("c.zip", _zip({"ct.nii.gz": b"x"}))}, headers=_h(idp, PHYS), timeout=30)
+    assert r.status_code == 409 and "already exists" in r.json()["detail"]
+    r = requests.delete(f"{server['url']}/datastore/label", params={"id": CASE, "tag": "../x"},
+                        headers=_h(idp, PHYS), timeout=30)
+    assert r.status_code == 400, r.text[:300]
+
+
+def test_a_datastore_upload_never_takes_its_case_id_from_the_file_name(server, idp):
+    """Without `image=<id>` MONAI Label would name the case after the uploaded file, which may carry
+    the patient's name: refused (400) before anything is stored, whatever the file holds."""
+    case = _zip({n: (VALIDATION / CASE / n).read_bytes() for n in ("ct.nii.gz", "PTV70.nii.gz")})
+    before = sorted(p.name for p in server["studies"].iterdir())
+    for path in ("/datastore/image", "/datastore/"):
+        r = requests.put(f"{server['url']}{path}", files={"file": (f"Doe_Janet_{PATIENT_ID}.zip", case)},
+                         headers=_h(idp, ADMIN), timeout=60)
+        assert r.status_code == 400, (path, r.status_code, r.text[:300])
+        assert "explicit case id" in r.json()["detail"]
+        assert not any(s in r.text for s in PHI_STRINGS), r.text
+    assert sorted(p.name for p in server["studies"].iterdir()) == before
 
 
 # -- 3. the rater comes from the token -------------------------------------------------------------------
