@@ -36,4 +36,11 @@ def test_bad_schedule_is_a_config_error(field, value):
 def test_shipped_recipe_parses():
     cfg = TrainConfig.from_yaml(Path(__file__).resolve().parents[2] / "configs/cpu-default.yaml")
     assert [s.name for s in cfg.stages] == ["any2any", "dose"]
-    assert cfg.stages[1].max_cpu_minutes == 35  # the shipped weights' recipe (docs/model-card.md)
+    # The recipe is the shipped weights' own: the checkpoint stores the train config it was made with.
+    from diffkt3d.models.checkpoint import load_checkpoint
+
+    shipped = load_checkpoint(Path(__file__).resolve().parents[2] / "diffkt3d/weights/cpu-default.pt")
+    recorded = TrainConfig.from_dict(shipped.meta["train_config"])
+    assert [s.max_cpu_minutes for s in cfg.stages] == [s.max_cpu_minutes for s in recorded.stages] == [8, 42]
+    assert cfg.model_overrides == recorded.model_overrides
+    assert shipped.model.config.dose_prior_falloffs == tuple(cfg.model_overrides["dose_prior_falloffs"])
