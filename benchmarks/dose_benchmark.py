@@ -123,7 +123,7 @@ def prior_dose(predictor, folder: Path) -> np.ndarray:
     """The shipped model's dose prior alone, decoded to the case grid like a prediction (Gy)."""
     from diffkt3d.data.dataset import prepare_case
     from diffkt3d.data.encoding import decode_dose, encode_case
-    from diffkt3d.models.dose_prior import prior_basis
+    from diffkt3d.models.dose_prior import mix_to_dose_encoding, prior_basis
 
     cfg, enc = predictor.model.config, predictor.encoding
     if not cfg.dose_prior_falloffs:
@@ -133,7 +133,7 @@ def prior_dose(predictor, folder: Path) -> np.ndarray:
     tensors = encode_case(case, enc, ("ptv", "body"))
     basis = prior_basis(tensors["ptv"][None], tensors["body"][None], cfg.dose_prior_falloffs, cfg.dose_prior_reach)
     w0 = torch.tensor(cfg.dose_prior_weights).view(1, -1, 1, 1, 1)
-    x0 = 2.0 * (w0 * basis).sum(dim=1) - 1.0  # (1, D, H, W) dose encoding
+    x0 = mix_to_dose_encoding(basis, w0)[0]  # (1, D, H, W) dose encoding, as a fresh model predicts
     return decode_dose(x0, case.grid, enc, case.body)
 
 

@@ -44,3 +44,14 @@ BODY_FILES: tuple[str, ...] = ("possible_dose_mask.nii.gz", "body.nii.gz")
 PLAN_FILE = "plan.json"
 BEAM_FILE = "beam_plate.nii.gz"
 ANGLE_FILE = "angle_plate.nii.gz"
+
+# The one default of the predictor multiplier k of Algorithm 1 (seed 004) for CT imputation: the
+# CLI (--prdit-k), the server (prdit_k), ``diffkt3d.models.prdit.impute.impute_ct`` /
+# ``PRDiTImputer.impute_case`` and ``sample_predictor_corrector`` all default to it. 1 = the cold
+# deterministic sampler. Why 1 and not the paper's best k = 2: a single imputed CT is judged
+# voxel-wise (MAE in HU), and in benchmarks/results/prdit_ct.md (cpu-small, 48^3, 10 steps,
+# 10 OpenKBP validation cases) k = 1 had the lowest case-grid MAE of k = 1 / 2 / 3:
+# 316 / 335 / 367 HU (2026-12-01 run; case-grid PSNR 24.4 / 24.3 / 23.9 dB; only the working-grid
+# PSNR favoured k = 2 / 3). The paper's gains for k > 1 are in FID / MMD (sample realism), which we do
+# not measure; k stays a config switch.
+PRDIT_DEFAULT_K = 1.0

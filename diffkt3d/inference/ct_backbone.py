@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffkt3d.constants import PRDIT_DEFAULT_K
 from diffkt3d.errors import ConfigError
 
 __all__ = ["CT_BACKBONES", "PRDIT_SAMPLERS", "PRDIT_DEFAULT_K", "CTImputationConfig"]
@@ -22,16 +23,6 @@ __all__ = ["CT_BACKBONES", "PRDIT_SAMPLERS", "PRDIT_DEFAULT_K", "CTImputationCon
 CT_BACKBONES = ("any2any", "prdit")
 PRDIT_SAMPLERS = ("predictor-corrector", "ancestral")
 
-# The one default of the predictor multiplier k of Algorithm 1 (seed 004) for CT imputation: the
-# CLI (--prdit-k), the server (prdit_k), ``diffkt3d.models.prdit.impute.impute_ct`` /
-# ``PRDiTImputer.impute_case`` and ``sample_predictor_corrector`` all default to it. 1 = the cold
-# deterministic sampler. Why 1 and not the paper's best k = 2: a single imputed CT is judged
-# voxel-wise (MAE in HU), and in benchmarks/results/prdit_ct.md (cpu-small, 48^3, 10 steps,
-# 10 OpenKBP validation cases) k = 1 had the lowest case-grid MAE of k = 1 / 2 / 3:
-# 309 / 322 / 346 HU (case-grid PSNR 24.5 / 24.4 / 24.1 dB; only the whole-grid working-grid PSNR
-# favoured k = 2 / 3). The paper's gains for k > 1 are in FID / MMD (sample realism), which we do
-# not measure; k stays a config switch.
-PRDIT_DEFAULT_K = 1.0
 
 
 @dataclass
@@ -43,7 +34,7 @@ class CTImputationConfig:
         prdit_model: PRDiT checkpoint written by ``diffkt3d.training.prdit_trainer`` (required for
             "prdit"; it stores its own data encoding).
         prdit_k: predictor multiplier k of Algorithm 1 (>= 1; 1 = the cold deterministic sampler);
-            default :data:`PRDIT_DEFAULT_K` (why 1: see there).
+            default ``constants.PRDIT_DEFAULT_K`` (why 1: see there).
         prdit_sampler: "predictor-corrector" (Algorithm 1) or "ancestral".
     """
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from diffkt3d.models.config import DiTConfig
-from diffkt3d.models.dose_prior import prior_basis
+from diffkt3d.models.dose_prior import mix_to_dose_encoding, prior_basis
 from diffkt3d.models.layers import (
     FP32LayerNorm,
     RMSNorm,
@@ -351,7 +351,7 @@ class Any2AnyDiT(nn.Module):
                             cfg.dose_prior_reach)  # (B, n, D, H, W) in [0, 1]
         w0 = torch.tensor(cfg.dose_prior_weights, device=out.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
         weights = out[:, 1:].float() + w0  # (B, n, D, H, W)
-        return 2.0 * (weights * basis).sum(dim=1, keepdim=True) - 1.0 + residual
+        return mix_to_dose_encoding(basis, weights) + residual
 
     def unpatchify(self, tokens: Tensor, grid: tuple[int, ...], channels: int) -> Tensor:
         """(B, d*h*w, C * pd*ph*pw) -> (B, C, d*pd, h*ph, w*pw), inverse of the Conv3d patching."""

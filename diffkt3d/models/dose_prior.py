@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["dilate_max", "spread_prescription", "prior_basis"]
+__all__ = ["dilate_max", "spread_prescription", "prior_basis", "mix_to_dose_encoding"]
 
 
 def dilate_max(x: Tensor) -> Tensor:
@@ -67,3 +67,15 @@ def prior_basis(ptv: Tensor, body: Tensor | None, falloffs: tuple[float, ...], i
         maps = maps * (body.float() > 0)
     return maps
 
+
+def mix_to_dose_encoding(basis: Tensor, weights: Tensor) -> Tensor:
+    """Weighted prior basis maps as a dose in the model's [-1, 1] encoding: 2 * sum_j w_j P_j - 1.
+
+    Args:
+        basis: (B, n, D, H, W) from :func:`prior_basis` (fraction of the dose scale).
+        weights: broadcastable to ``basis``: per-voxel (B, n, D, H, W) or fixed (1, n, 1, 1, 1).
+
+    Returns:
+        (B, 1, D, H, W) float32.
+    """
+    return 2.0 * (weights.float() * basis).sum(dim=1, keepdim=True) - 1.0

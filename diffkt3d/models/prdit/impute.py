@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffkt3d.constants import CT_WINDOW_HU
+from diffkt3d.constants import CT_WINDOW_HU, PRDIT_DEFAULT_K
 from diffkt3d.data.case import Case
 from diffkt3d.data.encoding import EncodingConfig, decode_ct, encode_modality
 from diffkt3d.errors import ConfigError
-from diffkt3d.inference.ct_backbone import PRDIT_DEFAULT_K
 from diffkt3d.models.prdit.checkpoint import load_checkpoint, read_checkpoint
 from diffkt3d.models.prdit.model import PRDiT, stack_conditions
 from diffkt3d.models.prdit.multires import PRDiTHighRes
@@ -55,7 +54,7 @@ def impute_ct(model: PRDiT | PRDiTHighRes, conditions: Mapping[str, Tensor] | No
             ``model.config.conditions`` (e.g. ptv, oar, body); None / empty for an unconditional model.
         steps: sampler steps L.
         k: predictor multiplier of Algorithm 1 (1 = cold deterministic); the default is the
-            product's ``diffkt3d.inference.ct_backbone.PRDIT_DEFAULT_K`` (why: see there).
+            product's ``diffkt3d.constants.PRDIT_DEFAULT_K`` (why: see there).
         generator: seeds x_T and the corrector noise (same seed, same CT).
         shape: (B, D, H, W) for an unconditional model (conditions give it otherwise).
         sampler: "predictor-corrector" (Algorithm 1) or "ancestral".

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from diffkt3d.inference.ct_backbone import PRDIT_DEFAULT_K
+from diffkt3d.constants import PRDIT_DEFAULT_K
 from diffkt3d.models.prdit.model import DenoiseFn, angle
 
 __all__ = [
@@ -175,7 +175,7 @@ def sample_predictor_corrector(
         x_T: (B, C, D, H, W) start, normally standard normal (x_T = eps under this process).
         steps: number of outer steps L.
         k: predictor multiplier (1 = cold deterministic; the paper's best values are 2-3.5);
-            default ``diffkt3d.inference.ct_backbone.PRDIT_DEFAULT_K`` (1).
+            default ``diffkt3d.constants.PRDIT_DEFAULT_K`` (1).
         num_timesteps: T of the model.
         generator: drives the corrector noise (one draw per step, also for k = 1, so that runs with
             different k consume the generator identically).
