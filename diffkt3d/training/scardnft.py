@@ -97,6 +97,14 @@ class ScardNFTConfig:
         diff_weight: λ of an optional supervised flow-matching loss on the reference dose (DiffKT3D
             main text, L = L_NFT + λ L_diff); 0 = the DiffusionNFT objective alone.
         adv_clip: advantage clip (±5).
+        shared_noise: in each optimiser step, noise all G candidates of the group at the same t
+            with the same ε (common random numbers). Each candidate's loss has the same
+            distribution as with independent draws, so the expected gradient is unchanged; but
+            the candidates of one case are nearly identical, and with independent draws the
+            per-candidate denoising errors (large, random) swamp their differences (small, what
+            the reward ranks). With shared draws those errors are almost the same for every
+            candidate and cancel in Σ(2r − 1)·(…) because the advantages sum to zero
+            (docs/scardnft.md, "Why shared noise").
         old_decay: d of θ_old ← d·θ_old + (1 − d)·θ after every iteration (0 = on-policy).
         lora_rank, lora_alpha: LoRA rank (64) and alpha (scaling alpha / rank).
         train_modulation: also train time_projection and the modulation tables (paper: yes).
@@ -124,6 +132,7 @@ class ScardNFTConfig:
     kl_weight: float = 0.01
     diff_weight: float = 0.0
     adv_clip: float = 5.0
+    shared_noise: bool = True
     old_decay: float = 0.5
     lora_rank: int = 64
     lora_alpha: float = 64.0
@@ -401,6 +410,15 @@ class ScardNFTTrainer:
             self._cases[case_dir] = _TrainCase(case, conditions, dose_x0)
         return self._cases[case_dir]
 
+    # -- reward ----------------------------------------------------------------------------
+    def candidate_terms(self, dose_gy, case: Case):
+        """Reward terms of one decoded candidate (I, J, K) Gy; override for another objective.
+
+        The direction test (tests/training/test_scardnft_direction.py) overrides it with a reward
+        that is a known function of the dose, so the whole loop can be checked to climb it.
+        """
+        return candidate_reward(dose_gy, case, self.reward_cfg, self.template)
+
     # -- sampling --------------------------------------------------------------------------
     @torch.no_grad()
     def sample_candidates(self, model: nn.Module, conditions: dict[str, Tensor], seeds: Sequence[int]) -> Tensor:
@@ -427,8 +445,8 @@ class ScardNFTTrainer:
         x0 = self.sample_candidates(self.old_model, tc.conditions, seeds)  # (G, 1, D, H, W)
         t1 = time.process_time()
         # 2. Rewards -> group advantages -> r.
-        terms = [candidate_reward(decode_dose(x0[k].cpu(), tc.case.grid, self.encoding, tc.case.body), tc.case,
-                                  self.reward_cfg, self.template) for k in range(len(seeds))]
+        terms = [self.candidate_terms(decode_dose(x0[k].cpu(), tc.case.grid, self.encoding, tc.case.body), tc.case)
+                 for k in range(len(seeds))]
         rewards = torch.tensor([tm.reward for tm in terms], dtype=torch.float64)
         adv = group_advantages(rewards, clip=cfg.adv_clip)
         r = advantages_to_r(adv).float().to(self.device)
@@ -438,9 +456,15 @@ class ScardNFTTrainer:
         losses: list[dict[str, float]] = []
         for _ in range(cfg.inner_steps):
             self.optimizer.zero_grad(set_to_none=True)
+            if cfg.shared_noise:
+                t_s = sample_timesteps(1, self.flow, self.generator).to(self.device)  # (1,)
+                eps_s = torch.randn(x0[:1].shape, generator=self.generator).to(self.device)
             for k in range(g):
-                t = sample_timesteps(1, self.flow, self.generator).to(self.device)  # (1,)
-                eps = torch.randn(x0[k:k + 1].shape, generator=self.generator).to(self.device)
+                if cfg.shared_noise:
+                    t, eps = t_s, eps_s
+                else:
+                    t = sample_timesteps(1, self.flow, self.generator).to(self.device)  # (1,)
+                    eps = torch.randn(x0[k:k + 1].shape, generator=self.generator).to(self.device)
                 x_t = add_noise(x0[k:k + 1], eps, t)
                 vols = {**tc.conditions, "dose": x_t}
                 v_theta = self.model(vols, "dose", t)
