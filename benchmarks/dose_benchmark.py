@@ -11,7 +11,11 @@ OAR Dice per structure, on cases that have the modality.
 
     python benchmarks/dose_benchmark.py --peer runs/peer/basicunet.pt
 
-writes benchmarks/results/dose_benchmark.md and .json with the machine and date.
+writes benchmarks/results/dose_benchmark.md and .json with the machine and date. The variant
+``grid`` (not in the default run) scores the reference dose after a round trip through the
+model's working grid, the floor under every model on that grid:
+
+    python benchmarks/dose_benchmark.py --variants grid --out benchmarks/results/dose_grid_floor
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def run_child(args: argparse.Namespace) -> None:
     template = load_template(args.template)
     cases = list_case_dirs([args.cases])[: args.limit or None]
     rows = []
-    if args.child in ("dit10", "dit1", "impute", "prior"):
+    if args.child in ("dit10", "dit1", "impute", "prior", "grid"):
         from diffkt3d.inference import Predictor
 
         predictor = Predictor.load(args.model)
@@ -90,6 +94,10 @@ def run_child(args: argparse.Namespace) -> None:
             row["scorecard_ref"] = float(score_case(ref.dose_gy, ref, template).to_dict()["total"])
         elif args.child == "prior":
             dose = prior_dose(predictor, folder)
+            row["seconds"] = 0.0
+            row.update({k: v for k, v in dose_figures(ref, dose, template).items() if k != "_score"})
+        elif args.child == "grid":
+            dose = reference_through_grid(predictor, folder)
             row["seconds"] = 0.0
             row.update({k: v for k, v in dose_figures(ref, dose, template).items() if k != "_score"})
         elif args.child == "peer":
@@ -135,6 +143,20 @@ def prior_dose(predictor, folder: Path) -> np.ndarray:
     w0 = torch.tensor(cfg.dose_prior_weights).view(1, -1, 1, 1, 1)
     x0 = mix_to_dose_encoding(basis, w0)[0]  # (1, D, H, W) dose encoding, as a fresh model predicts
     return decode_dose(x0, case.grid, enc, case.body)
+
+
+def reference_through_grid(predictor, folder: Path) -> np.ndarray:
+    """The reference dose encoded to the model's working grid and decoded back (Gy).
+
+    Both the DiT and the peer predict on this grid and are decoded the same way, so this is the
+    best either can score: the floor the working grid alone puts under the dose score.
+    """
+    from diffkt3d.data.dataset import prepare_case
+    from diffkt3d.data.encoding import decode_dose, encode_case
+
+    case = prepare_case(folder)
+    x0 = encode_case(case, predictor.encoding, ("dose",))["dose"]
+    return decode_dose(x0, case.grid, predictor.encoding, case.body)
 
 
 def paired(rows_a: list[dict], rows_b: list[dict], key: str = "dose_score") -> dict:
@@ -209,7 +231,8 @@ def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) 
     out.parent.mkdir(parents=True, exist_ok=True)
     names = {"dit10": "DiffKT3D cpu-default, 10 steps", "dit1": "DiffKT3D cpu-default, 1-step preview",
              "peer": "MONAI BasicUNet peer (L1 regression)",
-             "prior": "geometric dose prior alone (no network; what the DiT starts from)"}
+             "prior": "geometric dose prior alone (no network; what the DiT starts from)",
+             "grid": "reference dose through the working grid (encode, then decode: the floor for any prediction made on this grid)"}
     lines = [f"# Dose benchmark: OpenKBP validation ({started:%Y-%m-%d %H:%M} UTC)", "",
              f"Machine: {describe_machine()}", "",
              f"Command: `python benchmarks/dose_benchmark.py {' '.join(sys.argv[1:])}`", "",

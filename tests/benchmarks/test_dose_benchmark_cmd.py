@@ -1,5 +1,5 @@
 """README "Benchmarks": `python benchmarks/dose_benchmark.py`, run as written with its own options that
-keep it cheap (`--limit 1 --variants dit1 prior`, output in a temporary folder): the script, its child
+keep it cheap (`--limit 1 --variants dit1 prior grid`, output in a temporary folder): the script, its child
 process, the metrics and the report writer all run; the figures themselves come from the full run."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_dose_benchmark_one_case_preview(tmp_path: Path, openkbp_root: Path) -> None:
     out = tmp_path / "dose_benchmark"
-    proc = subprocess.run([sys.executable, "benchmarks/dose_benchmark.py", "--limit", "1", "--variants", "dit1", "prior",
+    proc = subprocess.run([sys.executable, "benchmarks/dose_benchmark.py", "--limit", "1", "--variants", "dit1", "prior", "grid",
                            "--threads", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = out.with_suffix(".md").read_text()
@@ -31,3 +31,6 @@ def test_dose_benchmark_one_case_preview(tmp_path: Path, openkbp_root: Path) -> 
     assert blob["results"]["paired"]["dit1-prior"]["mean_diff"] == pytest.approx(
         summary["dose_score"] - prior["dose_score"])
     assert "| dit1 vs prior | 1 |" in report
+    # The working-grid round trip of the reference is far closer to it than any prediction.
+    grid = blob["results"]["grid"]["summary"]
+    assert grid["n"] == 1 and 0 < grid["dose_score"] < 2.0 and grid["dose_score"] < summary["dose_score"] / 2
