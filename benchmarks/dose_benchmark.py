@@ -54,9 +54,19 @@ def dose_figures(case, dose_gy: np.ndarray, template) -> dict:
     from diffkt3d.scorecard import score_case
 
     s = score_case_object(case, dose_gy)
+    sc = score_case(dose_gy, case, template)
     return {"dose_score": s.dose_score, "dvh_errors": [float(v) for v in s.dvh_errors.values()],
             "psnr": psnr(dose_gy, case.dose_gy), "ssim": ssim(dose_gy, case.dose_gy),
-            "scorecard": float(score_case(dose_gy, case, template).to_dict()["total"]), "_score": s}
+            "scorecard": float(sc.total), "scorecard_items": item_means(sc.item_scores()),
+            "penalty": float(sc.penalty_total), "_score": s}
+
+
+def item_means(item_scores: dict[str, float]) -> dict[str, float]:
+    """"<item>/<structure>" -> score, averaged over the structures of each item (unweighted)."""
+    per: dict[str, list[float]] = {}
+    for key, value in item_scores.items():
+        per.setdefault(key.split("/")[0], []).append(float(value))
+    return {k: float(np.mean(v)) for k, v in per.items()}
 
 
 def run_child(args: argparse.Namespace) -> None:
@@ -91,7 +101,10 @@ def run_child(args: argparse.Namespace) -> None:
             row.update({k: v for k, v in dose_figures(ref, pred.dose_gy, template).items() if k != "_score"})
             from diffkt3d.scorecard import score_case
 
-            row["scorecard_ref"] = float(score_case(ref.dose_gy, ref, template).to_dict()["total"])
+            ref_sc = score_case(ref.dose_gy, ref, template)
+            row["scorecard_ref"] = float(ref_sc.total)
+            row["scorecard_ref_items"] = item_means(ref_sc.item_scores())
+            row["penalty_ref"] = float(ref_sc.penalty_total)
         elif args.child == "prior":
             dose = prior_dose(predictor, folder)
             row["seconds"] = 0.0
@@ -226,6 +239,33 @@ def main() -> None:
     write_report(args, results, started)
 
 
+def scorecard_item_lines(results: dict, names: dict[str, str]) -> list[str]:
+    """Mean unweighted score per Scorecard item and variant (0-10 each), hinge penalty last."""
+    cols = [k for k in names if k in results and results[k]["rows"] and "scorecard_items" in results[k]["rows"][0]]
+    if not cols:
+        return []
+    ref_rows = results["dit10"]["rows"] if "dit10" in cols and "scorecard_ref_items" in results["dit10"]["rows"][0] else []
+
+    def mean_item(rows: list[dict], key: str, item: str) -> float:
+        vals = [r[key][item] for r in rows if item in r[key]]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    items = sorted({i for k in cols for r in results[k]["rows"] for i in r["scorecard_items"]})
+    head = ["item"] + cols + (["reference"] if ref_rows else [])
+    lines = ["", "## Scorecard by item (mean unweighted item score, 0-10, over cases and structures)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for item in items:
+        vals = [mean_item(results[k]["rows"], "scorecard_items", item) for k in cols]
+        if ref_rows:
+            vals.append(mean_item(ref_rows, "scorecard_ref_items", item))
+        lines.append(f"| {item} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+    pen = [float(np.mean([r["penalty"] for r in results[k]["rows"]])) for k in cols]
+    if ref_rows:
+        pen.append(float(np.mean([r["penalty_ref"] for r in ref_rows])))
+    lines.append("| hinge penalty (points, lower is better) | " + " | ".join(f"{v:.2f}" for v in pen) + " |")
+    return lines
+
+
 def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -249,6 +289,7 @@ def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) 
         ref_scores = [r["scorecard_ref"] for r in results["dit10"]["rows"]]
         lines.append(f"| reference plans (for scale) | {len(ref_scores)} | 0 | 0 | inf | 1 | "
                      f"{np.mean(ref_scores):.2f} | | | |")
+    lines += scorecard_item_lines(results, names)
     pairs = [(a, b) for a, b in (("dit10", "peer"), ("dit10", "prior"), ("dit1", "peer"), ("dit1", "prior")) if a in results and b in results]
     if pairs:
         lines += ["", "## Paired per-case comparison (dose score, Gy; Wilcoxon signed-rank, two-sided)", "",

@@ -238,6 +238,14 @@ def cmd_report(args: argparse.Namespace) -> None:
         lines += [f"Post-training: {train['iterations']} iterations (cases of the TRAIN split, 4 candidates each), "
                   f"{train['cpu_minutes']:.1f} CPU-minutes ({train['wall_minutes']:.1f} min wall), base "
                   f"`{train['base_model']}`.", ""]
+    summary = json.loads((OUT / "summary.json").read_text()) if (OUT / "summary.json").exists() else {}
+    if summary.get("config"):
+        c = summary["config"]
+        keys = ("group_size", "sample_steps", "inner_steps", "lr", "beta", "kl_weight", "old_decay", "lora_rank",
+                "shared_noise")
+        lines += ["Settings: " + ", ".join(f"{k} {c[k]}" for k in keys if k in c)
+                  + "; reward weights " + ", ".join(f"{k} {v}" for k, v in c["reward"].items()
+                                                      if k.startswith("w_")) + ".", ""]
     lines += [f"Before: `{v_before}`; after: `{v_after}`. One 10-step candidate per case, seed 0 for both "
               "(same initial noise). Paired two-sided tests over the cases.", "",
               "| figure | before | after | after − before (mean ± sd) | t-test p | Wilcoxon p | cases with after > before |",
