@@ -7,6 +7,8 @@ Steps (sub-commands, so the CPU-heavy ones can run side by side on the 2 cores):
     python benchmarks/scardnft_benchmark.py train                  # ScardNFT on the TRAIN split
     python benchmarks/scardnft_benchmark.py eval --model M --tag before [--shard 0/2]
     python benchmarks/scardnft_benchmark.py eval --model runs/scardnft-bench/merged.pt --tag after
+    python benchmarks/scardnft_benchmark.py train --placebo        # control: random rewards, same budget
+    python benchmarks/scardnft_benchmark.py eval --model runs/scardnft-bench/placebo/merged.pt --tag placebo
     python benchmarks/scardnft_benchmark.py report                 # paired tests -> results/scardnft.md
 
 Evaluation (40 validation cases, never used for training): one 10-step candidate per case from
@@ -102,6 +104,26 @@ def cmd_prefs(args: argparse.Namespace) -> None:
 
 
 # -- 2. post-training ---------------------------------------------------------------------------------
+def placebo_trainer():
+    """The control: the same trainer with each candidate's reward replaced by a seeded N(0, 1) draw.
+
+    Any change to the model moves all 40 validation cases the same way, so a paired test can call
+    even an undirected update significant. The control spends the same budget on updates that
+    follow no reward; ScardNFT has to beat it, not just the base.
+    """
+    from diffkt3d.training.scardnft import ScardNFTTrainer
+
+    class PlaceboTrainer(ScardNFTTrainer):
+        def candidate_terms(self, dose_gy, case):
+            if not hasattr(self, "_placebo_rng"):
+                self._placebo_rng = np.random.default_rng(self.cfg.seed + 12345)
+            terms = super().candidate_terms(dose_gy, case)  # logged as usual; only the reward is replaced
+            terms.reward = float(self._placebo_rng.standard_normal())
+            return terms
+
+    return PlaceboTrainer
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from diffkt3d.training.scardnft import ScardNFTConfig, run_scardnft
 
@@ -113,8 +135,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     if any("validation" in str(r) or "test" in str(r) for r in cfg.train_roots):
         raise SystemExit("post-training must use the train split only")
     t0 = time.time()
-    res = run_scardnft(cfg, preferences=OUT / "prefs", out_dir=OUT)
-    (OUT / "train.json").write_text(json.dumps({
+    out = OUT / "placebo" if args.placebo else OUT
+    res = run_scardnft(cfg, preferences=OUT / "prefs", out_dir=out,
+                       trainer_cls=placebo_trainer() if args.placebo else None)
+    (out / "train.json").write_text(json.dumps({
         "iterations": res.iterations, "cpu_minutes": res.cpu_minutes, "wall_minutes": (time.time() - t0) / 60,
         "base_model": str(cfg.base_model), "item_weights": res.item_weights, "weight_fit": res.weight_fit,
         "merged": str(res.merged_path), "adapter": str(res.adapter_path)}, indent=2, default=str) + "\n")
@@ -200,6 +224,35 @@ def _prefs_section(prefs: dict) -> list[str]:
     return lines
 
 
+def _placebo_lines(before: dict[str, dict], after: dict[str, dict], cases: list[str]) -> list[str]:
+    """Section 2b: the control run (random rewards, same budget) against the base and against ScardNFT."""
+    placebo, version = _load_eval("placebo")
+    common = [c for c in cases if c in placebo]
+    if not common:
+        return ["Control run (random rewards, same budget): **not measured** (`train --placebo`, then "
+                "`eval --model runs/scardnft-bench/placebo/merged.pt --tag placebo`).", ""]
+    ptrain = OUT / "placebo" / "train.json"
+    tr = json.loads(ptrain.read_text()) if ptrain.exists() else {}
+    lines = ["### Control: the same run with random rewards", "",
+             f"`train --placebo`: every candidate's reward replaced by a seeded N(0, 1) draw, all else equal "
+             f"({tr.get('iterations', '?')} iterations, {tr.get('cpu_minutes', float('nan')):.1f} CPU-minutes; "
+             f"`{version}`). Any update moves all cases together, so a paired test can call an undirected "
+             "change significant; the control measures that, and ScardNFT must beat it.", "",
+             "| figure | control − before (mean ± sd) | p (t) | ScardNFT − control (mean ± sd) | p (t) | cases ScardNFT > control |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, key, fmt in (("Scorecard, shipped (points)", "scorecard", ".2f"),
+                           ("Scorecard, learned weights (points)", "scorecard_learned", ".2f"),
+                           ("hard-constraint penalty (points)", "penalty", ".2f"),
+                           ("dose score (Gy)", "dose_score", ".3f")):
+        b = np.array([before[c][key] for c in common])
+        p_ = np.array([placebo[c][key] for c in common])
+        a = np.array([after[c][key] for c in common])
+        pb, ap = _paired(b, p_), _paired(p_, a)
+        lines.append(f"| {name} | {pb['diff']:+{fmt}} ± {pb['diff_sd']:{fmt}} | {pb['t_p']:.3g} | "
+                     f"{ap['diff']:+{fmt}} ± {ap['diff_sd']:{fmt}} | {ap['t_p']:.3g} | {ap['improved_cases']}/{len(common)} |")
+    return lines + [""]
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     before, v_before = _load_eval("before")
     after, v_after = _load_eval("after")
@@ -224,6 +277,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     blob = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": describe_machine(),
             "cases": len(cases), "model_before": v_before, "model_after": v_after, "paired": res,
             "dvh_score_pooled": pooled, "train": train, "prefs": prefs,
+            "placebo_rows": _load_eval("placebo")[0],
             "target": {"scorecard_p_lt_0_05_and_better": sc_ok, "dose_score_worse_by_at_most_0_05": dose_ok}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scardnft.json").write_text(json.dumps(blob, indent=2) + "\n")
@@ -256,6 +310,7 @@ def cmd_report(args: argparse.Namespace) -> None:
               row("dose score (Gy, lower is better)", "dose_score"),
               row("DVH score per case (Gy, lower is better)", "dvh_score"), "",
               f"DVH score pooled over all (case, ROI, metric): {pooled['before']:.3f} → {pooled['after']:.3f} Gy.", "",
+              *_placebo_lines(before, after, cases),
               "## 3. Target", "",
               f"* Scorecard improves with p < 0.05: **{'reached' if sc_ok else 'not reached'}** "
               f"(Δ {res['scorecard']['diff']:+.2f} points, t-test p = {res['scorecard']['t_p']:.3g}).",
@@ -279,10 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--config", default=str(ROOT / "configs" / "scardnft-cpu.yaml"))
     s.add_argument("--base", default=None, help="base checkpoint (default: the config's)")
     s.add_argument("--cpu-minutes", type=float, default=15.0)
+    s.add_argument("--placebo", action="store_true",
+                   help="control run: random rewards, same budget (outputs in runs/scardnft-bench/placebo)")
     s.set_defaults(func=cmd_train)
     s = sub.add_parser("eval")
     s.add_argument("--model", required=True)
-    s.add_argument("--tag", required=True, choices=["before", "after"])
+    s.add_argument("--tag", required=True, choices=["before", "after", "placebo"])
     s.add_argument("--shard", default="0/1", help="k/n: every n-th case starting at k")
     s.set_defaults(func=cmd_eval)
     s = sub.add_parser("report")

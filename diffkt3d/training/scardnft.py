@@ -579,7 +579,8 @@ def run_scardnft(cfg: ScardNFTConfig | Mapping[str, Any] | None = None, *,
                  case_dirs: Sequence[str | Path] | None = None,
                  preferences: str | Path | Sequence[Any] | None = None,
                  out_dir: str | Path | None = None, request: Mapping[str, Any] | None = None,
-                 progress: ProgressFn | None = None, device: str | None = None) -> ScardNFTResult:
+                 progress: ProgressFn | None = None, device: str | None = None,
+                 trainer_cls: type[ScardNFTTrainer] | None = None) -> ScardNFTResult:
     """Run ScardNFT post-training (CLI and MONAI Label train task entry point).
 
     Args:
@@ -593,6 +594,8 @@ def run_scardnft(cfg: ScardNFTConfig | Mapping[str, Any] | None = None, *,
             (e.g. ``{"iterations": 20, "max_cpu_minutes": 10}``); other keys are logged and ignored.
         progress: called after every iteration with a small dict (iteration, reward_mean, loss).
         device: "cpu", "cuda" ... (default: CUDA when available).
+        trainer_cls: a :class:`ScardNFTTrainer` subclass to run instead (e.g. the benchmark's
+            control run, whose reward is random).
     """
     if cfg is None:
         cfg = ScardNFTConfig()
@@ -628,7 +631,7 @@ def run_scardnft(cfg: ScardNFTConfig | Mapping[str, Any] | None = None, *,
             log.warning("only %d usable preference record(s) (< min_preferences %d): template weights kept",
                         len(usable), cfg.min_preferences)
             fit = {"n_records": len(usable), "used": False}
-    trainer = ScardNFTTrainer(cfg, dirs, device=device, progress=progress, item_weights=item_weights,
+    trainer = (trainer_cls or ScardNFTTrainer)(cfg, dirs, device=device, progress=progress, item_weights=item_weights,
                               weight_fit=fit)
     return trainer.run()
 
