@@ -1,0 +1,98 @@
+"""How the prescription map is brought to the working grid changes what the dose prior covers.
+
+The shipped encoding area-averages the prescription map to 64³, so a working voxel on a PTV edge
+holds part of its Rx and the prior (``models.dose_prior``) starts its falloff inside the target.
+This script scores the prior alone (no network, shipped falloffs and mix) on the validation cases
+with the map area-averaged (as shipped) and max-pooled, using the same metrics as the dose
+benchmark. It tells a retrain what to change; the shipped model is not touched.
+
+    python benchmarks/prior_pooling.py [--limit N]
+
+writes benchmarks/results/prior_pooling.md / .json with the machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from dose_benchmark import dose_figures  # noqa: E402
+from machine_info import describe_machine  # noqa: E402
+
+from diffkt3d.data.dataset import list_case_dirs, prepare_case  # noqa: E402
+from diffkt3d.data.encoding import decode_dose, encode_case  # noqa: E402
+from diffkt3d.inference import Predictor  # noqa: E402
+from diffkt3d.io.case_folder import load_case_folder  # noqa: E402
+from diffkt3d.models.dose_prior import mix_to_dose_encoding, prior_basis  # noqa: E402
+from diffkt3d.scorecard import load_template  # noqa: E402
+
+
+def prior_doses(predictor: Predictor, folder: Path) -> dict[str, np.ndarray]:
+    """{"mean": prior from the shipped (area-averaged) map, "max": from the max-pooled map} in Gy."""
+    cfg, enc = predictor.model.config, predictor.encoding
+    case = prepare_case(folder)
+    tensors = encode_case(case, enc, ("ptv", "body"))
+    rx = torch.as_tensor(case.prescription_map_gy() / enc.dose_scale_gy, dtype=torch.float32).clamp(0, 1)
+    ptv_max = torch.nn.functional.adaptive_max_pool3d(rx[None, None], enc.grid)[0] * 2.0 - 1.0
+    w0 = torch.tensor(cfg.dose_prior_weights).view(1, -1, 1, 1, 1)
+    out = {}
+    for name, ptv in (("mean", tensors["ptv"]), ("max", ptv_max)):
+        basis = prior_basis(ptv[None], tensors["body"][None], cfg.dose_prior_falloffs, cfg.dose_prior_reach)
+        out[name] = decode_dose(mix_to_dose_encoding(basis, w0)[0], case.grid, enc, case.body)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default=str(ROOT.parent / "shared/datasets/openkbp/validation"))
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/prior_pooling"))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    started = dt.datetime.now(dt.timezone.utc)
+    predictor = Predictor.load(None)
+    template = load_template("openkbp_hn")
+    rows: dict[str, list[dict]] = {"mean": [], "max": []}
+    for folder in list_case_dirs([args.cases])[: args.limit or None]:
+        ref = load_case_folder(folder)
+        if ref.dose_gy is None:
+            continue
+        for name, dose in prior_doses(predictor, folder).items():
+            fig = {k: v for k, v in dose_figures(ref, dose, template).items() if k != "_score"}
+            rows[name].append({"case": ref.case_id, **fig})
+    items = sorted({i for r in rows["mean"] for i in r["scorecard_items"]})
+
+    def mean(name: str, key: str) -> float:
+        return float(np.mean([r[key] for r in rows[name]]))
+
+    def item(name: str, i: str) -> float:
+        return float(np.mean([r["scorecard_items"][i] for r in rows[name] if i in r["scorecard_items"]]))
+
+    lines = [f"# Dose prior alone: prescription map area-averaged vs max-pooled to the working grid "
+             f"({started:%Y-%m-%d %H:%M} UTC)", "", f"Machine: {describe_machine()}", "",
+             f"Command: `python benchmarks/prior_pooling.py {' '.join(sys.argv[1:])}`", "",
+             f"Cases: {len(rows['mean'])} (OpenKBP validation). Shipped falloffs and mix, no network.", "",
+             "| figure | area-averaged (shipped) | max-pooled |", "|---|---|---|"]
+    for key, label in (("dose_score", "dose score (Gy)"), ("scorecard", "Scorecard (openkbp_hn)"),
+                       ("penalty", "hinge penalty (points)")):
+        lines.append(f"| {label} | {mean('mean', key):.3f} | {mean('max', key):.3f} |")
+    dvh = {n: float(np.mean([e for r in rows[n] for e in r["dvh_errors"]])) for n in rows}
+    lines.append(f"| DVH score (Gy) | {dvh['mean']:.3f} | {dvh['max']:.3f} |")
+    lines += ["", "| Scorecard item (mean unweighted score, 0-10) | area-averaged | max-pooled |", "|---|---|---|"]
+    lines += [f"| {i} | {item('mean', i):.2f} | {item('max', i):.2f} |" for i in items]
+    out = Path(args.out)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"machine": describe_machine(), "date": started.isoformat(),
+                                                    "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
