@@ -143,16 +143,23 @@ def run_child(args: argparse.Namespace) -> None:
 def prior_dose(predictor, folder: Path) -> np.ndarray:
     """The shipped model's dose prior alone, decoded to the case grid like a prediction (Gy)."""
     from diffkt3d.data.dataset import prepare_case
-    from diffkt3d.data.encoding import decode_dose, encode_case
+    from diffkt3d.data.encoding import encode_case
+
+    case = prepare_case(folder)
+    case.dose_gy = None
+    tensors = encode_case(case, predictor.encoding, ("ptv", "body"))
+    return prior_dose_from(predictor, case, tensors["ptv"], tensors["body"])
+
+
+def prior_dose_from(predictor, case, ptv: torch.Tensor, body: torch.Tensor) -> np.ndarray:
+    """The prior of encoded ``ptv`` / ``body`` (1, D, H, W) with the model's falloffs and initial mix (Gy)."""
+    from diffkt3d.data.encoding import decode_dose
     from diffkt3d.models.dose_prior import mix_to_dose_encoding, prior_basis
 
     cfg, enc = predictor.model.config, predictor.encoding
     if not cfg.dose_prior_falloffs:
         raise SystemExit("variant 'prior': the model has no dose prior (dose_prior_falloffs is empty)")
-    case = prepare_case(folder)
-    case.dose_gy = None
-    tensors = encode_case(case, enc, ("ptv", "body"))
-    basis = prior_basis(tensors["ptv"][None], tensors["body"][None], cfg.dose_prior_falloffs, cfg.dose_prior_reach)
+    basis = prior_basis(ptv[None], body[None], cfg.dose_prior_falloffs, cfg.dose_prior_reach)
     w0 = torch.tensor(cfg.dose_prior_weights).view(1, -1, 1, 1, 1)
     x0 = mix_to_dose_encoding(basis, w0)[0]  # (1, D, H, W) dose encoding, as a fresh model predicts
     return decode_dose(x0, case.grid, enc, case.body)

@@ -24,30 +24,25 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from dose_benchmark import dose_figures  # noqa: E402
+from dose_benchmark import dose_figures, prior_dose_from  # noqa: E402
 from machine_info import describe_machine  # noqa: E402
 
 from diffkt3d.data.dataset import list_case_dirs, prepare_case  # noqa: E402
-from diffkt3d.data.encoding import decode_dose, encode_case  # noqa: E402
+from diffkt3d.data.encoding import encode_case  # noqa: E402
 from diffkt3d.inference import Predictor  # noqa: E402
 from diffkt3d.io.case_folder import load_case_folder  # noqa: E402
-from diffkt3d.models.dose_prior import mix_to_dose_encoding, prior_basis  # noqa: E402
 from diffkt3d.scorecard import load_template  # noqa: E402
 
 
 def prior_doses(predictor: Predictor, folder: Path) -> dict[str, np.ndarray]:
     """{"mean": prior from the shipped (area-averaged) map, "max": from the max-pooled map} in Gy."""
-    cfg, enc = predictor.model.config, predictor.encoding
+    enc = predictor.encoding
     case = prepare_case(folder)
     tensors = encode_case(case, enc, ("ptv", "body"))
     rx = torch.as_tensor(case.prescription_map_gy() / enc.dose_scale_gy, dtype=torch.float32).clamp(0, 1)
     ptv_max = torch.nn.functional.adaptive_max_pool3d(rx[None, None], enc.grid)[0] * 2.0 - 1.0
-    w0 = torch.tensor(cfg.dose_prior_weights).view(1, -1, 1, 1, 1)
-    out = {}
-    for name, ptv in (("mean", tensors["ptv"]), ("max", ptv_max)):
-        basis = prior_basis(ptv[None], tensors["body"][None], cfg.dose_prior_falloffs, cfg.dose_prior_reach)
-        out[name] = decode_dose(mix_to_dose_encoding(basis, w0)[0], case.grid, enc, case.body)
-    return out
+    return {name: prior_dose_from(predictor, case, ptv, tensors["body"])
+            for name, ptv in (("mean", tensors["ptv"]), ("max", ptv_max))}
 
 
 def main() -> None:

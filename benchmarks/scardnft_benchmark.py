@@ -114,9 +114,11 @@ def placebo_trainer():
     from diffkt3d.training.scardnft import ScardNFTTrainer
 
     class PlaceboTrainer(ScardNFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._placebo_rng = np.random.default_rng(self.cfg.seed + 12345)
+
         def candidate_terms(self, dose_gy, case):
-            if not hasattr(self, "_placebo_rng"):
-                self._placebo_rng = np.random.default_rng(self.cfg.seed + 12345)
             terms = super().candidate_terms(dose_gy, case)  # logged as usual; only the reward is replaced
             terms.reward = float(self._placebo_rng.standard_normal())
             return terms
@@ -224,9 +226,9 @@ def _prefs_section(prefs: dict) -> list[str]:
     return lines
 
 
-def _placebo_lines(before: dict[str, dict], after: dict[str, dict], cases: list[str]) -> list[str]:
+def _placebo_lines(before: dict[str, dict], after: dict[str, dict], placebo: dict[str, dict], version: str,
+                   cases: list[str]) -> list[str]:
     """Section 2b: the control run (random rewards, same budget) against the base and against ScardNFT."""
-    placebo, version = _load_eval("placebo")
     common = [c for c in cases if c in placebo]
     if not common:
         return ["Control run (random rewards, same budget): **not measured** (`train --placebo`, then "
@@ -256,6 +258,7 @@ def _placebo_lines(before: dict[str, dict], after: dict[str, dict], cases: list[
 def cmd_report(args: argparse.Namespace) -> None:
     before, v_before = _load_eval("before")
     after, v_after = _load_eval("after")
+    placebo, v_placebo = _load_eval("placebo")
     cases = sorted(set(before) & set(after))
     prefs = json.loads((OUT / "prefs.json").read_text())
     if not cases:
@@ -277,7 +280,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     blob = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": describe_machine(),
             "cases": len(cases), "model_before": v_before, "model_after": v_after, "paired": res,
             "dvh_score_pooled": pooled, "train": train, "prefs": prefs,
-            "placebo_rows": _load_eval("placebo")[0],
+            "placebo_rows": placebo,
             "target": {"scorecard_p_lt_0_05_and_better": sc_ok, "dose_score_worse_by_at_most_0_05": dose_ok}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scardnft.json").write_text(json.dumps(blob, indent=2) + "\n")
@@ -310,7 +313,7 @@ def cmd_report(args: argparse.Namespace) -> None:
               row("dose score (Gy, lower is better)", "dose_score"),
               row("DVH score per case (Gy, lower is better)", "dvh_score"), "",
               f"DVH score pooled over all (case, ROI, metric): {pooled['before']:.3f} → {pooled['after']:.3f} Gy.", "",
-              *_placebo_lines(before, after, cases),
+              *_placebo_lines(before, after, placebo, v_placebo, cases),
               "## 3. Target", "",
               f"* Scorecard improves with p < 0.05: **{'reached' if sc_ok else 'not reached'}** "
               f"(Δ {res['scorecard']['diff']:+.2f} points, t-test p = {res['scorecard']['t_p']:.3g}).",
