@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffkt3d.models.config import DiTConfig
 from diffkt3d.models.dose_prior import mix_to_dose_encoding, prior_basis
+from diffkt3d.models.dose_refiner import DoseRefiner
 from diffkt3d.models.layers import (
     FP32LayerNorm,
     RMSNorm,
@@ -191,6 +192,8 @@ class Any2AnyDiT(nn.Module):
 
         self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
         self.head = Head(config)
+        # Voxel-level dose refiner (config ``dose_refiner_width``; models.dose_refiner says why).
+        self.dose_refiner = DoseRefiner(config) if config.dose_refiner_width else None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -329,28 +332,36 @@ class Any2AnyDiT(nn.Module):
         out = self.head(x[:, :n_target], e_role[:, ROLE_TARGET], target)  # (B, n, C * p^3)
         out = self.unpatchify(out, grid, cfg.head_channels(target))  # (B, C_head, D, H, W)
         if cfg.prediction == "x0":
-            if target == "dose" and cfg.dose_prior_falloffs:
-                out = self._dose_x0_with_prior(out, volumes)  # (B, 1, D, H, W)
+            if target == "dose" and (cfg.dose_prior_falloffs or self.dose_refiner is not None):
+                out = self._dose_x0(out, volumes)  # (B, 1, D, H, W)
             # 6. x0-parameterised head (config docstring): v_hat = (x_t - x0_hat) / t, fp32.
             t_div = t.float().clamp_min(cfg.x0_min_t).view(-1, 1, 1, 1, 1)
             return (volumes[target].float() - out.float()) / t_div
         return out
 
-    def _dose_x0_with_prior(self, out: Tensor, volumes: dict[str, Tensor]) -> Tensor:
-        """Dose x0_hat from the head's (residual, basis weights) and the geometric prior, fp32.
+    def _dose_x0(self, out: Tensor, volumes: dict[str, Tensor]) -> Tensor:
+        """Dose x0_hat from the head's channels, the geometric prior and the voxel refiner, fp32.
 
-        ``out`` (B, 1 + n, D, H, W) -> (B, 1, D, H, W) in the [-1, 1] dose encoding:
+        ``out`` (B, 1 + n + F, D, H, W): residual, n prior weights, F refiner features (config
+        ``head_channels``) -> (B, 1, D, H, W) in the [-1, 1] dose encoding:
         2 * sum_j (w0_j + w_j) * P_j - 1 + residual, or the residual alone without a ``ptv``
-        condition (config ``dose_prior_falloffs``; ``models.dose_prior`` says why).
+        condition (``models.dose_prior`` says why); with a refiner, its correction is added to
+        the residual and the weights first (``models.dose_refiner``).
         """
         cfg = self.config
-        residual = out[:, :1].float()
-        if "ptv" not in volumes:
+        n_dose = 1 + cfg.dose_extra_channels()
+        dose_ch, features = out[:, :n_dose].float(), out[:, n_dose:]
+        basis = None
+        if cfg.dose_prior_falloffs and "ptv" in volumes:
+            basis = prior_basis(volumes["ptv"], volumes.get("body"), cfg.dose_prior_falloffs,
+                                cfg.dose_prior_reach)  # (B, n, D, H, W) in [0, 1]
+        if self.dose_refiner is not None:
+            dose_ch = dose_ch + self.dose_refiner(features, volumes["dose"], volumes, basis)
+        residual = dose_ch[:, :1]
+        if basis is None:
             return residual
-        basis = prior_basis(volumes["ptv"], volumes.get("body"), cfg.dose_prior_falloffs,
-                            cfg.dose_prior_reach)  # (B, n, D, H, W) in [0, 1]
         w0 = torch.tensor(cfg.dose_prior_weights, device=out.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        weights = out[:, 1:].float() + w0  # (B, n, D, H, W)
+        weights = dose_ch[:, 1:] + w0  # (B, n, D, H, W)
         return mix_to_dose_encoding(basis, weights) + residual
 
     def unpatchify(self, tokens: Tensor, grid: tuple[int, ...], channels: int) -> Tensor:
