@@ -12,8 +12,8 @@ OAR Dice per structure, on cases that have the modality.
     python benchmarks/dose_benchmark.py --peer runs/peer/basicunet.pt
 
 writes benchmarks/results/dose_benchmark.md and .json with the machine and date. The variant
-``grid`` (not in the default run) scores the reference dose after a round trip through the
-model's working grid, the floor under every model on that grid:
+``grid`` scores the reference dose after a round trip through the model's working grid, the floor
+under every model on that grid; it needs no model, so it can also run alone:
 
     python benchmarks/dose_benchmark.py --variants grid --out benchmarks/results/dose_grid_floor
 """
@@ -208,7 +208,7 @@ def main() -> None:
     p.add_argument("--template", default="openkbp_hn")
     p.add_argument("--limit", type=int, default=0, help="first N cases only (0 = all)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", nargs="+", default=["dit10", "dit1", "peer", "prior", "impute"])
+    p.add_argument("--variants", nargs="+", default=["dit10", "dit1", "peer", "prior", "grid", "impute"])
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/dose_benchmark"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
