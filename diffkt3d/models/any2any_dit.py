@@ -342,14 +342,15 @@ class Any2AnyDiT(nn.Module):
     def _dose_x0(self, out: Tensor, volumes: dict[str, Tensor]) -> Tensor:
         """Dose x0_hat from the head's channels, the geometric prior and the voxel refiner, fp32.
 
-        ``out`` (B, 1 + n + F, D, H, W): residual, n prior weights, F refiner features (config
-        ``head_channels``) -> (B, 1, D, H, W) in the [-1, 1] dose encoding:
+        ``out`` (B, C + n + F, D, H, W): C residual channels (1 with a prior), n prior weights, F
+        refiner features (config ``head_channels``) -> (B, C, D, H, W) in the [-1, 1] dose encoding:
         2 * sum_j (w0_j + w_j) * P_j - 1 + residual, or the residual alone without a ``ptv``
         condition (``models.dose_prior`` says why); with a refiner, its correction is added to
         the residual and the weights first (``models.dose_refiner``).
         """
         cfg = self.config
-        n_dose = 1 + cfg.dose_extra_channels()
+        c = cfg.in_channels["dose"]  # 1 whenever there is a prior (DiTConfig.validate)
+        n_dose = c + cfg.prior_weight_channels()
         dose_ch, features = out[:, :n_dose].float(), out[:, n_dose:]
         basis = None
         if cfg.dose_prior_falloffs and "ptv" in volumes:
@@ -357,11 +358,11 @@ class Any2AnyDiT(nn.Module):
                                 cfg.dose_prior_reach)  # (B, n, D, H, W) in [0, 1]
         if self.dose_refiner is not None:
             dose_ch = dose_ch + self.dose_refiner(features, volumes["dose"], volumes, basis)
-        residual = dose_ch[:, :1]
+        residual = dose_ch[:, :c]
         if basis is None:
             return residual
         w0 = torch.tensor(cfg.dose_prior_weights, device=out.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        weights = dose_ch[:, 1:] + w0  # (B, n, D, H, W)
+        weights = dose_ch[:, c:] + w0  # (B, n, D, H, W)
         return mix_to_dose_encoding(basis, weights) + residual
 
     def unpatchify(self, tokens: Tensor, grid: tuple[int, ...], channels: int) -> Tensor:

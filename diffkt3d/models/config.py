@@ -164,10 +164,10 @@ class DiTConfig:
         """Output channels of the head of ``modality``: its channels, plus for ``dose`` one weight
         per prior basis map (``dose_prior_falloffs``) and the refiner's feature channels
         (``dose_refiner_width``), in that order."""
-        return self.in_channels[modality] + (self.dose_extra_channels() + self.refiner_feature_channels()
+        return self.in_channels[modality] + (self.prior_weight_channels() + self.refiner_feature_channels()
                                              if modality == "dose" else 0)
 
-    def dose_extra_channels(self) -> int:
+    def prior_weight_channels(self) -> int:
         """Prior weights the dose head emits after the dose channel (0 without a prior)."""
         return len(self.dose_prior_falloffs)
 

@@ -28,7 +28,7 @@ class DoseRefiner(nn.Module):
         super().__init__()
         self.conditions = tuple(m for m in config.modalities if m != "dose")
         self.condition_channels = {m: config.in_channels[m] for m in self.conditions}
-        self.n_basis = config.dose_extra_channels()
+        self.n_basis = config.prior_weight_channels()
         self.out_channels = config.in_channels["dose"] + self.n_basis
         in_ch = (config.refiner_feature_channels() + config.in_channels["dose"]
                  + sum(self.condition_channels.values()) + self.n_basis)
