@@ -19,7 +19,7 @@ import torch
 from monai.networks.nets import BasicUNet
 
 from diffkt3d.data.dataset import EncodedCaseSet, build_cache, list_case_dirs
-from diffkt3d.data.encoding import EncodingConfig
+from diffkt3d.data.encoding import PTV_RESAMPLING, EncodingConfig
 
 log = logging.getLogger("peer")
 
@@ -47,7 +47,7 @@ def build_peer(enc: EncodingConfig) -> BasicUNet:
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    enc = EncodingConfig(grid=tuple(args.grid))
+    enc = EncodingConfig(grid=tuple(args.grid), ptv_resampling=args.ptv_resampling)
     files = build_cache(list_case_dirs(args.train_roots), enc, args.cache_dir, with_plates=True)
     data = EncodedCaseSet.from_cache(files)
     cases = data.with_modality("dose")
@@ -73,7 +73,7 @@ def train(args: argparse.Namespace) -> None:
 
     def save() -> None:
         torch.save({"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "grid": list(enc.grid),
-                    "features": FEATURES, "steps": step, "cpu_minutes": used()}, out)
+                    "ptv_resampling": enc.ptv_resampling, "features": FEATURES, "steps": step, "cpu_minutes": used()}, out)
 
     while used() < args.cpu_minutes:
         # Same warm-up-free constant lr with the optional final linear decay as the DiT recipe.
@@ -100,7 +100,8 @@ def train(args: argparse.Namespace) -> None:
 
 def load_peer(path: str | Path) -> tuple[BasicUNet, EncodingConfig, dict]:
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    enc = EncodingConfig(grid=tuple(blob["grid"]))
+    # Peers saved before ptv_resampling existed saw area-averaged prescription maps.
+    enc = EncodingConfig(grid=tuple(blob["grid"]), ptv_resampling=blob.get("ptv_resampling", "area"))
     model = build_peer(enc)
     model.load_state_dict(blob["state_dict"])
     return model.eval(), enc, {"steps": blob["steps"], "cpu_minutes": blob["cpu_minutes"]}
@@ -119,6 +120,8 @@ def main() -> None:
     t.add_argument("--train-roots", nargs="+", default=["../shared/datasets/openkbp/train"])
     t.add_argument("--cache-dir", default="runs/cache")
     t.add_argument("--grid", nargs=3, type=int, default=[64, 64, 64])
+    t.add_argument("--ptv-resampling", choices=PTV_RESAMPLING, default="max",
+                   help="prescription map to the grid; the same as the DiT's recipe")
     t.add_argument("--cpu-minutes", type=float, required=True, help="process CPU-time budget")
     t.add_argument("--batch-size", type=int, default=2)
     t.add_argument("--lr", type=float, default=3e-4)

@@ -1,10 +1,11 @@
 """How the prescription map is brought to the working grid changes what the dose prior covers.
 
-The shipped encoding area-averages the prescription map to 64³, so a working voxel on a PTV edge
-holds part of its Rx and the prior (``models.dose_prior``) starts its falloff inside the target.
-This script scores the prior alone (no network, shipped falloffs and mix) on the validation cases
-with the map area-averaged (as shipped) and max-pooled, using the same metrics as the dose
-benchmark. It tells a retrain what to change; the shipped model is not touched.
+Area-averaging the prescription map to 64³ leaves a working voxel on a PTV edge with part of its
+Rx, and the prior (``models.dose_prior``) then starts its falloff inside the target. This script
+scores the prior alone (no network, the shipped model's falloffs and initial mix) on the
+validation cases with the map area-averaged and max-pooled (``EncodingConfig.ptv_resampling``),
+using the same metrics as the dose benchmark. It is why the recipe max-pools; the model is not
+touched.
 
     python benchmarks/prior_pooling.py [--limit N]
 
@@ -14,6 +15,7 @@ writes benchmarks/results/prior_pooling.md / .json with the machine and date.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import sys
@@ -35,14 +37,14 @@ from diffkt3d.scorecard import load_template  # noqa: E402
 
 
 def prior_doses(predictor: Predictor, folder: Path) -> dict[str, np.ndarray]:
-    """{"mean": prior from the shipped (area-averaged) map, "max": from the max-pooled map} in Gy."""
-    enc = predictor.encoding
+    """{"mean": prior from the area-averaged map, "max": from the max-pooled map} in Gy."""
     case = prepare_case(folder)
-    tensors = encode_case(case, enc, ("ptv", "body"))
-    rx = torch.as_tensor(case.prescription_map_gy() / enc.dose_scale_gy, dtype=torch.float32).clamp(0, 1)
-    ptv_max = torch.nn.functional.adaptive_max_pool3d(rx[None, None], enc.grid)[0] * 2.0 - 1.0
-    return {name: prior_dose_from(predictor, case, ptv, tensors["body"])
-            for name, ptv in (("mean", tensors["ptv"]), ("max", ptv_max))}
+    body = encode_case(case, predictor.encoding, ("body",))["body"]
+    out = {}
+    for name, how in (("mean", "area"), ("max", "max")):
+        enc = dataclasses.replace(predictor.encoding, ptv_resampling=how)
+        out[name] = prior_dose_from(predictor, case, encode_case(case, enc, ("ptv",))["ptv"], body)
+    return out
 
 
 def main() -> None:
@@ -74,8 +76,8 @@ def main() -> None:
     lines = [f"# Dose prior alone: prescription map area-averaged vs max-pooled to the working grid "
              f"({started:%Y-%m-%d %H:%M} UTC)", "", f"Machine: {describe_machine()}", "",
              f"Command: `python benchmarks/prior_pooling.py {' '.join(sys.argv[1:])}`", "",
-             f"Cases: {len(rows['mean'])} (OpenKBP validation). Shipped falloffs and mix, no network.", "",
-             "| figure | area-averaged (shipped) | max-pooled |", "|---|---|---|"]
+             f"Cases: {len(rows['mean'])} (OpenKBP validation). The shipped model's falloffs and initial mix, "
+             "no network.", "", "| figure | area-averaged | max-pooled |", "|---|---|---|"]
     for key, label in (("dose_score", "dose score (Gy)"), ("scorecard", "Scorecard (openkbp_hn)"),
                        ("penalty", "hinge penalty (points)")):
         lines.append(f"| {label} | {mean('mean', key):.3f} | {mean('max', key):.3f} |")

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from diffkt3d.data.encoding import PTV_RESAMPLING
 from diffkt3d.errors import ConfigError, reject_unknown_fields
 
 
@@ -90,6 +91,8 @@ class TrainConfig:
         model_preset: DiT preset name (diffkt3d.models.config.PRESETS).
         model_overrides: fields of the preset to replace.
         grid: working grid (D, H, W).
+        ptv_resampling: how the prescription map reaches the grid ("max" or "area";
+            diffkt3d.data.encoding explains why max-pooling is the default).
         with_plates: rasterise beam/angle plates for cases without them.
         train_roots: folders of case folders (or case folders) to train on.
         val_roots: folders used only for model selection.
@@ -115,6 +118,7 @@ class TrainConfig:
     model_preset: str = "cpu-default"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     grid: tuple[int, int, int] = (64, 64, 64)
+    ptv_resampling: str = "max"
     with_plates: bool = True
     train_roots: list[str] = field(default_factory=list)
     val_roots: list[str] = field(default_factory=list)
@@ -135,6 +139,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss_space not in ("v", "x0"):
             raise ConfigError(f"loss_space must be 'v' or 'x0', found {self.loss_space!r}")
+        if self.ptv_resampling not in PTV_RESAMPLING:
+            raise ConfigError(f"ptv_resampling must be one of {PTV_RESAMPLING}, found {self.ptv_resampling!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

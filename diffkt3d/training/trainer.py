@@ -81,7 +81,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.encoding = EncodingConfig(grid=tuple(cfg.grid))
+        self.encoding = EncodingConfig(grid=tuple(cfg.grid), ptv_resampling=cfg.ptv_resampling)
         self.model_config = build_model_config(cfg, self.encoding)
         self.flow = FlowConfig(shift=cfg.flow_shift)
         torch.manual_seed(cfg.seed)

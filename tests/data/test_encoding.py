@@ -82,3 +82,32 @@ def test_config_round_trips_through_dict():
 def test_unknown_modality_is_a_value_error(synthetic_case):
     with pytest.raises(ValueError, match="unknown modality"):
         encode_case(synthetic_case, EncodingConfig(grid=(16, 16, 16)), ("mri",))
+
+
+def test_prescription_map_is_max_pooled_so_target_edges_keep_their_full_rx(synthetic_case):
+    cfg = EncodingConfig(grid=(16, 16, 16))
+    shape = synthetic_case.grid.shape
+    factor = [s // g for s, g in zip(shape, cfg.grid, strict=True)]
+    assert all(f >= 2 and f * g == s for f, g, s in zip(factor, cfg.grid, shape, strict=True))
+    rx = np.clip(synthetic_case.prescription_map_gy() / cfg.dose_scale_gy, 0, 1)
+    blocks = rx.reshape(cfg.grid[0], factor[0], cfg.grid[1], factor[1], cfg.grid[2], factor[2])
+    expected_max, expected_mean = blocks.max(axis=(1, 3, 5)), blocks.mean(axis=(1, 3, 5))
+    got_max = (encode_case(synthetic_case, cfg, ("ptv",))["ptv"][0].numpy() + 1) / 2
+    np.testing.assert_allclose(got_max, expected_max, atol=1e-6)
+    area = EncodingConfig(grid=cfg.grid, ptv_resampling="area")
+    got_mean = (encode_case(synthetic_case, area, ("ptv",))["ptv"][0].numpy() + 1) / 2
+    np.testing.assert_allclose(got_mean, expected_mean, atol=1e-6)
+    # The edge voxels are where the two differ: max-pooling never lowers a voxel's Rx.
+    assert (expected_max > expected_mean + 0.1).any()
+
+
+def test_checkpoints_without_ptv_resampling_load_as_area_averaged():
+    d = EncodingConfig(grid=(32, 32, 32)).to_dict()
+    assert d["ptv_resampling"] == "max"
+    del d["ptv_resampling"]
+    assert EncodingConfig.from_dict(d).ptv_resampling == "area"
+
+
+def test_unknown_ptv_resampling_is_named():
+    with pytest.raises(ValueError, match="ptv_resampling.*'nearest'"):
+        EncodingConfig(ptv_resampling="nearest")

@@ -41,6 +41,20 @@ def test_shipped_recipe_parses():
 
     shipped = load_checkpoint(Path(__file__).resolve().parents[2] / "diffkt3d/weights/cpu-default.pt")
     recorded = TrainConfig.from_dict(shipped.meta["train_config"])
-    assert [s.max_cpu_minutes for s in cfg.stages] == [s.max_cpu_minutes for s in recorded.stages] == [8, 42]
+    assert [s.max_cpu_minutes for s in cfg.stages] == [s.max_cpu_minutes for s in recorded.stages] == [13, 67]
+    # The shipped model saw max-pooled prescription maps; a silent fallback to "area" would not.
+    assert shipped.encoding.ptv_resampling == recorded.ptv_resampling == cfg.ptv_resampling == "max"
     assert cfg.model_overrides == recorded.model_overrides
     assert shipped.model.config.dose_prior_falloffs == tuple(cfg.model_overrides["dose_prior_falloffs"])
+
+
+def test_unknown_ptv_resampling_is_a_config_error():
+    with pytest.raises(ConfigError, match="ptv_resampling.*'mean'"):
+        TrainConfig.from_dict({"ptv_resampling": "mean"})
+
+
+def test_trainer_encodes_with_the_configured_ptv_resampling(tmp_path):
+    from diffkt3d.training.trainer import Trainer
+
+    cfg = TrainConfig(model_preset="tiny", grid=(16, 16, 16), ptv_resampling="area", out_dir=str(tmp_path))
+    assert Trainer(cfg).encoding.ptv_resampling == "area"
