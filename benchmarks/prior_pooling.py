@@ -37,13 +37,13 @@ from diffkt3d.scorecard import load_template  # noqa: E402
 
 
 def prior_doses(predictor: Predictor, folder: Path) -> dict[str, np.ndarray]:
-    """{"mean": prior from the area-averaged map, "max": from the max-pooled map} in Gy."""
+    """Prior dose in Gy keyed by ``EncodingConfig.ptv_resampling``: "area" (area-averaged map) and "max"."""
     case = prepare_case(folder)
     body = encode_case(case, predictor.encoding, ("body",))["body"]
     out = {}
-    for name, how in (("mean", "area"), ("max", "max")):
+    for how in ("area", "max"):
         enc = dataclasses.replace(predictor.encoding, ptv_resampling=how)
-        out[name] = prior_dose_from(predictor, case, encode_case(case, enc, ("ptv",))["ptv"], body)
+        out[how] = prior_dose_from(predictor, case, encode_case(case, enc, ("ptv",))["ptv"], body)
     return out
 
 
@@ -57,7 +57,7 @@ def main() -> None:
     started = dt.datetime.now(dt.timezone.utc)
     predictor = Predictor.load(None)
     template = load_template("openkbp_hn")
-    rows: dict[str, list[dict]] = {"mean": [], "max": []}
+    rows: dict[str, list[dict]] = {"area": [], "max": []}
     for folder in list_case_dirs([args.cases])[: args.limit or None]:
         ref = load_case_folder(folder)
         if ref.dose_gy is None:
@@ -65,7 +65,7 @@ def main() -> None:
         for name, dose in prior_doses(predictor, folder).items():
             fig = {k: v for k, v in dose_figures(ref, dose, template).items() if k != "_score"}
             rows[name].append({"case": ref.case_id, **fig})
-    items = sorted({i for r in rows["mean"] for i in r["scorecard_items"]})
+    items = sorted({i for r in rows["area"] for i in r["scorecard_items"]})
 
     def mean(name: str, key: str) -> float:
         return float(np.mean([r[key] for r in rows[name]]))
@@ -76,15 +76,15 @@ def main() -> None:
     lines = [f"# Dose prior alone: prescription map area-averaged vs max-pooled to the working grid "
              f"({started:%Y-%m-%d %H:%M} UTC)", "", f"Machine: {describe_machine()}", "",
              f"Command: `python benchmarks/prior_pooling.py {' '.join(sys.argv[1:])}`", "",
-             f"Cases: {len(rows['mean'])} (OpenKBP validation). The shipped model's falloffs and initial mix, "
+             f"Cases: {len(rows['area'])} (OpenKBP validation). The shipped model's falloffs and initial mix, "
              "no network.", "", "| figure | area-averaged | max-pooled |", "|---|---|---|"]
     for key, label in (("dose_score", "dose score (Gy)"), ("scorecard", "Scorecard (openkbp_hn)"),
                        ("penalty", "hinge penalty (points)")):
-        lines.append(f"| {label} | {mean('mean', key):.3f} | {mean('max', key):.3f} |")
+        lines.append(f"| {label} | {mean('area', key):.3f} | {mean('max', key):.3f} |")
     dvh = {n: float(np.mean([e for r in rows[n] for e in r["dvh_errors"]])) for n in rows}
-    lines.append(f"| DVH score (Gy) | {dvh['mean']:.3f} | {dvh['max']:.3f} |")
+    lines.append(f"| DVH score (Gy) | {dvh['area']:.3f} | {dvh['max']:.3f} |")
     lines += ["", "| Scorecard item (mean unweighted score, 0-10) | area-averaged | max-pooled |", "|---|---|---|"]
-    lines += [f"| {i} | {item('mean', i):.2f} | {item('max', i):.2f} |" for i in items]
+    lines += [f"| {i} | {item('area', i):.2f} | {item('max', i):.2f} |" for i in items]
     out = Path(args.out)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"machine": describe_machine(), "date": started.isoformat(),
