@@ -17,6 +17,8 @@ import yaml
 from diffkt3d.data.encoding import PTV_RESAMPLING
 from diffkt3d.errors import ConfigError, reject_unknown_fields
 
+LOSS_NORMS = ("l2", "l1")
+
 
 @dataclass
 class StageConfig:
@@ -40,6 +42,10 @@ class StageConfig:
         final_lr_ratio: lr multiplier reached at the end of the decay.
         target_weights: Stage A sampling weights of the target modality.
         p_condition: Stage A probability that each other present modality is a condition.
+        loss_norm: "l2" = squared error (the paper's), "l1" = absolute error, in the run's
+            `loss_space`. In x0 space an L1 loss makes the head estimate the conditional median
+            rather than the mean; for the dose stage that is what the OpenKBP dose score (a mean
+            absolute error) rewards, and it is the loss of the regression peer.
     """
 
     name: str = "any2any"
@@ -54,10 +60,13 @@ class StageConfig:
     target_weights: dict[str, float] = field(default_factory=lambda: {
         "dose": 0.4, "ct": 0.2, "ptv": 0.12, "oar": 0.12, "body": 0.06, "beam": 0.05, "angle": 0.05})
     p_condition: float = 0.7
+    loss_norm: str = "l2"
 
     def __post_init__(self) -> None:
         if self.name not in ("any2any", "dose"):
             raise ConfigError(f"unknown stage {self.name!r}; expected 'any2any' or 'dose'")
+        if self.loss_norm not in LOSS_NORMS:
+            raise ConfigError(f"stage {self.name}: loss_norm must be one of {LOSS_NORMS}, found {self.loss_norm!r}")
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise ConfigError(f"stage {self.name}: decay_fraction must be in [0, 1], found {self.decay_fraction}")
         if not 0.0 <= self.final_lr_ratio <= 1.0:

@@ -129,7 +129,8 @@ class Trainer:
         volumes = self.train_set.batch(cases, [target, *conditions])
         return Batch(target, conditions, {k: v.to(self.device) for k, v in volumes.items()})
 
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, batch: Batch, norm: str = "l2") -> torch.Tensor:
+        """Flow-matching loss of one batch in the run's `loss_space`; `norm` is the stage's loss_norm."""
         x0 = batch.volumes[batch.target]
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
         t = sample_timesteps(x0.shape[0], self.flow, generator=self.generator).to(self.device)
@@ -138,9 +139,10 @@ class Trainer:
         with autocast_context(self.device):
             v_hat = model(inputs, batch.target, t)
         if self.cfg.loss_space == "x0":
-            x_t = inputs[batch.target]
-            return torch.mean((predict_x0(x_t, v_hat.float(), t) - x0) ** 2)
-        return torch.mean((v_hat.float() - velocity_target(x0, noise)) ** 2)
+            error = predict_x0(inputs[batch.target], v_hat.float(), t) - x0
+        else:
+            error = v_hat.float() - velocity_target(x0, noise)
+        return torch.mean(error.abs() if norm == "l1" else error**2)
 
     def set_lr(self, stage: StageConfig) -> float:
         lr = stage.lr_at(self.stage_step, self.stage_seconds, self.stage_cpu_seconds)
@@ -272,7 +274,7 @@ class Trainer:
             c0 = time.process_time()
             lr = self.set_lr(stage)
             batch = self.next_batch(stage)
-            loss = self.loss(self.model, batch)
+            loss = self.loss(self.model, batch, stage.loss_norm)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {self.global_step} (target {batch.target})")
             self.optimizer.zero_grad(set_to_none=True)

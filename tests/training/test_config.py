@@ -58,3 +58,9 @@ def test_trainer_encodes_with_the_configured_ptv_resampling(tmp_path):
 
     cfg = TrainConfig(model_preset="tiny", grid=(16, 16, 16), ptv_resampling="area", out_dir=str(tmp_path))
     assert Trainer(cfg).encoding.ptv_resampling == "area"
+
+
+def test_unknown_loss_norm_is_a_config_error():
+    with pytest.raises(ConfigError, match="loss_norm.*'huber'"):
+        TrainConfig.from_dict({"stages": [{"name": "dose", "loss_norm": "huber"}]})
+    assert StageConfig("dose").loss_norm == "l2"  # the paper's squared error unless a stage asks

@@ -78,3 +78,51 @@ def test_unknown_config_keys_are_named(tmp_path):
     bad.write_text("stages: [{name: pretrain}]\n")
     with pytest.raises(ConfigError, match="pretrain"):
         TrainConfig.from_yaml(bad)
+
+
+@pytest.mark.parametrize("loss_space", ["x0", "v"])
+def test_loss_norm_is_the_absolute_or_squared_error_of_the_same_prediction(tmp_path, data_root, loss_space):
+    """Both norms see the same x_t, t and network output; only the reduction differs."""
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path, data_root)
+    cfg.loss_space = loss_space
+    trainer = Trainer(cfg, device="cpu")
+    trainer.load_data()
+    batch = trainer.next_batch(cfg.stages[1])
+    seen = {}
+
+    def record(module, args, output):
+        seen["x_t"], seen["t"], seen["v_hat"] = args[0][batch.target].detach(), args[2].detach(), output.detach()
+
+    trainer.model.register_forward_hook(record)
+    x0 = batch.volumes["dose"]
+    losses = {}
+    for norm in ("l1", "l2"):
+        trainer.generator.manual_seed(7)  # same noise and t for both
+        losses[norm] = trainer.loss(trainer.model, batch, norm).item()
+        t = seen["t"].view(-1, 1, 1, 1, 1)
+        # Independent of the trainer's helpers: x_t = (1 - t) x0 + t eps, v = eps - x0.
+        eps = (seen["x_t"] - (1 - t) * x0) / t
+        error = (seen["x_t"] - t * seen["v_hat"]) - x0 if loss_space == "x0" else seen["v_hat"] - (eps - x0)
+        expected = error.abs().mean() if norm == "l1" else (error**2).mean()
+        assert losses[norm] == pytest.approx(float(expected), rel=1e-4)
+    assert losses["l1"] != pytest.approx(losses["l2"])
+
+
+def test_each_stage_trains_with_its_own_loss_norm(tmp_path, data_root, monkeypatch):
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path, data_root, steps_a=2, steps_b=2)
+    cfg.stages[1].loss_norm = "l1"
+    norms = []
+    original = Trainer.loss
+
+    def spy(self, model, batch, norm="l2"):
+        norms.append((batch.target, norm))
+        return original(self, model, batch, norm)
+
+    monkeypatch.setattr(Trainer, "loss", spy)
+    run_training(cfg, device="cpu")
+    assert [n for _, n in norms] == ["l2", "l2", "l1", "l1"]
+    assert all(target == "dose" for target, n in norms if n == "l1")
+    recorded = TrainConfig.from_dict(read_checkpoint(tmp_path / "run" / "final.pt")["meta"]["train_config"])
+    assert [s.loss_norm for s in recorded.stages] == ["l2", "l1"]
