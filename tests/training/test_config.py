@@ -44,6 +44,7 @@ def test_shipped_recipe_parses():
     assert [s.max_cpu_minutes for s in cfg.stages] == [s.max_cpu_minutes for s in recorded.stages] == [13, 67]
     # The shipped model saw max-pooled prescription maps; a silent fallback to "area" would not.
     assert shipped.encoding.ptv_resampling == recorded.ptv_resampling == cfg.ptv_resampling == "max"
+    assert [s.loss_norm for s in cfg.stages] == [s.loss_norm for s in recorded.stages] == ["l2", "l1"]
     assert cfg.model_overrides == recorded.model_overrides
     assert shipped.model.config.dose_prior_falloffs == tuple(cfg.model_overrides["dose_prior_falloffs"])
 
