@@ -18,6 +18,7 @@ from diffkt3d.data.encoding import PTV_RESAMPLING
 from diffkt3d.errors import ConfigError, reject_unknown_fields
 
 LOSS_NORMS = ("l2", "l1")
+LOSS_REGIONS = ("all", "body")
 
 
 @dataclass
@@ -46,6 +47,12 @@ class StageConfig:
             `loss_space`. In x0 space an L1 loss makes the head estimate the conditional median
             rather than the mean; for the dose stage that is what the OpenKBP dose score (a mean
             absolute error) rewards, and it is the loss of the regression peer.
+        loss_region: "all" = every voxel of the working grid (the paper's), "body" = only the
+            working voxels that touch the body when the body is a condition (all voxels of a case
+            whose body is absent or is the target). Every prediction is zeroed (dose, masks) or set
+            to air (CT) outside the body, and the OpenKBP scores count only the possible-dose mask,
+            so air voxels are never used; under an absolute error each of them still casts a
+            full-size gradient vote for a residual that does not matter.
     """
 
     name: str = "any2any"
@@ -61,12 +68,16 @@ class StageConfig:
         "dose": 0.4, "ct": 0.2, "ptv": 0.12, "oar": 0.12, "body": 0.06, "beam": 0.05, "angle": 0.05})
     p_condition: float = 0.7
     loss_norm: str = "l2"
+    loss_region: str = "all"
 
     def __post_init__(self) -> None:
         if self.name not in ("any2any", "dose"):
             raise ConfigError(f"unknown stage {self.name!r}; expected 'any2any' or 'dose'")
         if self.loss_norm not in LOSS_NORMS:
             raise ConfigError(f"stage {self.name}: loss_norm must be one of {LOSS_NORMS}, found {self.loss_norm!r}")
+        if self.loss_region not in LOSS_REGIONS:
+            raise ConfigError(f"stage {self.name}: loss_region must be one of {LOSS_REGIONS}, "
+                              f"found {self.loss_region!r}")
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise ConfigError(f"stage {self.name}: decay_fraction must be in [0, 1], found {self.decay_fraction}")
         if not 0.0 <= self.final_lr_ratio <= 1.0:

@@ -219,10 +219,10 @@ class DistributedTrainer(Trainer):
                     self.val_voxels[blob["case_id"]] = blob.get("voxel", {})
 
     # -- the step: forward through DDP ------------------------------------------------------------
-    def loss(self, model: torch.nn.Module, batch, norm: str = "l2") -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, batch, norm: str = "l2", region: str = "all") -> torch.Tensor:
         if model is self.model and self.ddp is not None:
             model = self.ddp
-        return super().loss(model, batch, norm)
+        return super().loss(model, batch, norm, region)
 
     @torch.no_grad()
     def validate(self) -> float | None:

@@ -129,8 +129,9 @@ class Trainer:
         volumes = self.train_set.batch(cases, [target, *conditions])
         return Batch(target, conditions, {k: v.to(self.device) for k, v in volumes.items()})
 
-    def loss(self, model: torch.nn.Module, batch: Batch, norm: str = "l2") -> torch.Tensor:
-        """Flow-matching loss of one batch in the run's `loss_space`; `norm` is the stage's loss_norm."""
+    def loss(self, model: torch.nn.Module, batch: Batch, norm: str = "l2", region: str = "all") -> torch.Tensor:
+        """Flow-matching loss of one batch in the run's `loss_space`; `norm` and `region` are the
+        stage's loss_norm and loss_region."""
         x0 = batch.volumes[batch.target]
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
         t = sample_timesteps(x0.shape[0], self.flow, generator=self.generator).to(self.device)
@@ -142,7 +143,12 @@ class Trainer:
             error = predict_x0(inputs[batch.target], v_hat.float(), t) - x0
         else:
             error = v_hat.float() - velocity_target(x0, noise)
-        return torch.mean(error.abs() if norm == "l1" else error**2)
+        per_voxel = error.abs() if norm == "l1" else error**2
+        if region == "body" and "body" in batch.conditions:
+            # A working voxel counts when any part of it is body (the encoding is -1 outside).
+            weight = (batch.volumes["body"] > -1).to(per_voxel.dtype).expand_as(per_voxel)
+            return (per_voxel * weight).sum() / weight.sum().clamp_min(1.0)
+        return torch.mean(per_voxel)
 
     def set_lr(self, stage: StageConfig) -> float:
         lr = stage.lr_at(self.stage_step, self.stage_seconds, self.stage_cpu_seconds)
@@ -274,7 +280,7 @@ class Trainer:
             c0 = time.process_time()
             lr = self.set_lr(stage)
             batch = self.next_batch(stage)
-            loss = self.loss(self.model, batch, stage.loss_norm)
+            loss = self.loss(self.model, batch, stage.loss_norm, stage.loss_region)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {self.global_step} (target {batch.target})")
             self.optimizer.zero_grad(set_to_none=True)

@@ -65,3 +65,9 @@ def test_unknown_loss_norm_is_a_config_error():
     with pytest.raises(ConfigError, match="loss_norm.*'huber'"):
         TrainConfig.from_dict({"stages": [{"name": "dose", "loss_norm": "huber"}]})
     assert StageConfig("dose").loss_norm == "l2"  # the paper's squared error unless a stage asks
+
+
+def test_unknown_loss_region_is_a_config_error():
+    with pytest.raises(ConfigError, match="loss_region.*'ptv'"):
+        TrainConfig.from_dict({"stages": [{"name": "dose", "loss_region": "ptv"}]})
+    assert StageConfig("dose").loss_region == "all"  # the paper's whole-grid loss unless a stage asks

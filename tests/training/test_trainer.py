@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -116,9 +117,9 @@ def test_each_stage_trains_with_its_own_loss_norm(tmp_path, data_root, monkeypat
     norms = []
     original = Trainer.loss
 
-    def spy(self, model, batch, norm="l2"):
+    def spy(self, model, batch, norm="l2", region="all"):
         norms.append((batch.target, norm))
-        return original(self, model, batch, norm)
+        return original(self, model, batch, norm, region)
 
     monkeypatch.setattr(Trainer, "loss", spy)
     run_training(cfg, device="cpu")
@@ -126,3 +127,66 @@ def test_each_stage_trains_with_its_own_loss_norm(tmp_path, data_root, monkeypat
     assert all(target == "dose" for target, n in norms if n == "l1")
     recorded = TrainConfig.from_dict(read_checkpoint(tmp_path / "run" / "final.pt")["meta"]["train_config"])
     assert [s.loss_norm for s in recorded.stages] == ["l2", "l1"]
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_body_loss_region_averages_only_voxels_that_touch_the_body(tmp_path, data_root, norm):
+    """Same x_t, t and output as the whole-grid loss; only voxels with body > -1 are averaged."""
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path, data_root)
+    cfg.loss_space = "x0"
+    trainer = Trainer(cfg, device="cpu")
+    trainer.load_data()
+    batch = trainer.next_batch(cfg.stages[1])
+    assert "body" in batch.conditions
+    body = batch.volumes["body"] > -1
+    assert 0 < int(body.sum()) < body.numel()  # the fixture has air around the body
+    seen = {}
+
+    def record(module, args, output):
+        seen["x_t"], seen["t"], seen["v_hat"] = args[0][batch.target].detach(), args[2].detach(), output.detach()
+
+    trainer.model.register_forward_hook(record)
+    x0 = batch.volumes["dose"]
+    losses = {}
+    for region in ("all", "body"):
+        trainer.generator.manual_seed(11)
+        losses[region] = trainer.loss(trainer.model, batch, norm, region).item()
+    t = seen["t"].view(-1, 1, 1, 1, 1)
+    error = (seen["x_t"] - t * seen["v_hat"]) - x0
+    per_voxel = error.abs() if norm == "l1" else error**2
+    assert losses["body"] == pytest.approx(float(per_voxel[body].mean()), rel=1e-4)
+    assert losses["all"] == pytest.approx(float(per_voxel.mean()), rel=1e-4)
+    assert losses["body"] != pytest.approx(losses["all"])
+
+
+def test_body_loss_region_falls_back_to_every_voxel_when_the_body_is_not_a_condition(tmp_path, data_root):
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path, data_root)
+    trainer = Trainer(cfg, device="cpu")
+    trainer.load_data()
+    batch = trainer.next_batch(cfg.stages[1])
+    without = dataclasses.replace(batch, conditions=[c for c in batch.conditions if c != "body"])
+    losses = {}
+    for region in ("all", "body"):
+        trainer.generator.manual_seed(3)
+        losses[region] = trainer.loss(trainer.model, without, "l1", region).item()
+    assert losses["body"] == pytest.approx(losses["all"], rel=1e-6)
+
+
+def test_each_stage_trains_with_its_own_loss_region(tmp_path, data_root, monkeypatch):
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path, data_root, steps_a=2, steps_b=2)
+    cfg.stages[1].loss_region = "body"
+    regions = []
+    original = Trainer.loss
+
+    def spy(self, model, batch, norm="l2", region="all"):
+        regions.append(region)
+        return original(self, model, batch, norm, region)
+
+    monkeypatch.setattr(Trainer, "loss", spy)
+    run_training(cfg, device="cpu")
+    assert regions == ["all", "all", "body", "body"]
+    recorded = TrainConfig.from_dict(read_checkpoint(tmp_path / "run" / "final.pt")["meta"]["train_config"])
+    assert [s.loss_region for s in recorded.stages] == ["all", "body"]
