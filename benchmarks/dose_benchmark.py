@@ -324,7 +324,8 @@ def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) 
                      f"{results['impute']['summary']['seconds_median']:.1f}")
     if "peer" in results and results["peer"]["rows"]:
         meta = results["peer"]["rows"][0].get("peer", {})
-        lines.append(f"\nPeer training: {meta.get('steps')} steps in {meta.get('cpu_minutes', 0):.1f} CPU-minutes "
+        lines.append(f"\nPeer training: {meta.get('steps')} steps in {meta.get('cpu_minutes', 0):.1f} CPU-minutes, "
+                     f"L1 loss over {'the body' if meta.get('loss_region') == 'body' else 'every voxel'} "
                      "(compare with the DiT's budget in docs/model-card.md; equal budgets are the target).")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"machine": describe_machine(), "date": started.isoformat(),

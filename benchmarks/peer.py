@@ -25,6 +25,7 @@ log = logging.getLogger("peer")
 
 CONDITIONS = ("ct", "ptv", "oar", "body", "beam", "angle")
 FEATURES = (16, 32, 64, 128, 256, 16)
+LOSS_REGIONS = ("all", "body")
 
 
 def stack_inputs(tensors: dict[str, torch.Tensor], enc: EncodingConfig) -> torch.Tensor:
@@ -42,6 +43,29 @@ def stack_inputs(tensors: dict[str, torch.Tensor], enc: EncodingConfig) -> torch
 def build_peer(enc: EncodingConfig) -> BasicUNet:
     in_ch = sum(enc.channels()[m] for m in CONDITIONS)
     return BasicUNet(spatial_dims=3, in_channels=in_ch, out_channels=1, features=FEATURES)
+
+
+def peer_loss(pred: torch.Tensor, dose: torch.Tensor, inputs: torch.Tensor, enc: EncodingConfig,
+              region: str) -> torch.Tensor:
+    """Mean |pred - dose| over every voxel ("all") or over the voxels that touch the body ("body").
+
+    "body" is the DiT's Stage B ``loss_region: body`` (docs/model-card.md): ~92 % of a 64^3 OpenKBP
+    grid is air, where the prediction is never scored, and under the absolute error those voxels
+    pull the dose at the body edge toward zero. The peer gets the same choice so that the
+    comparison is not won on a loss flaw the DiT no longer has.
+    """
+    error = (pred - dose).abs()  # (B, 1, D, H, W)
+    if region == "all":
+        return error.mean()
+    body = inputs[:, body_channel(enc)].unsqueeze(1) > -1  # (B, 1, D, H, W), any part of the voxel is body
+    weight = body.to(error.dtype)
+    return (error * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def body_channel(enc: EncodingConfig) -> int:
+    """Index of the body mask among the stacked input channels (``stack_inputs``)."""
+    chans = enc.channels()
+    return sum(chans[m] for m in CONDITIONS[: CONDITIONS.index("body")])
 
 
 def train(args: argparse.Namespace) -> None:
@@ -73,7 +97,8 @@ def train(args: argparse.Namespace) -> None:
 
     def save() -> None:
         torch.save({"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "grid": list(enc.grid),
-                    "ptv_resampling": enc.ptv_resampling, "features": FEATURES, "steps": step, "cpu_minutes": used()}, out)
+                    "ptv_resampling": enc.ptv_resampling, "features": FEATURES, "steps": step, "cpu_minutes": used(),
+                    "loss_region": args.loss_region}, out)
 
     while used() < args.cpu_minutes:
         # Same warm-up-free constant lr with the optional final linear decay as the DiT recipe.
@@ -85,7 +110,7 @@ def train(args: argparse.Namespace) -> None:
         x = torch.stack([stack_inputs(c.tensors, enc) for c in batch])
         y = torch.stack([c.tensors["dose"].float() for c in batch])
         pred = torch.tanh(model(x))
-        loss = (pred - y).abs().mean()
+        loss = peer_loss(pred, y, x, enc, args.loss_region)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -104,7 +129,8 @@ def load_peer(path: str | Path) -> tuple[BasicUNet, EncodingConfig, dict]:
     enc = EncodingConfig(grid=tuple(blob["grid"]), ptv_resampling=blob.get("ptv_resampling", "area"))
     model = build_peer(enc)
     model.load_state_dict(blob["state_dict"])
-    return model.eval(), enc, {"steps": blob["steps"], "cpu_minutes": blob["cpu_minutes"]}
+    return model.eval(), enc, {"steps": blob["steps"], "cpu_minutes": blob["cpu_minutes"],
+                               "loss_region": blob.get("loss_region", "all")}
 
 
 @torch.no_grad()
@@ -131,6 +157,9 @@ def main() -> None:
     t.add_argument("--resume", action="store_true", help="continue --out, counting its CPU minutes")
     t.add_argument("--decay-fraction", type=float, default=0.0, help="final linear lr decay share")
     t.add_argument("--final-lr-ratio", type=float, default=0.05)
+    t.add_argument("--loss-region", choices=LOSS_REGIONS, default="all",
+                   help="L1 over every voxel (the peers of the results up to 2026-12-03) or over the "
+                        "voxels that touch the body (the DiT's Stage B loss_region)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cmd == "train":

@@ -166,7 +166,6 @@ class Trainer:
             p_ema.lerp_(p.detach(), 1.0 - d)
 
     # -- validation ------------------------------------------------------------------------
-    @torch.no_grad()
     def validate(self) -> float | None:
         """Mean |dose error| (Gy) inside the body on the working grid, 1-step preview, EMA weights.
 
@@ -174,23 +173,7 @@ class Trainer:
         """
         if self.val_set is None:
             return None
-        gen = torch.Generator().manual_seed(1234)
-        errors = []
-        for case in self.val_set.cases:
-            conds = sorted(set(case.tensors) - {"dose"})
-            vols = {m: case.tensors[m][None].float().to(self.device) for m in conds}
-            noise = torch.randn((1, *case.tensors["dose"].shape), generator=gen).to(self.device)
-            vols["dose"] = noise
-            t = torch.ones(1, device=self.device)
-            with autocast_context(self.device):
-                v = self.ema(vols, "dose", t).float()
-            x0 = (noise - v).clamp(-1, 1)
-            ref = case.tensors["dose"][None].float().to(self.device)
-            body = (case.tensors["body"][None].float().to(self.device) > -1) if "body" in case.tensors else \
-                torch.ones_like(ref, dtype=torch.bool)
-            err = ((x0 - ref).abs() * 0.5 * self.encoding.dose_scale_gy)[body].mean()
-            errors.append(float(err))
-        return sum(errors) / len(errors)
+        return one_step_dose_mae(self.ema, self.val_set, self.encoding.dose_scale_gy, self.device)
 
     # -- checkpoints -----------------------------------------------------------------------
     def meta(self) -> dict:
@@ -333,6 +316,39 @@ class Trainer:
         if stage.name == "dose" and (self.best_val is None or val < self.best_val):
             self.best_val = val
             self.save("best.pt", with_state=False)
+
+
+@torch.no_grad()
+def one_step_dose_mae(model: torch.nn.Module, cases: EncodedCaseSet, dose_scale_gy: float,
+                      device: torch.device | str = "cpu") -> float:
+    """Mean over cases of the 1-step dose |error| in Gy inside the body, on the working grid.
+
+    The trainer's validation proxy; ``benchmarks/fit_gap.py`` runs the same figure on training
+    cases, so the two are comparable by construction. The noise is seeded (1234) so that two
+    models, or two case sets, see the same draws.
+
+    Args:
+        model: the Any2Any DiT (in eval mode).
+        cases: encoded cases with a ``dose``; every other modality present is a condition.
+        dose_scale_gy: the encoding's dose scale (``EncodingConfig.dose_scale_gy``): [-1, 1] spans
+            0 to this many Gy.
+    """
+    gen = torch.Generator().manual_seed(1234)
+    errors = []
+    for case in cases.cases:
+        conds = sorted(set(case.tensors) - {"dose"})
+        vols = {m: case.tensors[m][None].float().to(device) for m in conds}
+        noise = torch.randn((1, *case.tensors["dose"].shape), generator=gen).to(device)
+        vols["dose"] = noise
+        t = torch.ones(1, device=device)
+        with autocast_context(torch.device(device)):
+            v = model(vols, "dose", t).float()
+        x0 = (noise - v).clamp(-1, 1)
+        ref = case.tensors["dose"][None].float().to(device)
+        body = (case.tensors["body"][None].float().to(device) > -1) if "body" in case.tensors else \
+            torch.ones_like(ref, dtype=torch.bool)
+        errors.append(float(((x0 - ref).abs() * 0.5 * dose_scale_gy)[body].mean()))
+    return sum(errors) / len(errors)
 
 
 def _fmt_eta(seconds: float) -> str:

@@ -45,6 +45,7 @@ def test_shipped_recipe_parses():
     # The shipped model saw max-pooled prescription maps; a silent fallback to "area" would not.
     assert shipped.encoding.ptv_resampling == recorded.ptv_resampling == cfg.ptv_resampling == "max"
     assert [s.loss_norm for s in cfg.stages] == [s.loss_norm for s in recorded.stages] == ["l2", "l1"]
+    assert [s.loss_region for s in cfg.stages] == [s.loss_region for s in recorded.stages] == ["all", "body"]
     assert cfg.model_overrides == recorded.model_overrides
     assert shipped.model.config.dose_prior_falloffs == tuple(cfg.model_overrides["dose_prior_falloffs"])
 
