@@ -72,6 +72,8 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
         "monailabel start_server --app monailabel_app --studies sample-data": (SERVER,),
         "python benchmarks/dose_benchmark.py": ("tests/benchmarks/test_dose_benchmark_cmd.py::"
                                                "test_dose_benchmark_one_case_preview",),
+        "python benchmarks/fit_gap.py": ("tests/benchmarks/test_fit_gap.py::"
+                                         "test_validation_figure_is_the_one_the_trainer_selected_on",),
         "pip install -e '.[transfer]'": (TRANSFER, ".ci/run"),
     },
     "docs/server.md": {
