@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine_info import describe_machine  # noqa: E402
+from machine_info import describe_machine, write_results  # noqa: E402
 
 from diffkt3d.data.dataset import list_case_dirs  # noqa: E402
 from diffkt3d.io.case_folder import load_case_folder  # noqa: E402
@@ -327,9 +327,7 @@ def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) 
         lines.append(f"\nPeer training: {meta.get('steps')} steps in {meta.get('cpu_minutes', 0):.1f} CPU-minutes, "
                      f"L1 loss over {'the body' if meta.get('loss_region') == 'body' else 'every voxel'} "
                      "(compare with the DiT's budget in docs/model-card.md; equal budgets are the target).")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"machine": describe_machine(), "date": started.isoformat(),
-                                                    "args": vars(args), "results": results}, indent=1))
+    write_results(out, lines, started, args=vars(args), results=results)
     print("\n".join(lines))
 
 

@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from machine_info import describe_machine  # noqa: E402
+from machine_info import describe_machine, write_results  # noqa: E402
 
 from diffkt3d.data.dataset import EncodedCaseSet, build_cache, list_case_dirs  # noqa: E402
 from diffkt3d.models.checkpoint import load_checkpoint  # noqa: E402
@@ -83,10 +83,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['version']} | {r['global_step']} | {r['train_cases']} | {r['train']:.3f} | "
                      f"{r['validation_cases']} | {r['validation']:.3f} | {r['validation'] - r['train']:+.3f} |")
-    out = Path(args.out)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"machine": describe_machine(), "date": started.isoformat(),
-                                                    "args": vars(args), "rows": rows}, indent=1))
+    write_results(args.out, lines, started, args=vars(args), rows=rows)
     print("\n".join(lines))
 
 

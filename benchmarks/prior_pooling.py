@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from dose_benchmark import dose_figures, prior_dose_from  # noqa: E402
-from machine_info import describe_machine  # noqa: E402
+from machine_info import describe_machine, write_results  # noqa: E402
 
 from diffkt3d.data.dataset import list_case_dirs, prepare_case  # noqa: E402
 from diffkt3d.data.encoding import encode_case  # noqa: E402
@@ -85,10 +84,7 @@ def main() -> None:
     lines.append(f"| DVH score (Gy) | {dvh['area']:.3f} | {dvh['max']:.3f} |")
     lines += ["", "| Scorecard item (mean unweighted score, 0-10) | area-averaged | max-pooled |", "|---|---|---|"]
     lines += [f"| {i} | {item('area', i):.2f} | {item('max', i):.2f} |" for i in items]
-    out = Path(args.out)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"machine": describe_machine(), "date": started.isoformat(),
-                                                    "rows": rows}, indent=1))
+    write_results(args.out, lines, started, rows=rows)
 
 
 if __name__ == "__main__":
