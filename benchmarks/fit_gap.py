@@ -62,9 +62,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = dt.datetime.now(dt.timezone.utc)
     rows = []
+    sets_by_encoding: dict[str, dict[str, EncodedCaseSet]] = {}  # models of one recipe share their cases
     for path in args.models:
         bundle = load_checkpoint(path)
-        sets = case_sets(bundle.encoding, args)
+        key = json.dumps(bundle.encoding.to_dict(), sort_keys=True)
+        if key not in sets_by_encoding:
+            sets_by_encoding[key] = case_sets(bundle.encoding, args)
+        sets = sets_by_encoding[key]
         row = {"model": path, "version": bundle.version, "global_step": bundle.meta.get("global_step")}
         for split, cases in sets.items():
             t0 = time.perf_counter()

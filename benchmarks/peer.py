@@ -20,6 +20,7 @@ from monai.networks.nets import BasicUNet
 
 from diffkt3d.data.dataset import EncodedCaseSet, build_cache, list_case_dirs
 from diffkt3d.data.encoding import PTV_RESAMPLING, EncodingConfig
+from diffkt3d.training.trainer import body_mean
 
 log = logging.getLogger("peer")
 
@@ -57,9 +58,7 @@ def peer_loss(pred: torch.Tensor, dose: torch.Tensor, inputs: torch.Tensor, enc:
     error = (pred - dose).abs()  # (B, 1, D, H, W)
     if region == "all":
         return error.mean()
-    body = inputs[:, body_channel(enc)].unsqueeze(1) > -1  # (B, 1, D, H, W), any part of the voxel is body
-    weight = body.to(error.dtype)
-    return (error * weight).sum() / weight.sum().clamp_min(1.0)
+    return body_mean(error, inputs[:, body_channel(enc)].unsqueeze(1))
 
 
 def body_channel(enc: EncodingConfig) -> int:

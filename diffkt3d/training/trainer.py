@@ -145,9 +145,7 @@ class Trainer:
             error = v_hat.float() - velocity_target(x0, noise)
         per_voxel = error.abs() if norm == "l1" else error**2
         if region == "body" and "body" in batch.conditions:
-            # A working voxel counts when any part of it is body (the encoding is -1 outside).
-            weight = (batch.volumes["body"] > -1).to(per_voxel.dtype).expand_as(per_voxel)
-            return (per_voxel * weight).sum() / weight.sum().clamp_min(1.0)
+            return body_mean(per_voxel, batch.volumes["body"])
         return torch.mean(per_voxel)
 
     def set_lr(self, stage: StageConfig) -> float:
@@ -316,6 +314,17 @@ class Trainer:
         if stage.name == "dose" and (self.best_val is None or val < self.best_val):
             self.best_val = val
             self.save("best.pt", with_state=False)
+
+
+def body_mean(per_voxel: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+    """Mean of ``per_voxel`` (B, C, D, H, W) over the working voxels that touch the body.
+
+    ``body`` (B, 1, D, H, W) is the encoded body mask: a working voxel counts when any part of it is
+    body (the encoding is -1 outside). The loss region ``body`` of a stage, and of the regression
+    peer (benchmarks/peer.py), so that both average over the same voxels.
+    """
+    weight = (body > -1).to(per_voxel.dtype).expand_as(per_voxel)
+    return (per_voxel * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 @torch.no_grad()
