@@ -113,6 +113,12 @@ class DiTConfig:
         dose_refiner_kernels: kernel size of each hidden convolution of the refiner (its
             receptive field is sum(k - 1) + 1 voxels); a final 1x1x1 convolution maps to the
             output channels.
+        dose_refiner_unet: empty (default) = the convolution stack above; otherwise the six
+            feature widths of a MONAI ``BasicUNet`` that replaces it (input -> ``dose_refiner_width``
+            channels, then the same zero-initialised 1x1x1 output convolution; the kernels are
+            not used). A multi-scale refiner: the convolution stack sees 5 voxels, while the dose
+            between the PTV edge and an OAR a few centimetres away is shaped at the scale of a
+            patch and above (``models.dose_refiner``).
     """
 
     modalities: tuple[str, ...] = MODALITIES
@@ -140,6 +146,7 @@ class DiTConfig:
     dose_refiner_width: int = 0
     dose_refiner_features: int = 8
     dose_refiner_kernels: tuple[int, ...] = (3, 3)
+    dose_refiner_unet: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
@@ -148,6 +155,7 @@ class DiTConfig:
         self.dose_prior_falloffs = tuple(float(g) for g in self.dose_prior_falloffs)
         self.dose_prior_weights = tuple(float(w) for w in self.dose_prior_weights)
         self.dose_refiner_kernels = tuple(int(k) for k in self.dose_refiner_kernels)
+        self.dose_refiner_unet = tuple(int(f) for f in self.dose_refiner_unet)
         self.validate()
 
     @property
@@ -237,6 +245,10 @@ class DiTConfig:
                 problems.append(f"dose_refiner_features must be >= 1, found {self.dose_refiner_features}")
             if not self.dose_refiner_kernels or any(k < 1 or k % 2 == 0 for k in self.dose_refiner_kernels):
                 problems.append(f"dose_refiner_kernels must be odd sizes >= 1, found {self.dose_refiner_kernels}")
+            if self.dose_refiner_unet and (len(self.dose_refiner_unet) != 6 or min(self.dose_refiner_unet) < 1):
+                problems.append(f"dose_refiner_unet must be 6 BasicUNet feature widths >= 1, found {self.dose_refiner_unet}")
+        elif self.dose_refiner_unet:
+            problems.append("dose_refiner_unet given without dose_refiner_width")
         if problems:
             raise DiTConfigError("invalid DiTConfig: " + "; ".join(problems))
 
@@ -249,6 +261,7 @@ class DiTConfig:
         out["dose_prior_falloffs"] = list(self.dose_prior_falloffs)
         out["dose_prior_weights"] = list(self.dose_prior_weights)
         out["dose_refiner_kernels"] = list(self.dose_refiner_kernels)
+        out["dose_refiner_unet"] = list(self.dose_refiner_unet)
         return out
 
     @classmethod

@@ -9,11 +9,16 @@ at working-grid resolution that read, per voxel, the feature channels the dose h
 noised dose x_t, every condition volume and the prior basis maps, and add a correction to the
 head's dose channels (residual and prior weights). Its last layer is zero-initialised, so a
 fresh refiner changes nothing and training starts from the patch head's prediction.
+
+Its body is either that stack (``dose_refiner_kernels``) or, with ``dose_refiner_unet``, a MONAI
+``BasicUNet``: the stack sees a few voxels, the U-Net the whole working grid at several scales,
+which is what the BasicUNet regression peer (benchmarks/peer.py) learns the dose with in few steps.
 """
 
 from __future__ import annotations
 
 import torch
+from monai.networks.nets import BasicUNet
 from torch import Tensor, nn
 
 from diffkt3d.models.config import DiTConfig
@@ -33,11 +38,18 @@ class DoseRefiner(nn.Module):
         in_ch = (config.refiner_feature_channels() + config.in_channels["dose"]
                  + sum(self.condition_channels.values()) + self.n_basis)
         width = config.dose_refiner_width
-        layers: list[nn.Module] = []
-        for k in config.dose_refiner_kernels:
-            layers += [nn.Conv3d(in_ch, width, kernel_size=k, padding=k // 2), nn.GELU(approximate="tanh")]
-            in_ch = width
-        self.body = nn.Sequential(*layers)
+        if config.dose_refiner_unet:
+            self.body = nn.Sequential(
+                BasicUNet(spatial_dims=3, in_channels=in_ch, out_channels=width, features=config.dose_refiner_unet),
+                nn.GELU(approximate="tanh"),
+            )
+        else:
+            layers: list[nn.Module] = []
+            for k in config.dose_refiner_kernels:
+                layers += [nn.Conv3d(in_ch, width, kernel_size=k, padding=k // 2), nn.GELU(approximate="tanh")]
+                in_ch = width
+            self.body = nn.Sequential(*layers)
+        self.unet = bool(config.dose_refiner_unet)
         self.out = nn.Conv3d(width, self.out_channels, kernel_size=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
@@ -54,6 +66,10 @@ class DoseRefiner(nn.Module):
                 without a ``ptv`` condition.
         """
         b, _, *spatial = features.shape
+        if self.unet and any(s % 16 or s < 32 for s in spatial):
+            # BasicUNet halves the grid four times; its instance norms need more than one voxel.
+            raise ValueError(f"dose_refiner_unet needs a working grid of multiples of 16, at least 32 per axis; "
+                             f"found {tuple(spatial)}")
         ref = features.float()
         parts = [ref, x_t.float()]
         for m in self.conditions:

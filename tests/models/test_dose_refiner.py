@@ -1,4 +1,4 @@
-"""Voxel-level dose refiner: neutral when fresh, local, fed by the conditions, trainable."""
+"""Voxel-level dose refiner: neutral when fresh, local (conv) or grid-wide (U-Net), fed by the conditions, trainable."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ torch.set_num_threads(1)
 
 PRIOR = {"prediction": "x0", "dose_prior_falloffs": [0.75, 0.92], "dose_prior_weights": [0.85, 0.15]}
 REFINER = {**PRIOR, "dose_refiner_width": 6, "dose_refiner_features": 3, "dose_refiner_kernels": [3, 3]}
+# Patch 8: the U-Net needs a 32^3 grid, and 8^3 patches keep the DiT part of it cheap.
+UNET = {**REFINER, "patch": [8, 8, 8], "dose_refiner_unet": [4, 4, 8, 8, 8, 4]}
 
 
 def _volumes(cfg, seed=0, size=8):
@@ -32,10 +34,11 @@ def _randomise_refiner_output(model, seed=3):
         model.dose_refiner.out.weight.copy_(torch.randn(model.dose_refiner.out.weight.shape, generator=gen) * 0.3)
 
 
-def test_fresh_refiner_leaves_the_prior_mix_unchanged():
-    cfg = get_config("tiny", **REFINER)
+@pytest.mark.parametrize("refiner", [REFINER, UNET], ids=["conv", "unet"])
+def test_fresh_refiner_leaves_the_prior_mix_unchanged(refiner):
+    cfg = get_config("tiny", **refiner)
     model = Any2AnyDiT(cfg).eval()
-    vols = _volumes(cfg)
+    vols = _volumes(cfg, size=32 if refiner is UNET else 8)
     basis = prior_basis(vols["ptv"], vols["body"], (0.75, 0.92), cfg.dose_prior_reach)
     expected = 2 * (0.85 * basis[:, :1] + 0.15 * basis[:, 1:]) - 1
     torch.testing.assert_close(_x0(model, vols), expected, rtol=0, atol=1e-5)
@@ -73,6 +76,29 @@ def test_refiner_is_exactly_local_in_the_conditions():
     assert far.max() == 0
 
 
+def test_unet_refiner_reaches_across_the_grid():
+    """With ``dose_refiner_unet`` a one-voxel change of a condition moves the dose at the far corner
+    too (the conv stack above stays within 2 voxels): the multi-scale body the option is for."""
+    cfg = get_config("tiny", **UNET)
+    model = Any2AnyDiT(cfg).eval()
+    assert any(type(m).__name__ == "BasicUNet" for m in model.dose_refiner.modules())
+    _randomise_refiner_output(model)
+    with torch.no_grad():
+        model.head.head["dose"].weight.zero_()
+        model.head.head["dose"].bias.zero_()
+    vols = _volumes(cfg, size=32)
+    changed = {k: v.clone() for k, v in vols.items()}
+    changed["beam"][0, 0, 2, 2, 2] += 0.7
+    diff = (_x0(model, changed) - _x0(model, vols)).abs()[0, 0]
+    assert diff[24:, 24:, 24:].max() > 0
+
+
+def test_unet_refiner_names_a_grid_it_cannot_halve():
+    cfg = get_config("tiny", **UNET)
+    with pytest.raises(ValueError, match=r"multiples of 16, at least 32 per axis; found \(8, 8, 8\)"):
+        _x0(Any2AnyDiT(cfg), _volumes(cfg, size=8))
+
+
 def test_absent_conditions_enter_as_zeros():
     cfg = get_config("tiny", **REFINER)
     model = Any2AnyDiT(cfg).eval()
@@ -86,16 +112,17 @@ def test_absent_conditions_enter_as_zeros():
     assert torch.isfinite(_x0(model, {"dose": vols["dose"], "ct": vols["ct"]})).all()
 
 
-def test_a_few_steps_on_one_case_train_the_refiner():
-    cfg = get_config("tiny", **REFINER)
+@pytest.mark.parametrize("refiner, size, steps", [(REFINER, 8, 30), (UNET, 32, 20)], ids=["conv", "unet"])
+def test_a_few_steps_on_one_case_train_the_refiner(refiner, size, steps):
+    cfg = get_config("tiny", **refiner)
     torch.manual_seed(0)
     model = Any2AnyDiT(cfg)
-    vols = _volumes(cfg, seed=4)
+    vols = _volumes(cfg, seed=4, size=size)
     x0 = vols["dose"].clone()
     opt = torch.optim.Adam(model.dose_refiner.parameters(), lr=3e-3)
     t = torch.tensor([0.5])
     losses = []
-    for _ in range(30):
+    for _ in range(steps):
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
         inp = dict(vols, dose=(1 - t) * x0 + t * noise)
         loss = (inp["dose"] - t * model(inp, "dose", t) - x0).pow(2).mean()
@@ -113,6 +140,8 @@ def test_a_few_steps_on_one_case_train_the_refiner():
         ({**PRIOR, "dose_refiner_width": -1}, "dose_refiner_width must be >= 0"),
         ({**PRIOR, "dose_refiner_width": 4, "dose_refiner_kernels": [2]}, "odd sizes"),
         ({**PRIOR, "dose_refiner_width": 4, "dose_refiner_features": 0}, "dose_refiner_features"),
+        ({**PRIOR, "dose_refiner_width": 4, "dose_refiner_unet": [4, 8]}, "6 BasicUNet feature widths"),
+        ({**PRIOR, "dose_refiner_unet": [4, 4, 8, 8, 8, 4]}, "without dose_refiner_width"),
     ],
 )
 def test_bad_refiner_configs_name_the_problem(overrides, message):
@@ -123,8 +152,10 @@ def test_bad_refiner_configs_name_the_problem(overrides, message):
 def test_refiner_config_round_trips_and_old_checkpoints_load_without_it():
     cfg = get_config("tiny", **REFINER)
     again = type(cfg).from_dict(cfg.to_dict())
-    assert again == cfg and again.dose_refiner_kernels == (3, 3)
+    assert again == cfg and again.dose_refiner_kernels == (3, 3) and again.dose_refiner_unet == ()
+    unet = get_config("tiny", **UNET)
+    assert type(unet).from_dict(unet.to_dict()).dose_refiner_unet == (4, 4, 8, 8, 8, 4)
     old = get_config("tiny", **PRIOR).to_dict()
-    for key in ("dose_refiner_width", "dose_refiner_features", "dose_refiner_kernels"):
+    for key in ("dose_refiner_width", "dose_refiner_features", "dose_refiner_kernels", "dose_refiner_unet"):
         old.pop(key)
     assert type(cfg).from_dict(old).dose_refiner_width == 0
