@@ -247,6 +247,11 @@ class Any2AnyDiT(nn.Module):
                 )
         if any(s % p for s, p in zip(spatial, cfg.patch, strict=True)):
             raise ValueError(f"spatial size {spatial} is not a multiple of the patch {cfg.patch}")
+        if target == "dose" and cfg.dose_refiner_unet and any(s % 16 or s < 32 for s in spatial):
+            # The U-Net refiner (models.dose_refiner) halves the grid four times; its instance norms
+            # need more than one voxel. Checked here, before the blocks run, not deep in the refiner.
+            raise ValueError(f"dose_refiner_unet needs a working grid of multiples of 16, at least 32 per axis; "
+                             f"found {spatial}")
         if t.ndim != 1 or t.shape[0] != batch:
             raise ValueError(f"t: expected shape ({batch},), found {tuple(t.shape)}")
         return spatial

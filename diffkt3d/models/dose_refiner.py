@@ -49,7 +49,6 @@ class DoseRefiner(nn.Module):
                 layers += [nn.Conv3d(in_ch, width, kernel_size=k, padding=k // 2), nn.GELU(approximate="tanh")]
                 in_ch = width
             self.body = nn.Sequential(*layers)
-        self.unet = bool(config.dose_refiner_unet)
         self.out = nn.Conv3d(width, self.out_channels, kernel_size=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
@@ -66,10 +65,6 @@ class DoseRefiner(nn.Module):
                 without a ``ptv`` condition.
         """
         b, _, *spatial = features.shape
-        if self.unet and any(s % 16 or s < 32 for s in spatial):
-            # BasicUNet halves the grid four times; its instance norms need more than one voxel.
-            raise ValueError(f"dose_refiner_unet needs a working grid of multiples of 16, at least 32 per axis; "
-                             f"found {tuple(spatial)}")
         ref = features.float()
         parts = [ref, x_t.float()]
         for m in self.conditions:

@@ -34,11 +34,11 @@ def _randomise_refiner_output(model, seed=3):
         model.dose_refiner.out.weight.copy_(torch.randn(model.dose_refiner.out.weight.shape, generator=gen) * 0.3)
 
 
-@pytest.mark.parametrize("refiner", [REFINER, UNET], ids=["conv", "unet"])
-def test_fresh_refiner_leaves_the_prior_mix_unchanged(refiner):
+@pytest.mark.parametrize("refiner, size", [(REFINER, 8), (UNET, 32)], ids=["conv", "unet"])
+def test_fresh_refiner_leaves_the_prior_mix_unchanged(refiner, size):
     cfg = get_config("tiny", **refiner)
     model = Any2AnyDiT(cfg).eval()
-    vols = _volumes(cfg, size=32 if refiner is UNET else 8)
+    vols = _volumes(cfg, size=size)
     basis = prior_basis(vols["ptv"], vols["body"], (0.75, 0.92), cfg.dose_prior_reach)
     expected = 2 * (0.85 * basis[:, :1] + 0.15 * basis[:, 1:]) - 1
     torch.testing.assert_close(_x0(model, vols), expected, rtol=0, atol=1e-5)
