@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from diffkt3d.data.dataset import EncodedCaseSet, build_cache, list_case_dirs, modality_counts
 from diffkt3d.data.encoding import EncodingConfig
 from diffkt3d.flow.matching import FlowConfig, add_noise, predict_x0, sample_timesteps, velocity_target
 from diffkt3d.models.any2any_dit import Any2AnyDiT
 from diffkt3d.models.checkpoint import read_checkpoint, save_checkpoint
 from diffkt3d.models.config import DiTConfig, get_config
 from diffkt3d.training.config import StageConfig, TrainConfig
+from diffkt3d.training.dataset import EncodedCaseSet, build_cache, list_case_dirs, modality_counts
 
 log = logging.getLogger(__name__)
 
