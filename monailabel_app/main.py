@@ -43,8 +43,9 @@ from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 
 from diffkt3d.audit import AuditLog  # noqa: E402
 from diffkt3d.errors import CaseError, ConfigError, DiffKT3DError  # noqa: E402
+from diffkt3d.ids import check_id  # noqa: E402
 from diffkt3d.inference.ct_backbone import CTImputationConfig  # noqa: E402
-from diffkt3d.preferences import PreferenceStore, check_id  # noqa: E402
+from diffkt3d.preferences import PreferenceStore  # noqa: E402
 from diffkt3d.scorecard import list_templates  # noqa: E402
 from infer_tasks.common import CASE_ID_KEY, SOURCE_KEY, PRDiTModelProvider, TaskError, model_provider  # noqa: E402
 from infer_tasks.dose import DoseTask  # noqa: E402
