@@ -23,14 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-# MONAI Label loads this file by path; the task packages live next to the app in the repo root.
-_REPO_ROOT = str(Path(__file__).resolve().parents[1])
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
 # mlflow tracking is on by default in MONAI Label and breaks with mlflow 3 / without mlflow.
 os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
 
