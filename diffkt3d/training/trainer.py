@@ -5,9 +5,9 @@ One step (flow matching, v-prediction, x_t = (1 - t) x0 + t eps, v = eps - x0):
   2. noise only the target; conditions enter clean (never noised);
   3. v_hat = model(volumes, target, t); loss = mean (v_hat - v)^2 over the target's voxels.
 
-Runs on CPU, one GPU (bf16 autocast + TF32) or several (torchrun: see diffkt3d.training.distributed
-when present). Resumable: `last.pt` holds weights, EMA, optimiser, stage and step; the run picks up
-where it stopped. The EMA weights are what evaluation and shipping use.
+Runs on CPU, one GPU (bf16 autocast + TF32) or several (torchrun: see diffkt3d.training.distributed).
+Resumable: `last.pt` holds weights, EMA, optimiser, stage and step; the run picks up where it
+stopped. The EMA weights are what evaluation and shipping use.
 """
 
 from __future__ import annotations
