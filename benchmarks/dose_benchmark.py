@@ -39,10 +39,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine_info import describe_machine, write_results  # noqa: E402
 
-from diffkt3d.data.dataset import list_case_dirs  # noqa: E402
 from diffkt3d.io.case_folder import load_case_folder  # noqa: E402
 from diffkt3d.metrics.image import dice, masked_mae_hu, psnr, ssim  # noqa: E402
 from diffkt3d.metrics.openkbp import score_case_object  # noqa: E402
+from diffkt3d.training.dataset import list_case_dirs  # noqa: E402
 
 log = logging.getLogger("dose_benchmark")
 
@@ -84,8 +84,8 @@ def run_child(args: argparse.Namespace) -> None:
     if args.child == "peer":
         from peer import load_peer, predict_peer
 
-        from diffkt3d.data.dataset import prepare_case
         from diffkt3d.data.encoding import decode_dose, encode_case
+        from diffkt3d.training.dataset import prepare_case
 
         model, enc, peer_meta = load_peer(args.peer)
     for folder in cases:
@@ -142,8 +142,8 @@ def run_child(args: argparse.Namespace) -> None:
 
 def prior_dose(predictor, folder: Path) -> np.ndarray:
     """The shipped model's dose prior alone, decoded to the case grid like a prediction (Gy)."""
-    from diffkt3d.data.dataset import prepare_case
     from diffkt3d.data.encoding import encode_case
+    from diffkt3d.training.dataset import prepare_case
 
     case = prepare_case(folder)
     case.dose_gy = None
@@ -171,8 +171,8 @@ def reference_through_grid(predictor, folder: Path) -> np.ndarray:
     Both the DiT and the peer predict on this grid and are decoded the same way, so this is the
     best either can score: the floor the working grid alone puts under the dose score.
     """
-    from diffkt3d.data.dataset import prepare_case
     from diffkt3d.data.encoding import decode_dose, encode_case
+    from diffkt3d.training.dataset import prepare_case
 
     case = prepare_case(folder)
     x0 = encode_case(case, predictor.encoding, ("dose",))["dose"]

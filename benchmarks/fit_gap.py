@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from machine_info import describe_machine, write_results  # noqa: E402
 
-from diffkt3d.data.dataset import EncodedCaseSet, build_cache, list_case_dirs  # noqa: E402
 from diffkt3d.models.checkpoint import load_checkpoint  # noqa: E402
+from diffkt3d.training.dataset import EncodedCaseSet, build_cache, list_case_dirs  # noqa: E402
 from diffkt3d.training.trainer import one_step_dose_mae  # noqa: E402
 
 

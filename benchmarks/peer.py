@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from monai.networks.nets import BasicUNet
 
-from diffkt3d.data.dataset import EncodedCaseSet, build_cache, list_case_dirs
 from diffkt3d.data.encoding import PTV_RESAMPLING, EncodingConfig
+from diffkt3d.training.dataset import EncodedCaseSet, build_cache, list_case_dirs
 from diffkt3d.training.trainer import body_mean
 
 log = logging.getLogger("peer")

@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from dose_benchmark import dose_figures, prior_dose_from  # noqa: E402
 from machine_info import describe_machine, write_results  # noqa: E402
 
-from diffkt3d.data.dataset import list_case_dirs, prepare_case  # noqa: E402
 from diffkt3d.data.encoding import encode_case  # noqa: E402
 from diffkt3d.inference import Predictor  # noqa: E402
 from diffkt3d.io.case_folder import load_case_folder  # noqa: E402
 from diffkt3d.scorecard import load_template  # noqa: E402
+from diffkt3d.training.dataset import list_case_dirs, prepare_case  # noqa: E402
 
 
 def prior_doses(predictor: Predictor, folder: Path) -> dict[str, np.ndarray]:

@@ -148,11 +148,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # -- 3. evaluation --------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> None:
-    from diffkt3d.data.dataset import list_case_dirs
     from diffkt3d.inference.predictor import Predictor
     from diffkt3d.io.case_folder import load_case_folder
     from diffkt3d.metrics.openkbp import score_case_object
     from diffkt3d.scorecard import load_template, score_case
+    from diffkt3d.training.dataset import list_case_dirs
 
     torch.set_num_threads(1)
     learned = json.loads((OUT / "prefs.json").read_text())["learned_weights_n200"]

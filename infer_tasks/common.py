@@ -162,17 +162,32 @@ class PRDiTModelProvider(_ReloadingModel):
         return super().get()
 
 
+def find_case_root(folder: Path, max_depth: int | None = None) -> Path | None:
+    """The folder holding a case's NIfTI files, or None if there is none.
+
+    That is `folder` itself or, since archives and uploads often wrap the files in a directory, its
+    only sub-folder (hidden and `__MACOSX` folders ignored), followed down at most `max_depth`
+    levels (None: any depth). Both the session upload path and the datastore's add-case path use
+    this, so a case archive is accepted or refused the same way on both.
+    """
+    if any(p.name.endswith((".nii.gz", ".nii")) for p in folder.iterdir()):
+        return folder
+    if max_depth == 0:
+        return None
+    subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
+    if len(subdirs) != 1:
+        return None
+    return find_case_root(subdirs[0], None if max_depth is None else max_depth - 1)
+
+
 def session_case_root(image: Path) -> Path:
     """The case folder of a session: the session's directory (several files), the directory of a
     single uploaded file, or the only sub-folder of an unpacked archive."""
-    folder = image if image.is_dir() else image.parent
-    if any(p.name.endswith((".nii.gz", ".nii")) for p in folder.iterdir()):
-        return folder
-    subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
-    if len(subdirs) == 1:
-        return session_case_root(subdirs[0])
-    raise TaskError(400, "the session holds no NIfTI files: send ct.nii.gz and one <Structure>.nii.gz "
-                         "per structure (see docs/request-format.md)")
+    root = find_case_root(image if image.is_dir() else image.parent)
+    if root is None:
+        raise TaskError(400, "the session holds no NIfTI files: send ct.nii.gz and one <Structure>.nii.gz "
+                             "per structure (see docs/request-format.md)")
+    return root
 
 
 def folder_size_bytes(folder: Path) -> int:

@@ -31,7 +31,8 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
 from diffkt3d.constants import CT_FILE, DOSE_FILE
 from diffkt3d.errors import CaseError
-from diffkt3d.preferences.record import check_id
+from diffkt3d.ids import check_id
+from infer_tasks.common import find_case_root
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,11 @@ class CaseFolderDatastore(Datastore):
                 shutil.copytree(src, tmp / "case")
             else:
                 shutil.unpack_archive(str(src), str(tmp / "case"))
-            case_root = _single_case_root(tmp / "case")
+            # One wrapping folder is accepted (archives often have one), not deeper nesting.
+            case_root = find_case_root(tmp / "case", max_depth=1)
+            if case_root is None:
+                raise ValueError("no NIfTI files found (expected the case folder's files at the top level or in "
+                                 "one sub-folder)")
             case_root.rename(dest)
         except (shutil.ReadError, ValueError) as exc:
             raise CaseError(f"cannot add case: {exc}", case=image_id) from None
@@ -273,15 +278,3 @@ class CaseFolderDatastore(Datastore):
         tmp = path.with_suffix(".json.part")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, path)
-
-
-def _single_case_root(folder: Path) -> Path:
-    """The folder holding the NIfTI files: `folder` itself, or its only sub-folder (archives often
-    wrap the files in one directory)."""
-    if any(p.name.endswith((".nii.gz", ".nii")) for p in folder.iterdir()):
-        return folder
-    subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
-    if len(subdirs) == 1 and any(p.name.endswith((".nii.gz", ".nii")) for p in subdirs[0].iterdir()):
-        return subdirs[0]
-    raise ValueError("no NIfTI files found (expected the case folder's files at the top level or in one "
-                     "sub-folder)")

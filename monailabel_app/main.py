@@ -23,14 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-# MONAI Label loads this file by path; the task packages live next to the app in the repo root.
-_REPO_ROOT = str(Path(__file__).resolve().parents[1])
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
 # mlflow tracking is on by default in MONAI Label and breaks with mlflow 3 / without mlflow.
 os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
 
@@ -43,8 +38,9 @@ from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 
 from diffkt3d.audit import AuditLog  # noqa: E402
 from diffkt3d.errors import CaseError, ConfigError, DiffKT3DError  # noqa: E402
+from diffkt3d.ids import check_id  # noqa: E402
 from diffkt3d.inference.ct_backbone import CTImputationConfig  # noqa: E402
-from diffkt3d.preferences import PreferenceStore, check_id  # noqa: E402
+from diffkt3d.preferences import PreferenceStore  # noqa: E402
 from diffkt3d.scorecard import list_templates  # noqa: E402
 from infer_tasks.common import CASE_ID_KEY, SOURCE_KEY, PRDiTModelProvider, TaskError, model_provider  # noqa: E402
 from infer_tasks.dose import DoseTask  # noqa: E402

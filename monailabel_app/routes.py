@@ -37,7 +37,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from diffkt3d.audit import AuditLog
 from diffkt3d.errors import CaseError
-from diffkt3d.preferences import PreferenceRecord, PreferenceStore, check_id
+from diffkt3d.ids import check_id
+from diffkt3d.preferences import PreferenceRecord, PreferenceStore
 from monailabel_app.auth import (
     ANONYMOUS,
     STATE_AUDIT,

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# A repository script, not part of the installed product: it imports the Slicer module's Lib from
+# its folder exactly as Slicer does (the Lib is a Slicer module, never pip-installed).
 sys.path.insert(0, str(ROOT / "slicer_extension" / "DiffKT3D"))
 
 import nibabel as nib  # noqa: E402

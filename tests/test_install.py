@@ -33,3 +33,14 @@ def test_documented_install_steps_are_the_ones_setup_env_runs() -> None:
     assert "torch==2.13.0" in pinned
     nodeps = (REPO / "requirements-server-nodeps.txt").read_text()
     assert "monailabel==0.8.5" in nodeps
+
+
+def test_app_and_task_packages_install_beside_the_core() -> None:
+    """`monailabel start_server --app monailabel_app` loads main.py by path; its imports of
+    monailabel_app.*, infer_tasks.* and train_tasks.* resolve because the project installs them."""
+    from setuptools import find_namespace_packages
+
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = set(find_namespace_packages(str(REPO), include=find["include"], exclude=find.get("exclude", ())))
+    assert {"diffkt3d", "infer_tasks", "train_tasks", "monailabel_app"} <= packages
+    assert not {p for p in packages if p.startswith(("monailabel_app.model", "monailabel_app.logs"))}

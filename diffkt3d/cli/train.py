@@ -45,7 +45,7 @@ def apply_smoke_limits(cfg: TrainConfig, max_steps: int | None, max_cases: int |
         cfg = dataclasses.replace(cfg, stages=[dataclasses.replace(s, steps=min(s.steps, max_steps))
                                                for s in cfg.stages])
     if max_cases is not None:
-        from diffkt3d.data.dataset import list_case_dirs
+        from diffkt3d.training.dataset import list_case_dirs
 
         cfg = dataclasses.replace(cfg, train_roots=[str(p) for p in list_case_dirs(cfg.train_roots)[:max_cases]],
                                   val_roots=[str(p) for p in list_case_dirs(cfg.val_roots)[:max_cases]])

@@ -233,13 +233,13 @@ def encode_case_latents(
 def build_latent_cache(case_dirs: list[Path], encoding: EncodingConfig, codec: WanLatentCodec,
                        cache_dir: str | Path, crop: tuple[int, int, int] = PAPER_CROP,
                        with_plates: bool = True) -> list[Path]:
-    """Encode each case once to latents (float16 .pt, the format of ``data.dataset.build_cache``).
+    """Encode each case once to latents (float16 .pt, the format of ``training.dataset.build_cache``).
 
     Each file holds ``{"case_id", "tensors": {m: latent}, "voxel": {"dose", "body"} crops, "start"}``
     so ``EncodedCaseSet.from_cache`` trains on latents and validation can score decoded doses.
     The folder is keyed by the encoding, the crop and the VAE config.
     """
-    from diffkt3d.data.dataset import prepare_case
+    from diffkt3d.training.dataset import prepare_case
 
     key = hashlib.sha1(json.dumps({"enc": encoding.to_dict(), "crop": list(crop), "vae": codec.fingerprint(),
                                    "plates": with_plates, "v": 1}, sort_keys=True).encode()).hexdigest()[:10]

@@ -6,8 +6,8 @@
     store.read().records
 """
 
-from diffkt3d.preferences.record import SCHEMA_VERSION, CandidateRef, PreferenceRecord, check_id
+from diffkt3d.preferences.record import SCHEMA_VERSION, CandidateRef, PreferenceRecord
 from diffkt3d.preferences.store import STORE_FILE, PreferenceStore, ReadResult
 
 __all__ = ["SCHEMA_VERSION", "STORE_FILE", "CandidateRef", "PreferenceRecord", "PreferenceStore",
-           "ReadResult", "check_id"]
+           "ReadResult"]

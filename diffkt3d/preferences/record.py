@@ -12,25 +12,16 @@ readers migrate old records instead of guessing.
 from __future__ import annotations
 
 import math
-import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from diffkt3d.ids import check_id
+
 SCHEMA_VERSION = 1
 
-# Case ids / candidate ids are folder-like names: no separators, no "..", bounded length.
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MAX_COMMENT = 2000
-
-
-def check_id(value: Any, what: str) -> str:
-    """Return `value` if it is a safe id (folder-like name), else raise ValueError naming `what`."""
-    if not isinstance(value, str) or not _ID_RE.match(value) or ".." in value:
-        raise ValueError(f"{what} {value!r} is not a valid id (letters, digits, '.', '_', '-'; "
-                         "no path separators or '..'; at most 128 characters)")
-    return value
 
 
 @dataclass

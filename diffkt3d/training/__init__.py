@@ -1,4 +1,4 @@
-"""Training: Stage A Any2Any, Stage B dose fine-tune (and ScardNFT when present).
+"""Training: Stage A Any2Any, Stage B dose fine-tune and ScardNFT (preference fine-tuning).
 
 Entry point for the CLI and the MONAI Label train task: `run_training(TrainConfig, ...)`.
 """

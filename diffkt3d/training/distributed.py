@@ -186,7 +186,7 @@ class DistributedTrainer(Trainer):
 
     # -- data: cache built once (rank 0), each rank keeps its shard --------------------------------
     def load_data(self) -> None:
-        from diffkt3d.data.dataset import EncodedCaseSet, build_cache, list_case_dirs
+        from diffkt3d.training.dataset import EncodedCaseSet, build_cache, list_case_dirs
 
         cfg = self.cfg
 

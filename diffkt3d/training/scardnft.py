@@ -45,13 +45,13 @@ import yaml
 from torch import Tensor, nn
 
 from diffkt3d.data.case import Case
-from diffkt3d.data.dataset import list_case_dirs
 from diffkt3d.data.encoding import decode_dose, encode_case
 from diffkt3d.errors import ConfigError, reject_unknown_fields
 from diffkt3d.flow.matching import FlowConfig, add_noise, sample_timesteps, velocity_target
 from diffkt3d.flow.sampler import sample
 from diffkt3d.io.case_folder import load_case_folder
 from diffkt3d.models.checkpoint import ModelBundle, file_digest, load_checkpoint, save_checkpoint
+from diffkt3d.training.dataset import list_case_dirs
 from diffkt3d.training.reward import RewardConfig, advantages_to_r, candidate_reward, group_advantages
 
 log = logging.getLogger(__name__)

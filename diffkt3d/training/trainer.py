@@ -5,9 +5,9 @@ One step (flow matching, v-prediction, x_t = (1 - t) x0 + t eps, v = eps - x0):
   2. noise only the target; conditions enter clean (never noised);
   3. v_hat = model(volumes, target, t); loss = mean (v_hat - v)^2 over the target's voxels.
 
-Runs on CPU, one GPU (bf16 autocast + TF32) or several (torchrun: see diffkt3d.training.distributed
-when present). Resumable: `last.pt` holds weights, EMA, optimiser, stage and step; the run picks up
-where it stopped. The EMA weights are what evaluation and shipping use.
+Runs on CPU, one GPU (bf16 autocast + TF32) or several (torchrun: see diffkt3d.training.distributed).
+Resumable: `last.pt` holds weights, EMA, optimiser, stage and step; the run picks up where it
+stopped. The EMA weights are what evaluation and shipping use.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from diffkt3d.data.dataset import EncodedCaseSet, build_cache, list_case_dirs, modality_counts
 from diffkt3d.data.encoding import EncodingConfig
 from diffkt3d.flow.matching import FlowConfig, add_noise, predict_x0, sample_timesteps, velocity_target
 from diffkt3d.models.any2any_dit import Any2AnyDiT
 from diffkt3d.models.checkpoint import read_checkpoint, save_checkpoint
 from diffkt3d.models.config import DiTConfig, get_config
 from diffkt3d.training.config import StageConfig, TrainConfig
+from diffkt3d.training.dataset import EncodedCaseSet, build_cache, list_case_dirs, modality_counts
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ class DiffKT3DLogic(ScriptedLoadableModuleLogic):
 
 
 class DiffKT3DTest(ScriptedLoadableModuleTest):
-    """Same flow as tests/slicer_extension/test_selftest_flow.py, inside Slicer.
+    """Same flow as test_module_selftest_flow in tests/slicer_extension/test_workflow_server.py, inside Slicer.
 
     Needs a running server (DIFFKT3D_SERVER_URL, default http://127.0.0.1:8000) and a case folder
     (DIFFKT3D_TEST_CASE, default: the first case in the repository's sample-data/).

@@ -30,8 +30,12 @@ def start_server(root: Path, studies: Path, conf: dict[str, str], env: dict[str,
         RuntimeError: with the end of the server log if it does not come up.
     """
     port = free_port()
+    # The server imports this checkout's packages (diffkt3d, infer_tasks, train_tasks, monailabel_app)
+    # whether or not it is the one installed in the environment.
+    python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     full_env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_INFER_CONCURRENCY": "1",
-                "MONAI_LABEL_SESSION_PATH": str(root / "sessions"), "OMP_NUM_THREADS": "1", **(env or {})}
+                "MONAI_LABEL_SESSION_PATH": str(root / "sessions"), "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": python_path, **(env or {})}
     args = [a for k, v in conf.items() for a in ("--conf", k, str(v))]
     log_path = root / f"server-{port}.log"
     # `python -m monailabel.main`, not the `monailabel` wrapper, which runs whatever `python` is on PATH

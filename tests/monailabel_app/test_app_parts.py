@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,16 +11,12 @@ import pytest
 
 pytest.importorskip("monailabel", reason="server dependencies not installed (docs/server.md)")
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from diffkt3d.errors import CaseError  # noqa: E402
-from diffkt3d.preferences import PreferenceRecord, PreferenceStore  # noqa: E402
-from infer_tasks.common import TaskError, dvh_table, load_request_case  # noqa: E402
-from infer_tasks.dose import CandidateCache, DoseParams  # noqa: E402
-from monailabel_app.datastore import CaseFolderDatastore, UnknownCaseError  # noqa: E402
-from monailabel_app.strategy import PreferenceStrategy, record_candidates  # noqa: E402
+from diffkt3d.errors import CaseError
+from diffkt3d.preferences import PreferenceRecord, PreferenceStore
+from infer_tasks.common import TaskError, dvh_table, load_request_case
+from infer_tasks.dose import CandidateCache, DoseParams
+from monailabel_app.datastore import CaseFolderDatastore, UnknownCaseError
+from monailabel_app.strategy import PreferenceStrategy, record_candidates
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 

@@ -3,16 +3,10 @@ OpenID Connect provider (key rotation, Keycloak realm key without discovery, pro
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from oidc_provider import LocalOIDCProvider
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from oidc_provider import LocalOIDCProvider  # noqa: E402
-
-from monailabel_app.auth import (  # noqa: E402
+from monailabel_app.auth import (
     ADMIN,
     CLINICIAN,
     PHYSICIST,

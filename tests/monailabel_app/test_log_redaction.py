@@ -9,13 +9,11 @@ import io
 import json
 import logging
 import logging.config
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from monailabel_app.redact import TASK_LOGGERS, WITHHELD, install_log_redaction  # noqa: E402
+from monailabel_app.redact import TASK_LOGGERS, WITHHELD, install_log_redaction
 
 PHI = ("Doe_Janet_PHI-470815_CT_0001.dcm", "/data/export/Doe^Janet/Doe_Janet.zip")
 

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).parent))
-from server_process import REPO, free_port  # noqa: E402
+from server_process import REPO, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 

@@ -12,18 +12,15 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import sys
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).parent))
-from oidc_provider import CLIENT_ID, LocalOIDCProvider, new_key  # noqa: E402
-from server_process import start_server, stop_server  # noqa: E402
-from tiny_model import write_tiny_checkpoint  # noqa: E402
+from oidc_provider import CLIENT_ID, LocalOIDCProvider, new_key
+from server_process import start_server, stop_server
+from tiny_model import write_tiny_checkpoint
 
 pytestmark = pytest.mark.server
 

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).parent))
-from server_process import start_server, stop_server  # noqa: E402
+from server_process import start_server, stop_server
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -20,13 +19,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
+from server_process import start_server, stop_server
+from tiny_model import write_tiny_checkpoint
 
 from diffkt3d.inference import default_model_path
-
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from server_process import start_server, stop_server  # noqa: E402
-from tiny_model import write_tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.server
 

@@ -10,17 +10,14 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).parent))
-from server_process import start_server, stop_server  # noqa: E402
-from tiny_model import write_tiny_checkpoint, write_tiny_prdit_checkpoint  # noqa: E402
+from server_process import start_server, stop_server
+from tiny_model import write_tiny_checkpoint, write_tiny_prdit_checkpoint
 
 pytestmark = pytest.mark.server
 

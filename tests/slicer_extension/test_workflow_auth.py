@@ -8,8 +8,6 @@ discovery, JWKS, password grant). The workflow runs on a real MRML scene (slicer
 from __future__ import annotations
 
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import requests
@@ -18,10 +16,8 @@ pytest.importorskip("slicer_core", reason="slicer-core (headless MRML) is not in
 from DiffKT3DLib.client import AuthenticationRequired, DiffKT3DClient, ServerError
 from DiffKT3DLib.worker import ThreadRunner, wait_for
 from DiffKT3DLib.workflow import DoseRequest, Workflow
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "monailabel_app"))
-from oidc_provider import CLIENT_ID, LocalOIDCProvider  # noqa: E402
-from server_process import start_server, stop_server  # noqa: E402
+from oidc_provider import CLIENT_ID, LocalOIDCProvider
+from server_process import start_server, stop_server
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

@@ -2,7 +2,7 @@
 
 Slicer's Python does not have the `diffkt3d` package, so the Lib cannot import
 `diffkt3d.constants`. The few values shared with the core are copied here and a test
-(tests/slicer_extension/test_lib_constants.py) checks they still equal the core's.
+(tests/slicer_extension/test_lib_units.py) checks they still equal the core's.
 """
 
 from __future__ import annotations

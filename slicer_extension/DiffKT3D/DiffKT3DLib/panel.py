@@ -1,6 +1,6 @@
 """Qt side of the module panel: widgets <-> Workflow. Runs only inside Slicer (imports qt).
 
-Thin by design: every decision lives in workflow.py / scene.py (tested on slicer-core); this file
+Thin by design: every decision lives in workflow.py / scene*.py (tested on slicer-core); this file
 reads widgets, calls the workflow, and shows results, progress and the server's error messages.
 A QTimer polls the worker queue and the preview debouncer on the GUI thread.
 """

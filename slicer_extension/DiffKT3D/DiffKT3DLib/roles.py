@@ -1,7 +1,7 @@
 """Segment roles (target with prescription / OAR / body) and their defaults from names.
 
 `infer_role` is a copy of `diffkt3d.data.case.infer_role` (Slicer's Python has no `diffkt3d`);
-tests/slicer_extension/test_lib_roles.py checks both give the same answer on a list of names.
+tests/slicer_extension/test_lib_units.py checks both give the same answer on a list of names.
 Pure Python: no Slicer import, so it also runs in the worker thread and in plain pytest.
 """
 

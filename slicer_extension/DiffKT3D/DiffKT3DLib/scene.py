@@ -1,10 +1,13 @@
 """MRML side of the module: scene inputs -> request files, server results -> scene nodes.
 
+The request export is `scene_inputs`, the node primitives both use are `scene_nodes`; this module
+adds the display of results (dose, isodose, DVH, Scorecard, imputations) and is the entry point.
+
 Everything here works on a `vtkMRMLScene` passed in (Slicer's `slicer.mrmlScene`, or a bare
 scene from the `slicer-core` wheel in tests) and uses only MRML / segmentation-logic calls that
 both provide; nothing needs `slicer.app`, Qt or SlicerRT. Runs on the main thread only.
 
-Conventions (shared/docs/SLICER.md, SlicerRT):
+Conventions (SlicerRT's where it has one, so SlicerRT and its users read our nodes as theirs):
 * the dose is a float32 vtkMRMLScalarVolumeNode in Gy with attribute DicomRtImport.DoseVolume="1",
   colour node Dose_ColorTable and a window of 0-110 % of the prescription;
 * isodose levels are % of the prescription (80/90/100/105/110 %) with Eclipse-like colours, shown
@@ -18,39 +21,32 @@ Conventions (shared/docs/SLICER.md, SlicerRT):
 from __future__ import annotations
 
 import colorsys
-import json
 import logging
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import slicer
-import vtk
 from slicer import util as slicer_util
 
 from . import dvh, roles, scorecard
 from .constants import (
     ATTRIBUTE_PREFIX,
-    BODY_FILE,
     CANDIDATE_ATTRIBUTE,
     CANDIDATE_LINE_STYLES,
-    CT_FILE,
     DOSE_COLOR_TABLE_NAME,
     DOSE_SCALE_GY,
     DOSE_VOLUME_ATTRIBUTE,
     DOSE_WINDOW_FRACTION,
     DVH_BIN_WIDTH_GY,
     DVH_DOSE_COLUMN,
-    IGNORE_ROLE,
     ISODOSE_COLORS,
     ISODOSE_LEVELS_PCT,
-    PLAN_FILE,
     PRESCRIPTION_ATTRIBUTE,
     ROLE_ATTRIBUTE,
     SCORECARD_COLUMNS,
 )
+from .scene_inputs import SceneInputs
 
 logger = logging.getLogger(__name__)
 
@@ -58,169 +54,13 @@ DVH_CHART_NAME = "DiffKT3D DVH"
 COMPARISON_TABLE_NAME = "DiffKT3D Scorecard comparison"
 
 
-@dataclass
-class ExportedCase:
-    """Files written for one request (case-folder layout, docs/request-format.md).
-
-    Args:
-        folder: the folder holding the files.
-        files: file name -> path (ct.nii.gz, body.nii.gz, <stem>.nii.gz, plan.json).
-        stems: segment id -> file stem of its mask (structure name on the server side).
-        plan: the plan.json content.
-    """
-
-    folder: Path
-    files: dict[str, Path] = field(default_factory=dict)
-    stems: dict[str, str] = field(default_factory=dict)
-    plan: dict[str, Any] = field(default_factory=dict)
-
-    def segment_id_of(self, structure: str) -> str | None:
-        """Segment id whose mask the server calls `structure` (None if unknown)."""
-        for sid, stem in self.stems.items():
-            if stem == structure:
-                return sid
-        return None
-
-
-class SceneLogic:
-    """MRML operations of the module on one scene.
+class SceneLogic(SceneInputs):
+    """MRML operations of the module on one scene: the request export (`SceneInputs`) and the
+    display of server results (below).
 
     Args:
         scene: vtkMRMLScene (slicer.mrmlScene in Slicer).
     """
-
-    def __init__(self, scene):
-        self.scene = scene
-
-    # ------------------------------------------------------------------------------------------
-    # Inputs
-    # ------------------------------------------------------------------------------------------
-    def segment_roles(self, segmentation_node) -> list[roles.StructureRole]:
-        """Role of every segment: the one stored on the segment (user edit) or the name default."""
-        segmentation = segmentation_node.GetSegmentation()
-        out = []
-        for i in range(segmentation.GetNumberOfSegments()):
-            sid = segmentation.GetNthSegmentID(i)
-            segment = segmentation.GetSegment(sid)
-            r = roles.default_role(sid, segment.GetName())
-            role_tag, rx_tag = vtk.mutable(""), vtk.mutable("")
-            if segment.GetTag(ROLE_ATTRIBUTE, role_tag) and str(role_tag):
-                r.role = str(role_tag)
-                r.prescription_gy = None
-            if segment.GetTag(PRESCRIPTION_ATTRIBUTE, rx_tag) and str(rx_tag):
-                r.prescription_gy = float(str(rx_tag))
-            out.append(r)
-        return out
-
-    def store_roles(self, segmentation_node, structure_roles: list[roles.StructureRole]) -> None:
-        """Keep the user's roles as segment tags (saved with the scene)."""
-        segmentation = segmentation_node.GetSegmentation()
-        for r in structure_roles:
-            r.validate()
-            segment = segmentation.GetSegment(r.segment_id)
-            if segment is None:
-                raise ValueError(f"segment {r.name!r} ({r.segment_id}) is not in {segmentation_node.GetName()}")
-            segment.SetTag(ROLE_ATTRIBUTE, r.role)
-            segment.SetTag(PRESCRIPTION_ATTRIBUTE, "" if r.prescription_gy is None else repr(r.prescription_gy))
-
-    def export_case(self, ct_node, segmentation_node, structure_roles: list[roles.StructureRole],
-                    folder: str | Path) -> ExportedCase:
-        """Write the CT and the used segments (on the CT grid) as a case folder for the server.
-
-        Args:
-            ct_node: scalar volume in HU (None for a request without CT, e.g. CT imputation).
-            segmentation_node: segmentation holding the structures.
-            structure_roles: role per segment; "ignore" segments are not written.
-            folder: output folder (created).
-
-        Raises:
-            ValueError: no reference volume, a volume under a transform, an empty target, or
-                a segment export failure; the message names the node / segment.
-        """
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        out = ExportedCase(folder=folder)
-        for node in (ct_node, segmentation_node):
-            if node is not None and node.GetParentTransformNode() is not None:
-                raise ValueError(f"{node.GetName()} is under a transform: harden it first "
-                                 "(the server needs the data on its own grid)")
-        reference = ct_node
-        if ct_node is not None:
-            if ct_node.GetImageData() is None:
-                raise ValueError(f"CT volume {ct_node.GetName()} has no image data")
-            self.write_volume(ct_node, folder / CT_FILE)
-            out.files[CT_FILE] = folder / CT_FILE
-        else:
-            reference = self.reference_volume(segmentation_node)
-        taken: set[str] = set()
-        for r in structure_roles:
-            r.validate()
-            if r.role == IGNORE_ROLE:
-                continue
-            mask = self.segment_mask(segmentation_node, r.segment_id, reference)
-            if r.role == "target" and not mask.any():
-                raise ValueError(f"target segment {r.name!r} is empty (no voxels on the CT grid)")
-            if r.role == "body":
-                name = BODY_FILE
-            else:
-                stem = roles.file_stem(r.name, taken)
-                out.stems[r.segment_id] = stem
-                name = f"{stem}.nii.gz"
-            self.write_array(mask.astype(np.uint8), reference, folder / name)
-            out.files[name] = folder / name
-        out.plan = roles.request_plan(structure_roles, out.stems)
-        (folder / PLAN_FILE).write_text(json.dumps(out.plan, indent=2))
-        out.files[PLAN_FILE] = folder / PLAN_FILE
-        return out
-
-    @staticmethod
-    def reference_volume(segmentation_node):
-        """The volume that defines the segmentation's grid.
-
-        Raises:
-            ValueError: the segmentation has none (then a CT must be selected).
-        """
-        reference = segmentation_node.GetNodeReference(
-            slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
-        if reference is None:
-            raise ValueError(f"segmentation {segmentation_node.GetName()} has no reference volume: "
-                             "select a CT or set the segmentation geometry from a volume")
-        return reference
-
-    def segment_mask(self, segmentation_node, segment_id: str, reference_node) -> np.ndarray:
-        """(K, J, I) uint8 mask of one segment resampled on `reference_node`'s grid."""
-        ids = vtk.vtkStringArray()
-        ids.InsertNextValue(segment_id)
-        labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__DiffKT3D_temp__")
-        try:
-            ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                segmentation_node, ids, labelmap, reference_node)
-            if not ok:
-                raise ValueError(f"could not export segment {segment_id} of {segmentation_node.GetName()}")
-            return (slicer_util.arrayFromVolume(labelmap) > 0).astype(np.uint8)
-        finally:
-            self._remove_with_display(labelmap)
-
-    def write_volume(self, volume_node, path: Path) -> None:
-        """Write a volume node to NIfTI (ITK writer: RAS node geometry -> NIfTI affine)."""
-        storage = self.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-        try:
-            storage.SetFileName(str(path))
-            storage.SetUseCompression(1)
-            if not storage.WriteData(volume_node):
-                raise ValueError(f"could not write {volume_node.GetName()} to {path}")
-        finally:
-            self.scene.RemoveNode(storage)
-
-    def write_array(self, array: np.ndarray, reference_node, path: Path) -> None:
-        """Write a (K, J, I) array with `reference_node`'s geometry to NIfTI."""
-        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "__DiffKT3D_temp__")
-        try:
-            self._copy_geometry(reference_node, node)
-            slicer_util.updateVolumeFromArray(node, array)
-            self.write_volume(node, path)
-        finally:
-            self._remove_with_display(node)
 
     # ------------------------------------------------------------------------------------------
     # Dose
@@ -252,17 +92,6 @@ class SceneLogic:
             node.SetAttribute(PRESCRIPTION_ATTRIBUTE, repr(float(prescription_gy)))
         self.style_dose(node, prescription_gy)
         return node
-
-    def read_volume(self, path: str | Path, node) -> None:
-        """Read a NIfTI/NRRD file into `node`; the node keeps no link to the (temporary) file."""
-        storage = self.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-        try:
-            storage.SetFileName(str(path))
-            if not storage.ReadData(node):
-                raise ValueError(f"could not read a volume from {path}")
-        finally:
-            self.scene.RemoveNode(storage)
-        node.SetAndObserveStorageNodeID(None)
 
     def style_dose(self, dose_node, prescription_gy: float | None) -> None:
         """Dose colour table, window 0-110 % of the prescription, colour legend."""
@@ -331,28 +160,6 @@ class SceneLogic:
         display.SetVisibility3D(False)
         node.SetAttribute(ATTRIBUTE_PREFIX + "IsodoseOf", dose_node.GetID())
         return node
-
-    def add_segment_from_array(self, segmentation_node, mask: np.ndarray, reference_node, name: str) -> str:
-        """Add a segment from a (K, J, I) mask on `reference_node`'s grid; returns its id."""
-        labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__DiffKT3D_temp__")
-        try:
-            self._copy_geometry(reference_node, labelmap)
-            slicer_util.updateVolumeFromArray(labelmap, (mask > 0).astype(np.uint8))
-            segmentation = segmentation_node.GetSegmentation()
-            before = {segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())}
-            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
-                    labelmap, segmentation_node):
-                raise ValueError(f"could not add segment {name!r} to {segmentation_node.GetName()}")
-            new = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
-                   if segmentation.GetNthSegmentID(i) not in before]
-            if not new:  # an empty mask imports no segment: add an empty one so the name exists
-                sid = segmentation.AddEmptySegment("", name)
-            else:
-                sid = new[0]
-            segmentation.GetSegment(sid).SetName(name)
-            return sid
-        finally:
-            self._remove_with_display(labelmap)
 
     # ------------------------------------------------------------------------------------------
     # DVH
@@ -440,25 +247,6 @@ class SceneLogic:
         self.fill_table(table, columns, rows)
         return table
 
-    @staticmethod
-    def fill_table(table_node, columns: list[str], rows: list) -> None:
-        """Replace a table node's content; a column is numeric when all its values are numbers."""
-        table = table_node.GetTable()
-        was_modifying = table_node.StartModify()
-        table.Initialize()
-        for c, name in enumerate(columns):
-            values = [row[c] for row in rows]
-            numeric = all(isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
-                          for v in values)
-            array = vtk.vtkDoubleArray() if numeric else vtk.vtkStringArray()
-            array.SetName(name)
-            array.SetNumberOfValues(len(values))
-            for i, v in enumerate(values):
-                array.SetValue(i, float(v) if numeric else _cell_text(v))
-            table.AddColumn(array)
-        table_node.Modified()
-        table_node.EndModify(was_modifying)
-
     # ------------------------------------------------------------------------------------------
     # Imputation results
     # ------------------------------------------------------------------------------------------
@@ -524,32 +312,6 @@ class SceneLogic:
             comp.SetForegroundVolumeID(foreground_node.GetID() if foreground_node is not None else None)
             comp.SetForegroundOpacity(opacity)
         return n
-
-    # ------------------------------------------------------------------------------------------
-    # helpers
-    # ------------------------------------------------------------------------------------------
-    def _node_by_name_and_class(self, name: str, class_name: str):
-        nodes = self.scene.GetNodesByClassByName(class_name, name)
-        return nodes.GetItemAsObject(0) if nodes.GetNumberOfItems() else None
-
-    def _remove_with_display(self, node) -> None:
-        for i in range(node.GetNumberOfDisplayNodes()):
-            display = node.GetNthDisplayNode(i)
-            if display is not None:
-                self.scene.RemoveNode(display)
-        self.scene.RemoveNode(node)
-
-    @staticmethod
-    def _copy_geometry(source, target) -> None:
-        matrix = vtk.vtkMatrix4x4()
-        source.GetIJKToRASMatrix(matrix)
-        target.SetIJKToRASMatrix(matrix)
-
-
-def _cell_text(value: Any) -> str:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
 
 
 def _hsv_to_rgb(h_deg: float, s: float, v: float) -> tuple[float, float, float]:

@@ -1,7 +1,7 @@
 """End-to-end flow used by the module's Test class in Slicer and by pytest on slicer-core.
 
 One function, two hosts: `DiffKT3DTest` (inside Slicer, ticking the Qt event loop) and
-tests/slicer_extension/test_selftest_flow.py (slicer-core scene, real server subprocess) run the
+tests/slicer_extension/test_workflow_server.py (slicer-core scene, real server subprocess) run the
 same `run_flow`, so what is verified outside Slicer is the code Slicer runs.
 """
 

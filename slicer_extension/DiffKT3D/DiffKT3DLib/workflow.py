@@ -33,7 +33,8 @@ from .constants import (
     PREVIEW_TIMEOUT_S,
 )
 from .preview import Debouncer, SegmentEditWatcher
-from .scene import ExportedCase, SceneLogic
+from .scene import SceneLogic
+from .scene_inputs import ExportedCase
 from .worker import Job, JobContext, Runner
 
 logger = logging.getLogger(__name__)
