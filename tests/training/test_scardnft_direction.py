@@ -40,8 +40,8 @@ def x0_prior_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     enc = EncodingConfig(grid=(16, 16, 16))
     cfg = get_config("tiny", in_channels=enc.channels(), modalities=list(enc.modalities), prediction="x0",
-                     condition_shortcut=True, dose_prior_falloffs=(0.75, 0.92), dose_prior_weights=(0.85, 0.15),
-                     dose_prior_reach=8)
+                     condition_shortcut=True,
+                     dose_head={"prior_falloffs": (0.75, 0.92), "prior_weights": (0.85, 0.15), "prior_reach": 8})
     model = Any2AnyDiT(cfg)
     with torch.no_grad():  # a non-zero head, so candidates differ and the LoRA layers get gradients
         for p in model.parameters():
