@@ -49,7 +49,7 @@ from diffkt3d.data.dataset import list_case_dirs
 from diffkt3d.data.encoding import decode_dose, encode_case
 from diffkt3d.errors import ConfigError, reject_unknown_fields
 from diffkt3d.flow.matching import FlowConfig, add_noise, sample_timesteps, velocity_target
-from diffkt3d.flow.sampler import sample
+from diffkt3d.flow.sampler import sample_with_seeds
 from diffkt3d.io.case_folder import load_case_folder
 from diffkt3d.models.checkpoint import ModelBundle, file_digest, load_checkpoint, save_checkpoint
 from diffkt3d.training.reward import RewardConfig, advantages_to_r, candidate_reward, group_advantages
@@ -403,7 +403,7 @@ class ScardNFTTrainer:
 
             case = load_case_folder(case_dir)
             case.validate(require=("ptv",))
-            conditions = Predictor(self.bundle, self.device)._prepare(case, exclude={"dose"})
+            conditions = Predictor(self.bundle, self.device).encode_conditions(case, exclude={"dose"})
             dose_x0 = None
             if self.cfg.diff_weight > 0 and case.dose_gy is not None:
                 dose_x0 = encode_case(case, self.encoding, ("dose",))["dose"][None].to(self.device)
@@ -420,20 +420,16 @@ class ScardNFTTrainer:
         return candidate_reward(dose_gy, case, self.reward_cfg, self.template)
 
     # -- sampling --------------------------------------------------------------------------
-    @torch.no_grad()
     def sample_candidates(self, model: nn.Module, conditions: dict[str, Tensor], seeds: Sequence[int]) -> Tensor:
-        """(G, 1, D, H, W) candidates: deterministic Euler, ``cfg.sample_steps`` steps, one noise per seed."""
+        """(G, 1, D, H, W) candidates: deterministic Euler, ``cfg.sample_steps`` steps, one noise per seed.
+
+        The Predictor's seeded sampler (``flow.sampler.sample_with_seeds``), so a candidate is the
+        dose the Predictor gives for its seed; one candidate at a time: the same CPU cost as a
+        batch, a quarter of the activation memory.
+        """
         shape = (self.bundle.model.config.in_channels["dose"], *self.encoding.grid)
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        noise = noise.to(self.device)
-
-        def velocity(x_t: Tensor, t: Tensor) -> Tensor:
-            conds = {m: v.expand(x_t.shape[0], *v.shape[1:]) for m, v in conditions.items()}
-            return model({**conds, "dose": x_t}, "dose", t).float()
-
-        # One candidate at a time: the same CPU cost as a batch, a quarter of the activation memory.
-        return torch.cat([sample(velocity, noise[k:k + 1], steps=self.cfg.sample_steps, shift=self.flow.shift)
-                          for k in range(len(seeds))])
+        return sample_with_seeds(model, conditions, "dose", shape, seeds, steps=self.cfg.sample_steps,
+                                 shift=self.flow.shift, device=self.device, one_by_one=True)
 
     # -- one iteration ---------------------------------------------------------------------
     def step(self, it: int) -> dict:
