@@ -81,7 +81,7 @@ def test_policy_climbs_a_known_reward_and_descends_its_negative(x0_prior_checkpo
 
 def test_shared_noise_gives_every_candidate_the_same_t_and_eps(tiny_checkpoint, synthetic_case_dir, tmp_path,
                                                                monkeypatch):
-    import diffkt3d.training.scardnft as scardnft
+    import diffkt3d.training.scardnft.trainer as scardnft
 
     seen = []
     real_add_noise = scardnft.add_noise
