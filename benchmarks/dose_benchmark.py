@@ -156,11 +156,11 @@ def prior_dose_from(predictor, case, ptv: torch.Tensor, body: torch.Tensor) -> n
     from diffkt3d.data.encoding import decode_dose
     from diffkt3d.models.dose_prior import mix_to_dose_encoding, prior_basis
 
-    cfg, enc = predictor.model.config, predictor.encoding
-    if not cfg.dose_prior_falloffs:
-        raise SystemExit("variant 'prior': the model has no dose prior (dose_prior_falloffs is empty)")
-    basis = prior_basis(ptv[None], body[None], cfg.dose_prior_falloffs, cfg.dose_prior_reach)
-    w0 = torch.tensor(cfg.dose_prior_weights).view(1, -1, 1, 1, 1)
+    head, enc = predictor.model.config.dose_head, predictor.encoding
+    if head is None or not head.prior_falloffs:
+        raise SystemExit("variant 'prior': the model has no dose prior (dose_head.prior_falloffs is empty)")
+    basis = prior_basis(ptv[None], body[None], head.prior_falloffs, head.prior_reach)
+    w0 = torch.tensor(head.prior_weights).view(1, -1, 1, 1, 1)
     x0 = mix_to_dose_encoding(basis, w0)[0]  # (1, D, H, W) dose encoding, as a fresh model predicts
     return decode_dose(x0, case.grid, enc, case.body)
 

@@ -1,21 +1,27 @@
 """Deterministic Euler ODE sampler for the flow of :mod:`diffkt3d.flow.matching`.
 
 Integrates dx/dt = v(x_t, t) from t = 1 (noise) to t = 0 (data) on a shifted schedule (the same
-shift as in training puts more steps at the noisy end). No randomness inside: the caller makes
-``noise`` with a seeded ``torch.Generator``, so a seed fixes the result. ``steps=1`` is the one-step
-preview x0 = eps - v(eps, 1).
+shift as in training puts more steps at the noisy end). No randomness inside :func:`sample`: the
+noise comes from seeds (:func:`seeded_noise`), one generator per seed, so candidate k of a request
+is reproducible from its own seed whatever the batch. ``steps=1`` is the one-step preview
+x0 = eps - v(eps, 1).
+
+:func:`sample_with_seeds` is the one place a model is sampled from seeds: the Predictor, ScardNFT
+and the Wan latent path all call it, so the same seeds give the same noise and the same sample
+everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffkt3d.flow.matching import shift_time
 
-__all__ = ["timestep_schedule", "sample"]
+__all__ = ["timestep_schedule", "sample", "seeded_noise", "sample_with_seeds", "cuda_autocast"]
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -58,3 +64,56 @@ def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int = 10, shift: float
             raise ValueError(f"velocity_fn returned shape {tuple(v.shape)}, expected {tuple(x.shape)}")
         x = (x.float() + (t_next - t_cur) * v.float()).to(noise.dtype)
     return x
+
+
+def seeded_noise(shape: Sequence[int], seeds: Sequence[int]) -> Tensor:
+    """(len(seeds), *shape) float32 standard normal on the CPU; row k is drawn from seed ``seeds[k]`` alone.
+
+    One generator per seed (not one for the batch) so a candidate does not depend on how many
+    others are drawn with it: the seed shown to the user reproduces exactly that candidate.
+    """
+    if not seeds:
+        raise ValueError("seeds is empty: one seed per sample is needed")
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def cuda_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (the model keeps its fp32 islands); nothing on other devices."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def sample_with_seeds(model: nn.Module, conditions: Mapping[str, Tensor], target: str, shape: Sequence[int],
+                      seeds: Sequence[int], steps: int = 10, shift: float = 3.0, device: torch.device | None = None,
+                      one_by_one: bool = False) -> Tensor:
+    """x0 samples of ``target`` from a model ``(volumes, target, t) -> v_hat``, one per seed.
+
+    Args:
+        model: e.g. an ``Any2AnyDiT`` (or a LoRA-wrapped one); called under :func:`cuda_autocast`.
+        conditions: {modality: (1 or len(seeds), C_m, D, H, W)} clean condition volumes on ``device``;
+            batch 1 is shared by every sample.
+        target: the modality to sample.
+        shape: (C_target, D, H, W) of one sample.
+        seeds: sample k starts from the noise of ``seeds[k]`` (:func:`seeded_noise`).
+        steps, shift: Euler steps and schedule shift (match training's flow shift).
+        device: where the model runs (default: the device of its first parameter).
+        one_by_one: sample the seeds one after another (batch 1) instead of as one batch: the same
+            CPU cost, a fraction of the activation memory. Needs batch-1 conditions.
+
+    Returns:
+        (len(seeds), *shape) float32 on ``device``.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    noise = seeded_noise(shape, seeds).to(device)
+
+    def velocity(x_t: Tensor, t: Tensor) -> Tensor:
+        conds = {m: v.expand(x_t.shape[0], *v.shape[1:]) for m, v in conditions.items()}
+        with cuda_autocast(device):
+            return model({**conds, target: x_t}, target, t).float()
+
+    if one_by_one:
+        return torch.cat([sample(velocity, noise[k:k + 1], steps=steps, shift=shift) for k in range(len(seeds))])
+    return sample(velocity, noise, steps=steps, shift=shift)

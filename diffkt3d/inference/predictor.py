@@ -8,7 +8,6 @@ N-step Euler flow sampling (seeded) -> decode to the case grid -> Scorecard per 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -29,7 +28,7 @@ from diffkt3d.data.encoding import (
     encode_case,
 )
 from diffkt3d.errors import CaseError, ConfigError
-from diffkt3d.flow.sampler import sample
+from diffkt3d.flow.sampler import sample_with_seeds
 from diffkt3d.models.checkpoint import ModelBundle, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -107,8 +106,14 @@ class Predictor:
         return cls(bundle, dev)
 
     # -- helpers ---------------------------------------------------------------------------
-    def _prepare(self, case: Case, exclude: set[str]) -> dict[str, torch.Tensor]:
-        """Encode every modality the model knows and the case has, minus `exclude`: {m: (1, C, D, H, W)}."""
+    def encode_conditions(self, case: Case, exclude: set[str]) -> dict[str, torch.Tensor]:
+        """The case's conditions as the model reads them: {modality: (1, C, D, H, W)} on the device.
+
+        Every modality the model knows and the case has, minus ``exclude`` (e.g. ``{"dose"}``: a
+        stored dose is never an input to dose prediction). Beam and angle plates are rasterised
+        first when the model uses them and the plan has beams. Public so that training code
+        (ScardNFT) conditions exactly as inference does.
+        """
         wanted = set(self.model.config.modalities)
         if ("beam" in wanted or "angle" in wanted) and case.plan.beams is not None:
             from diffkt3d.data.plates import ensure_plates
@@ -117,21 +122,11 @@ class Predictor:
         mods = tuple(m for m in available_modalities(case, self.encoding) if m in wanted and m not in exclude)
         return {m: v[None].to(self.device) for m, v in encode_case(case, self.encoding, mods).items()}
 
-    @torch.no_grad()
     def _sample(self, conditions: dict[str, torch.Tensor], target: str, seeds: list[int], steps: int) -> torch.Tensor:
-        """(len(seeds), C, D, H, W) samples; candidate k starts from the noise of seeds[k]."""
-        channels = self.model.config.in_channels[target]
-        shape = (channels, *self.encoding.grid)
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-        noise = noise.to(self.device)
-        conds = {m: v.expand(len(seeds), *v.shape[1:]) for m, v in conditions.items()}
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-
-        def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with autocast:
-                return self.model({**conds, target: x_t}, target, t).float()
-
-        return sample(velocity, noise, steps=steps, shift=self.bundle.flow_shift).cpu()
+        """(len(seeds), C, D, H, W) samples on the CPU; candidate k starts from the noise of seeds[k]."""
+        shape = (self.model.config.in_channels[target], *self.encoding.grid)
+        return sample_with_seeds(self.model, conditions, target, shape, seeds, steps=steps,
+                                 shift=self.bundle.flow_shift, device=self.device).cpu()
 
     # -- dose ------------------------------------------------------------------------------
     def predict_dose(self, case: Case, steps: int = 10, candidates: int = 1, seed: int = 0,
@@ -152,7 +147,7 @@ class Predictor:
         case.validate(require=("ptv",))
         steps = 1 if preview else int(steps)
         t0 = time.perf_counter()
-        conditions = self._prepare(case, exclude={"dose"})  # a stored dose is never an input
+        conditions = self.encode_conditions(case, exclude={"dose"})  # a stored dose is never an input
         t1 = time.perf_counter()
         seeds = [int(seed) + k for k in range(int(candidates))]
         x0 = self._sample(conditions, "dose", seeds, steps)
@@ -196,7 +191,7 @@ class Predictor:
         if target not in self.model.config.modalities:
             raise ConfigError(f"this model was not trained with modality {target!r}")
         t0 = time.perf_counter()
-        conditions = self._prepare(case, exclude={target})
+        conditions = self.encode_conditions(case, exclude={target})
         if not conditions:
             raise CaseError(f"nothing to condition the {target} imputation on", case=case.case_id)
         x0 = self._sample(conditions, target, [int(seed)], int(steps))[0]

@@ -1,7 +1,7 @@
 """Any2Any DiT: Wan 2.1 blocks without cross-attention over the tokens of all given modalities.
 
 One model predicts the flow velocity of any modality (dose, CT, PTV, OAR ...) from any subset of
-the others (DiffKT3D, seeds 001/003): each modality has its own Conv3d patch embedding and a
+the others (DiffKT3D): each modality has its own Conv3d patch embedding and a
 domain embedding; clean condition tokens and the noised target tokens are concatenated and
 processed with full self-attention; a binary role embedding (target / condition) is added to the
 timestep embedding, so the AdaLN modulation differs per token; a 4D RoPE (slot = modality, D, H,
@@ -12,7 +12,8 @@ checkpoints can be mapped in): ``blocks.N.self_attn.{q,k,v,o,norm_q,norm_k}``,
 ``blocks.N.norm1/norm2`` (no affine), ``blocks.N.ffn.{0,2}``, ``blocks.N.modulation`` (1, 6, dim),
 ``time_embedding.{0,2}``, ``time_projection.1``, ``head.norm``, ``head.head.<modality>``,
 ``head.modulation`` (1, 2, dim). New: ``patch_embedding.<modality>``, ``domain_embedding``,
-``role_embedding``.
+``role_embedding`` and ``target_heads.<modality>``: a head module for a target whose x0 needs more
+than a patch-linear head (today the dose, ``models.dose_head``), chosen by the config.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from diffkt3d.models.config import DiTConfig
-from diffkt3d.models.dose_prior import mix_to_dose_encoding, prior_basis
-from diffkt3d.models.dose_refiner import DoseRefiner
+from diffkt3d.models.dose_head import build_target_heads
 from diffkt3d.models.layers import (
     FP32LayerNorm,
     RMSNorm,
@@ -192,8 +192,8 @@ class Any2AnyDiT(nn.Module):
 
         self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
         self.head = Head(config)
-        # Voxel-level dose refiner (config ``dose_refiner_width``; models.dose_refiner says why).
-        self.dose_refiner = DoseRefiner(config) if config.dose_refiner_width else None
+        # Target heads on top of the patch head (config ``target_heads()``, e.g. the dose head).
+        self.target_heads = build_target_heads(config)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -247,11 +247,8 @@ class Any2AnyDiT(nn.Module):
                 )
         if any(s % p for s, p in zip(spatial, cfg.patch, strict=True)):
             raise ValueError(f"spatial size {spatial} is not a multiple of the patch {cfg.patch}")
-        if target == "dose" and cfg.dose_refiner_unet and any(s % 16 or s < 32 for s in spatial):
-            # The U-Net refiner (models.dose_refiner) halves the grid four times; its instance norms
-            # need more than one voxel. Checked here, before the blocks run, not deep in the refiner.
-            raise ValueError(f"dose_refiner_unet needs a working grid of multiples of 16, at least 32 per axis; "
-                             f"found {spatial}")
+        if target in self.target_heads:
+            self.target_heads[target].check_grid(spatial)  # before the blocks run, not deep in the head
         if t.ndim != 1 or t.shape[0] != batch:
             raise ValueError(f"t: expected shape ({batch},), found {tuple(t.shape)}")
         return spatial
@@ -336,39 +333,14 @@ class Any2AnyDiT(nn.Module):
         # 5. Head on the target tokens only, modulated by the target's embedding; unpatchify.
         out = self.head(x[:, :n_target], e_role[:, ROLE_TARGET], target)  # (B, n, C * p^3)
         out = self.unpatchify(out, grid, cfg.head_channels(target))  # (B, C_head, D, H, W)
+        if target in self.target_heads:
+            # 6. Target head (x0 heads only, validated): extra channels -> x0_hat (B, C_target, D, H, W).
+            out = self.target_heads[target](out, volumes)
         if cfg.prediction == "x0":
-            if target == "dose" and (cfg.dose_prior_falloffs or self.dose_refiner is not None):
-                out = self._dose_x0(out, volumes)  # (B, 1, D, H, W)
-            # 6. x0-parameterised head (config docstring): v_hat = (x_t - x0_hat) / t, fp32.
+            # 7. x0-parameterised head (config docstring): v_hat = (x_t - x0_hat) / t, fp32.
             t_div = t.float().clamp_min(cfg.x0_min_t).view(-1, 1, 1, 1, 1)
             return (volumes[target].float() - out.float()) / t_div
         return out
-
-    def _dose_x0(self, out: Tensor, volumes: dict[str, Tensor]) -> Tensor:
-        """Dose x0_hat from the head's channels, the geometric prior and the voxel refiner, fp32.
-
-        ``out`` (B, C + n + F, D, H, W): C residual channels (1 with a prior), n prior weights, F
-        refiner features (config ``head_channels``) -> (B, C, D, H, W) in the [-1, 1] dose encoding:
-        2 * sum_j (w0_j + w_j) * P_j - 1 + residual, or the residual alone without a ``ptv``
-        condition (``models.dose_prior`` says why); with a refiner, its correction is added to
-        the residual and the weights first (``models.dose_refiner``).
-        """
-        cfg = self.config
-        c = cfg.in_channels["dose"]  # 1 whenever there is a prior (DiTConfig.validate)
-        n_dose = c + cfg.prior_weight_channels()
-        dose_ch, features = out[:, :n_dose].float(), out[:, n_dose:]
-        basis = None
-        if cfg.dose_prior_falloffs and "ptv" in volumes:
-            basis = prior_basis(volumes["ptv"], volumes.get("body"), cfg.dose_prior_falloffs,
-                                cfg.dose_prior_reach)  # (B, n, D, H, W) in [0, 1]
-        if self.dose_refiner is not None:
-            dose_ch = dose_ch + self.dose_refiner(features, volumes["dose"], volumes, basis)
-        residual = dose_ch[:, :c]
-        if basis is None:
-            return residual
-        w0 = torch.tensor(cfg.dose_prior_weights, device=out.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        weights = dose_ch[:, c:] + w0  # (B, n, D, H, W)
-        return mix_to_dose_encoding(basis, weights) + residual
 
     def unpatchify(self, tokens: Tensor, grid: tuple[int, ...], channels: int) -> Tensor:
         """(B, d*h*w, C * pd*ph*pw) -> (B, C, d*pd, h*ph, w*pw), inverse of the Conv3d patching."""

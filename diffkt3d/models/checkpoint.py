@@ -1,8 +1,11 @@
 """Model checkpoints: weights + architecture + preprocessing constants in one file.
 
-Loading rebuilds everything from the file alone (house style rule 4): the DiT config, the
-encoding (working grid, OAR channel order, HU window, dose scale) and the flow shift. Files are
-read with `torch.load(weights_only=True)`, so a checkpoint cannot execute code.
+Loading rebuilds everything from the file alone: the DiT config, the encoding (working grid, OAR
+channel order, HU window, dose scale) and the flow shift. Files are read with
+`torch.load(weights_only=True)`, so a checkpoint cannot execute code.
+
+Checkpoints written by earlier versions load through :func:`migrate_model_state` at load time (the
+files themselves are never rewritten, so their digests, which name model versions, stay valid).
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ from diffkt3d.models.config import DiTConfig
 log = logging.getLogger(__name__)
 
 FORMAT = "diffkt3d-checkpoint/1"
+
+# State-dict key prefixes renamed since the format was introduced: old -> new.
+RENAMED_PREFIXES: dict[str, str] = {
+    "dose_refiner.": "target_heads.dose.refiner.",  # the refiner moved into the dose head module
+}
 
 
 @dataclass
@@ -75,7 +83,27 @@ def save_checkpoint(
     return path
 
 
+def migrate_model_state(config: dict[str, Any], state: dict[str, Any]) -> tuple[DiTConfig, dict[str, Any]]:
+    """Config and state dict of any earlier checkpoint, in today's layout.
+
+    Two changes so far: the dose head's config was eight flat ``dose_*`` fields of the DiT config
+    (lifted into ``dose_head`` by ``DiTConfig.from_dict``), and the refiner's weights were stored
+    under ``dose_refiner.*`` (renamed by :data:`RENAMED_PREFIXES`). Current checkpoints pass
+    through unchanged.
+    """
+    cfg = DiTConfig.from_dict(config)
+    migrated = {}
+    for key, value in state.items():
+        for old, new in RENAMED_PREFIXES.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        migrated[key] = value
+    return cfg, migrated
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw checkpoint dict (format checked, not migrated: see :func:`load_checkpoint`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model checkpoint not found: {path}")
@@ -99,9 +127,9 @@ def file_digest(path: str | Path) -> str:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
     """Rebuild model + preprocessing from a checkpoint file (eval mode, float32)."""
     blob = read_checkpoint(path)
-    cfg = DiTConfig.from_dict(blob["model_config"])
+    cfg, state = migrate_model_state(blob["model_config"], blob["state_dict"])
     model = Any2AnyDiT(cfg)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Non-persistent buffers (RoPE tables) are not in the state dict; anything else is a mismatch.
     if unexpected or missing:

@@ -1,8 +1,10 @@
-"""Configuration and named size presets of the Any2Any DiT (house style rule 3).
+"""Configuration and named size presets of the Any2Any DiT.
 
 A :class:`DiTConfig` fully describes the architecture; checkpoints store ``config.to_dict()`` and
-loading rebuilds the model with ``DiTConfig.from_dict(...)`` (house style rule 4). CLIs and apps
-pick a preset with :func:`get_config` and override single fields.
+loading rebuilds the model with ``DiTConfig.from_dict(...)``, so a file alone rebuilds its model.
+Target-specific heads (today the dose head, :class:`DoseHeadConfig`) are sub-configs, so the
+backbone's fields stay general. CLIs and apps pick a preset with :func:`get_config` and
+override single fields.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 from diffkt3d.constants import MODALITIES, OPENKBP_OARS
 from diffkt3d.errors import ConfigError, reject_unknown_fields
 
-__all__ = ["DiTConfig", "DiTConfigError", "PRESETS", "get_config", "default_in_channels"]
+__all__ = ["DiTConfig", "DoseHeadConfig", "DiTConfigError", "PRESETS", "get_config", "default_in_channels",
+           "FLAT_DOSE_FIELDS", "lift_flat_dose_fields"]
 
 
 class DiTConfigError(ConfigError, ValueError):
@@ -30,6 +33,145 @@ def default_in_channels() -> dict[str, int]:
     channels = {m: 1 for m in MODALITIES}
     channels["oar"] = len(OPENKBP_OARS)
     return channels
+
+
+@dataclass
+class DoseHeadConfig:
+    """The dose target's head: a geometric prior and a voxel refiner on the patch head's x0.
+
+    Both are not in the paper; they exist because a patch-linear head decodes each patch from one
+    token and can draw neither the PTV-edge dose gradient nor voxel-level anatomy
+    (``models.dose_prior`` and ``models.dose_refiner`` say why). Used with ``prediction="x0"``.
+
+    Args:
+        prior_falloffs: falloff factors per working-grid voxel of the geometric dose prior basis
+            maps (``models.dose_prior``); empty (default) = no prior. When set, the dose head
+            outputs per voxel a residual plus one weight per basis map and
+            x0_hat = 2 * sum_j (w0_j + w_j) * P_j - 1 + residual whenever the prescription map
+            (``ptv``) is a condition; without it the residual alone is x0_hat.
+        prior_weights: w0, the initial mix of the basis maps (one per falloff), fitted on OpenKBP
+            train cases so that a fresh model starts from the prior itself.
+        prior_reach: reach of the spread in voxels (the prior is 0 beyond it). Default 40.
+        refiner_width: hidden width of the voxel-level dose refiner; 0 (default) = none. When > 0,
+            the patch head also emits ``refiner_features`` feature channels per voxel, and a small
+            convolutional network at working-grid resolution reads them together with the noised
+            dose, every condition volume (zeros when absent) and the prior basis maps, and adds a
+            correction to the head's dose channels (residual and prior weights). A pixel-level
+            network under a patch-level DiT, as in PRDiT. Zero-initialised output, so a fresh
+            refiner leaves the head's prediction unchanged.
+        refiner_features: feature channels per voxel the patch head hands to the refiner. Default 8.
+        refiner_kernels: kernel size of each hidden convolution of the refiner (its receptive
+            field is sum(k - 1) + 1 voxels); a final 1x1x1 convolution maps to the output
+            channels. Default (3, 3).
+        refiner_unet: empty (default) = the convolution stack above; otherwise the six feature
+            widths of a MONAI ``BasicUNet`` that replaces it (input -> ``refiner_width`` channels,
+            then the same zero-initialised 1x1x1 output convolution; the kernels are not used):
+            a multi-scale refiner that sees the whole working grid, not 5 voxels.
+    """
+
+    prior_falloffs: tuple[float, ...] = ()
+    prior_weights: tuple[float, ...] = ()
+    prior_reach: int = 40
+    refiner_width: int = 0
+    refiner_features: int = 8
+    refiner_kernels: tuple[int, ...] = (3, 3)
+    refiner_unet: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.prior_falloffs = tuple(float(g) for g in self.prior_falloffs)
+        self.prior_weights = tuple(float(w) for w in self.prior_weights)
+        self.refiner_kernels = tuple(int(k) for k in self.refiner_kernels)
+        self.refiner_unet = tuple(int(f) for f in self.refiner_unet)
+
+    def prior_weight_channels(self) -> int:
+        """Prior weights the patch head emits after the dose channel (0 without a prior)."""
+        return len(self.prior_falloffs)
+
+    def refiner_feature_channels(self) -> int:
+        """Feature channels the patch head hands to the voxel refiner (0 without one)."""
+        return self.refiner_features if self.refiner_width else 0
+
+    def extra_channels(self) -> int:
+        """Channels the patch head emits beyond the dose itself: prior weights, then refiner features."""
+        return self.prior_weight_channels() + self.refiner_feature_channels()
+
+    def is_empty(self) -> bool:
+        """True when every field is at its default: such a head changes nothing and is dropped."""
+        return self == DoseHeadConfig()
+
+    def problems(self, model: DiTConfig) -> list[str]:
+        """What stops this head from working inside ``model`` (empty list: nothing)."""
+        problems = []
+        if model.prediction != "x0":
+            problems.append("dose_head needs prediction='x0' (the prior and the refiner are part of x0_hat)")
+        if "dose" not in model.modalities:
+            problems.append("dose_head needs the modality 'dose'")
+        if self.prior_falloffs:
+            if any(not 0.0 < g < 1.0 for g in self.prior_falloffs):
+                problems.append(f"dose_head.prior_falloffs must lie in (0, 1), found {self.prior_falloffs}")
+            if len(self.prior_weights) != len(self.prior_falloffs):
+                problems.append(f"dose_head.prior_weights needs one weight per falloff: "
+                                f"{len(self.prior_falloffs)} falloffs, {len(self.prior_weights)} weights")
+            if "ptv" not in model.modalities or model.in_channels.get("dose") != 1:
+                problems.append("dose_head.prior_falloffs needs modalities 'dose' (1 channel) and 'ptv'")
+            if self.prior_reach < 1:
+                problems.append(f"dose_head.prior_reach must be >= 1, found {self.prior_reach}")
+        elif self.prior_weights:
+            problems.append("dose_head.prior_weights given without dose_head.prior_falloffs")
+        if self.refiner_width < 0:
+            problems.append(f"dose_head.refiner_width must be >= 0, found {self.refiner_width}")
+        elif self.refiner_width:
+            if self.refiner_features < 1:
+                problems.append(f"dose_head.refiner_features must be >= 1, found {self.refiner_features}")
+            if not self.refiner_kernels or any(k < 1 or k % 2 == 0 for k in self.refiner_kernels):
+                problems.append(f"dose_head.refiner_kernels must be odd sizes >= 1, found {self.refiner_kernels}")
+            if self.refiner_unet and (len(self.refiner_unet) != 6 or min(self.refiner_unet) < 1):
+                problems.append(f"dose_head.refiner_unet must be 6 BasicUNet feature widths >= 1, "
+                                f"found {self.refiner_unet}")
+        elif self.refiner_unet:
+            problems.append("dose_head.refiner_unet given without dose_head.refiner_width")
+        return problems
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-safe dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DoseHeadConfig:
+        """Rebuild from :meth:`to_dict` output; unknown keys are an error."""
+        reject_unknown_fields(data, cls, "DoseHeadConfig", DiTConfigError)
+        return cls(**data)
+
+
+# DiTConfig fields of the dose head before it had its own config -> DoseHeadConfig fields.
+FLAT_DOSE_FIELDS: dict[str, str] = {
+    "dose_prior_falloffs": "prior_falloffs",
+    "dose_prior_weights": "prior_weights",
+    "dose_prior_reach": "prior_reach",
+    "dose_refiner_width": "refiner_width",
+    "dose_refiner_features": "refiner_features",
+    "dose_refiner_kernels": "refiner_kernels",
+    "dose_refiner_unet": "refiner_unet",
+}
+
+
+def lift_flat_dose_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """A DiTConfig dict with the old flat ``dose_*`` fields moved into ``dose_head`` (a copy).
+
+    Old checkpoints and recipe YAMLs (``model_overrides``) spell the dose head as flat fields.
+    Flat values override those of a ``dose_head`` already in ``data`` (a preset's, when a recipe
+    overrides one field); a head left with every field at its default is no head (``None``), as an
+    old config with an empty prior and no refiner had none.
+    """
+    flat = {new: data[old] for old, new in FLAT_DOSE_FIELDS.items() if old in data}
+    if not flat:
+        return dict(data)
+    out = {k: v for k, v in data.items() if k not in FLAT_DOSE_FIELDS}
+    head = out.get("dose_head")
+    head = head.to_dict() if isinstance(head, DoseHeadConfig) else dict(head or {})
+    merged = DoseHeadConfig.from_dict({**head, **flat})
+    out["dose_head"] = None if merged.is_empty() else merged
+    return out
 
 
 @dataclass
@@ -90,35 +232,9 @@ class DiTConfig:
             (the "x-prediction" argument of Li & He, "Back to Basics: Let Denoising Generative
             Models Denoise", 2025).
         x0_min_t: lower clamp of t in the x0 -> v conversion (avoids dividing by ~0).
-        dose_prior_falloffs: falloff factors per working-grid voxel of the geometric dose prior
-            basis maps (``models.dose_prior``); empty (default) = no prior. When set (x0 head
-            only), the dose head outputs per voxel a residual plus one weight per basis map and
-            x0_hat = 2 * sum_j (w0_j + w_j) * P_j - 1 + residual whenever the prescription map
-            (``ptv``) is a condition; without it the residual alone is x0_hat. Not in the paper:
-            a patch-linear head cannot draw the PTV-edge dose gradient (module docstring).
-        dose_prior_weights: w0, the initial mix of the basis maps (one per falloff), fitted on
-            OpenKBP train cases so that a fresh model starts from the prior itself.
-        dose_prior_reach: reach of the spread in voxels (the prior is 0 beyond it).
-        dose_refiner_width: hidden width of the voxel-level dose refiner; 0 (default) = none.
-            When > 0 (x0 head only), the dose head also emits ``dose_refiner_features`` feature
-            channels per voxel, and a small convolutional network at working-grid resolution
-            reads them together with the noised dose, every condition volume (zeros when
-            absent) and the prior basis maps, and adds a correction to the head's dose
-            channels (residual and prior weights). Not in the paper; the PRDiT idea (seed 004)
-            of a pixel-level network under a patch-level DiT: a linear patch head decodes 512
-            voxels from one token and cannot tie the dose to voxel-level anatomy (an OAR
-            boundary, the body edge, the beam plate). Zero-initialised output, so a fresh
-            refiner leaves the head's prediction unchanged.
-        dose_refiner_features: feature channels per voxel the dose head hands to the refiner.
-        dose_refiner_kernels: kernel size of each hidden convolution of the refiner (its
-            receptive field is sum(k - 1) + 1 voxels); a final 1x1x1 convolution maps to the
-            output channels.
-        dose_refiner_unet: empty (default) = the convolution stack above; otherwise the six
-            feature widths of a MONAI ``BasicUNet`` that replaces it (input -> ``dose_refiner_width``
-            channels, then the same zero-initialised 1x1x1 output convolution; the kernels are
-            not used). A multi-scale refiner: the convolution stack sees 5 voxels, while the dose
-            between the PTV edge and an OAR a few centimetres away is shaped at the scale of a
-            patch and above (``models.dose_refiner``).
+        dose_head: the dose target's head (:class:`DoseHeadConfig`: geometric prior and voxel
+            refiner on top of the patch head), or None (default) = a plain patch head for the
+            dose like for every other target. Needs ``prediction="x0"``.
     """
 
     modalities: tuple[str, ...] = MODALITIES
@@ -140,22 +256,14 @@ class DiTConfig:
     condition_shortcut: bool = False
     prediction: str = "v"
     x0_min_t: float = 0.05
-    dose_prior_falloffs: tuple[float, ...] = ()
-    dose_prior_weights: tuple[float, ...] = ()
-    dose_prior_reach: int = 40
-    dose_refiner_width: int = 0
-    dose_refiner_features: int = 8
-    dose_refiner_kernels: tuple[int, ...] = (3, 3)
-    dose_refiner_unet: tuple[int, ...] = ()
+    dose_head: DoseHeadConfig | None = None
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
         self.patch = tuple(int(p) for p in self.patch)  # type: ignore[assignment]
         self.in_channels = {str(k): int(v) for k, v in self.in_channels.items()}
-        self.dose_prior_falloffs = tuple(float(g) for g in self.dose_prior_falloffs)
-        self.dose_prior_weights = tuple(float(w) for w in self.dose_prior_weights)
-        self.dose_refiner_kernels = tuple(int(k) for k in self.dose_refiner_kernels)
-        self.dose_refiner_unet = tuple(int(f) for f in self.dose_refiner_unet)
+        if isinstance(self.dose_head, dict):
+            self.dose_head = DoseHeadConfig.from_dict(self.dose_head)
         self.validate()
 
     @property
@@ -168,20 +276,15 @@ class DiTConfig:
         """Voxels per patch (``prod(patch)``)."""
         return math.prod(self.patch)
 
+    def target_heads(self) -> dict[str, DoseHeadConfig]:
+        """Targets whose x0 is shaped by a head module on top of the patch head: {target: config}."""
+        return {"dose": self.dose_head} if self.dose_head is not None else {}
+
     def head_channels(self, modality: str) -> int:
-        """Output channels of the head of ``modality``: its channels, plus for ``dose`` one weight
-        per prior basis map (``dose_prior_falloffs``) and the refiner's feature channels
-        (``dose_refiner_width``), in that order."""
-        return self.in_channels[modality] + (self.prior_weight_channels() + self.refiner_feature_channels()
-                                             if modality == "dose" else 0)
-
-    def prior_weight_channels(self) -> int:
-        """Prior weights the dose head emits after the dose channel (0 without a prior)."""
-        return len(self.dose_prior_falloffs)
-
-    def refiner_feature_channels(self) -> int:
-        """Feature channels the dose head hands to the voxel refiner (0 without one)."""
-        return self.dose_refiner_features if self.dose_refiner_width else 0
+        """Output channels of the patch head of ``modality``: its channels, plus the extra channels
+        its target head reads (:meth:`DoseHeadConfig.extra_channels`), in that order."""
+        head = self.target_heads().get(modality)
+        return self.in_channels[modality] + (head.extra_channels() if head is not None else 0)
 
     def validate(self) -> None:
         """Raise :class:`DiTConfigError` naming the field if the config cannot build a model."""
@@ -220,35 +323,8 @@ class DiTConfig:
             problems.append(f"rope_slot_stride must be >= 0, found {self.rope_slot_stride}")
         elif self.rope_slot_stride and self.heads >= 1 and self.head_dim < 6:
             problems.append(f"head dim {self.head_dim} too small for the Wan RoPE split")
-        if self.dose_prior_falloffs:
-            if any(not 0.0 < g < 1.0 for g in self.dose_prior_falloffs):
-                problems.append(f"dose_prior_falloffs must lie in (0, 1), found {self.dose_prior_falloffs}")
-            if len(self.dose_prior_weights) != len(self.dose_prior_falloffs):
-                problems.append(f"dose_prior_weights needs one weight per falloff: "
-                                f"{len(self.dose_prior_falloffs)} falloffs, {len(self.dose_prior_weights)} weights")
-            if self.prediction != "x0":
-                problems.append("dose_prior_falloffs needs prediction='x0' (the prior is part of x0_hat)")
-            if not {"dose", "ptv"} <= set(self.modalities) or self.in_channels.get("dose") != 1:
-                problems.append("dose_prior_falloffs needs modalities 'dose' (1 channel) and 'ptv'")
-            if self.dose_prior_reach < 1:
-                problems.append(f"dose_prior_reach must be >= 1, found {self.dose_prior_reach}")
-        elif self.dose_prior_weights:
-            problems.append("dose_prior_weights given without dose_prior_falloffs")
-        if self.dose_refiner_width < 0:
-            problems.append(f"dose_refiner_width must be >= 0, found {self.dose_refiner_width}")
-        elif self.dose_refiner_width:
-            if self.prediction != "x0":
-                problems.append("dose_refiner_width needs prediction='x0' (the refiner corrects x0_hat)")
-            if "dose" not in self.modalities:
-                problems.append("dose_refiner_width needs the modality 'dose'")
-            if self.dose_refiner_features < 1:
-                problems.append(f"dose_refiner_features must be >= 1, found {self.dose_refiner_features}")
-            if not self.dose_refiner_kernels or any(k < 1 or k % 2 == 0 for k in self.dose_refiner_kernels):
-                problems.append(f"dose_refiner_kernels must be odd sizes >= 1, found {self.dose_refiner_kernels}")
-            if self.dose_refiner_unet and (len(self.dose_refiner_unet) != 6 or min(self.dose_refiner_unet) < 1):
-                problems.append(f"dose_refiner_unet must be 6 BasicUNet feature widths >= 1, found {self.dose_refiner_unet}")
-        elif self.dose_refiner_unet:
-            problems.append("dose_refiner_unet given without dose_refiner_width")
+        if self.dose_head is not None:
+            problems += self.dose_head.problems(self)
         if problems:
             raise DiTConfigError("invalid DiTConfig: " + "; ".join(problems))
 
@@ -258,15 +334,18 @@ class DiTConfig:
         out["modalities"] = list(self.modalities)
         out["patch"] = list(self.patch)
         out["in_channels"] = dict(self.in_channels)
-        out["dose_prior_falloffs"] = list(self.dose_prior_falloffs)
-        out["dose_prior_weights"] = list(self.dose_prior_weights)
-        out["dose_refiner_kernels"] = list(self.dose_refiner_kernels)
-        out["dose_refiner_unet"] = list(self.dose_refiner_unet)
+        out["dose_head"] = self.dose_head.to_dict() if self.dose_head is not None else None
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DiTConfig:
-        """Rebuild from :meth:`to_dict` output; unknown keys are an error (no silent ignore)."""
+        """Rebuild from :meth:`to_dict` output; unknown keys are an error (no silent ignore).
+
+        Dicts written before the dose head had its own config (flat ``dose_prior_*`` /
+        ``dose_refiner_*`` fields, as in older checkpoints and recipe YAMLs) are lifted into
+        ``dose_head`` first (:func:`lift_flat_dose_fields`).
+        """
+        data = lift_flat_dose_fields(data)
         reject_unknown_fields(data, cls, "DiTConfig", DiTConfigError)
         return cls(**data)
 
@@ -312,9 +391,10 @@ def _cpu_default() -> DiTConfig:
     # features per voxel from the dose head; +0.56 M parameters, ~1.6x the CPU time of a training
     # step (1.42 -> 2.27 CPU-s, batch 1, 2 threads, idle machine); 1-step validation dose MAE on
     # the same 50 CPU-min recipe 8.22 -> 6.10 Gy (docs/model-card.md).
+    dose_head = DoseHeadConfig(prior_falloffs=(0.75, 0.92), prior_weights=(0.85, 0.15),
+                               refiner_width=24, refiner_features=8, refiner_kernels=(3, 3))
     return DiTConfig(patch=(8, 8, 8), dim=128, depth=4, heads=2, ffn_dim=512, condition_shortcut=True,
-                     prediction="x0", dose_prior_falloffs=(0.75, 0.92), dose_prior_weights=(0.85, 0.15),
-                     dose_refiner_width=24, dose_refiner_features=8, dose_refiner_kernels=(3, 3))
+                     prediction="x0", dose_head=dose_head)
 
 
 def _wan_1_3b() -> DiTConfig:
@@ -348,7 +428,7 @@ def get_config(name: str, **overrides: Any) -> DiTConfig:
     if name not in PRESETS:
         raise DiTConfigError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}")
     base = PRESETS[name]().to_dict()
-    unknown = sorted(set(overrides) - set(base))
+    unknown = sorted(set(overrides) - set(base) - set(FLAT_DOSE_FIELDS))
     if unknown:
         raise DiTConfigError(f"unknown DiTConfig fields {unknown} for preset {name!r}; known: {sorted(base)}")
     base.update(overrides)

@@ -1,16 +1,16 @@
-"""Voxel-level dose refiner under the patch-level DiT (config ``dose_refiner_width``).
+"""Voxel-level dose refiner under the patch-level DiT (``DoseHeadConfig.refiner_width``).
 
 Why: the cpu-default DiT decodes each 8^3 patch from one token with a linear map, so its dose is
 smooth within a patch and blind to voxel-level anatomy: where an OAR boundary, the body contour
 or the beam plate cuts through a patch, the head cannot follow it (the geometric prior of
-``models.dose_prior`` fixes the PTV edge only). PRDiT (seed 004) pairs a patch-level global DiT
+``models.dose_prior`` fixes the PTV edge only). PRDiT (``models.prdit``) pairs a patch-level global DiT
 with a pixel-level local network for the same reason. Here the network is a few 3D convolutions
 at working-grid resolution that read, per voxel, the feature channels the dose head emits, the
 noised dose x_t, every condition volume and the prior basis maps, and add a correction to the
 head's dose channels (residual and prior weights). Its last layer is zero-initialised, so a
 fresh refiner changes nothing and training starts from the patch head's prediction.
 
-Its body is either that stack (``dose_refiner_kernels``) or, with ``dose_refiner_unet``, a MONAI
+Its body is either that stack (``refiner_kernels``) or, with ``refiner_unet``, a MONAI
 ``BasicUNet``: the stack sees a few voxels, the U-Net the whole working grid at several scales,
 which is what the BasicUNet regression peer (benchmarks/peer.py) learns the dose with in few steps.
 """
@@ -31,21 +31,23 @@ class DoseRefiner(nn.Module):
 
     def __init__(self, config: DiTConfig):
         super().__init__()
+        head = config.dose_head
+        assert head is not None and head.refiner_width > 0, "DoseRefiner built without a refiner config"
         self.conditions = tuple(m for m in config.modalities if m != "dose")
         self.condition_channels = {m: config.in_channels[m] for m in self.conditions}
-        self.n_basis = config.prior_weight_channels()
+        self.n_basis = head.prior_weight_channels()
         self.out_channels = config.in_channels["dose"] + self.n_basis
-        in_ch = (config.refiner_feature_channels() + config.in_channels["dose"]
+        in_ch = (head.refiner_feature_channels() + config.in_channels["dose"]
                  + sum(self.condition_channels.values()) + self.n_basis)
-        width = config.dose_refiner_width
-        if config.dose_refiner_unet:
+        width = head.refiner_width
+        if head.refiner_unet:
             self.body = nn.Sequential(
-                BasicUNet(spatial_dims=3, in_channels=in_ch, out_channels=width, features=config.dose_refiner_unet),
+                BasicUNet(spatial_dims=3, in_channels=in_ch, out_channels=width, features=head.refiner_unet),
                 nn.GELU(approximate="tanh"),
             )
         else:
             layers: list[nn.Module] = []
-            for k in config.dose_refiner_kernels:
+            for k in head.refiner_kernels:
                 layers += [nn.Conv3d(in_ch, width, kernel_size=k, padding=k // 2), nn.GELU(approximate="tanh")]
                 in_ch = width
             self.body = nn.Sequential(*layers)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from diffkt3d.data.encoding import EncodingConfig, decode_dose, encode_case
 from diffkt3d.errors import CaseError, ConfigError
-from diffkt3d.flow.sampler import sample
+from diffkt3d.flow.sampler import sample_with_seeds
 
 __all__ = [
     "PAPER_CROP",
@@ -38,14 +38,11 @@ __all__ = [
     "crop_or_pad",
     "uncrop",
     "target_center",
-    "encode_case_latents",
-    "build_latent_cache",
     "ConditionLatentCache",
     "latent_sample",
     "predict_dose_latent",
 ]
 
-log = logging.getLogger(__name__)
 
 PAPER_CROP: tuple[int, int, int] = (97, 128, 160)  # (D, H, W) voxels, DiffKT3D supplement (z, y, x)
 # Case arrays are NIfTI-ordered (I, J, K) = (x, y, z); the paper's crop is z-y-x (GDP-HMM), i.e. the
@@ -207,60 +204,6 @@ class WanLatentCodec(nn.Module):
         return torch.cat(out, dim=1)
 
 
-def encode_case_latents(
-    case, codec: WanLatentCodec, encoding: EncodingConfig, crop: tuple[int, int, int] = PAPER_CROP,
-) -> tuple[dict[str, Tensor], dict[str, Tensor], tuple[int, int, int]]:
-    """Encode every available modality of a case: voxel crop around the PTV centre -> latents.
-
-    Volumes are turned to clip order (z, y, x) first (:data:`CASE_TO_CLIP_AXES`), so ``crop`` is
-    (slices, y, x) like the paper's 97 x 128 x 160.
-
-    Returns:
-        latents {m: (C_m * z, d, h, w) float32}, voxel crops {m: (C_m, *crop)} in clip order (for
-        scoring in voxel space) and the crop start in clip order (see :func:`uncrop`).
-    """
-    voxels = {m: v.permute(*CASE_TO_CLIP_AXES) for m, v in encode_case(case, encoding).items()}  # (C, z, y, x)
-    if not voxels:
-        raise CaseError("no modality could be encoded", case=case.case_id)
-    center = target_center(voxels["ptv"]) if "ptv" in voxels else None
-    crops, start = {}, None
-    for m, vol in voxels.items():
-        crops[m], start = crop_or_pad(vol, crop, center)
-    latents = {m: codec.encode(v[None])[0] for m, v in crops.items()}
-    return latents, crops, start
-
-
-def build_latent_cache(case_dirs: list[Path], encoding: EncodingConfig, codec: WanLatentCodec,
-                       cache_dir: str | Path, crop: tuple[int, int, int] = PAPER_CROP,
-                       with_plates: bool = True) -> list[Path]:
-    """Encode each case once to latents (float16 .pt, the format of ``training.dataset.build_cache``).
-
-    Each file holds ``{"case_id", "tensors": {m: latent}, "voxel": {"dose", "body"} crops, "start"}``
-    so ``EncodedCaseSet.from_cache`` trains on latents and validation can score decoded doses.
-    The folder is keyed by the encoding, the crop and the VAE config.
-    """
-    from diffkt3d.training.dataset import prepare_case
-
-    key = hashlib.sha1(json.dumps({"enc": encoding.to_dict(), "crop": list(crop), "vae": codec.fingerprint(),
-                                   "plates": with_plates, "v": 1}, sort_keys=True).encode()).hexdigest()[:10]
-    folder = Path(cache_dir) / f"latent-{key}"
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i, case_dir in enumerate(case_dirs):
-        f = folder / f"{case_dir.parent.name}__{case_dir.name}.pt"
-        if not f.exists():
-            case = prepare_case(case_dir, with_plates)
-            latents, crops, start = encode_case_latents(case, codec, encoding, crop)
-            voxel = {m: crops[m].half() for m in ("dose", "body") if m in crops}
-            tmp = f.with_suffix(".part")
-            torch.save({"case_id": case.case_id, "tensors": {m: v.half() for m, v in latents.items()},
-                        "voxel": voxel, "start": list(start)}, tmp)
-            tmp.replace(f)
-            log.info("latent-cached %s (%d/%d): %s", case.case_id, i + 1, len(case_dirs), ", ".join(latents))
-        files.append(f)
-    return files
-
-
 class ConditionLatentCache:
     """Per-case cache of condition latents (inference: conditions are encoded once per case).
 
@@ -303,7 +246,7 @@ class ConditionLatentCache:
 def latent_sample(
     model: nn.Module, codec: WanLatentCodec, condition_latents: dict[str, Tensor], target: str,
     target_channels: int, latent_grid: tuple[int, int, int], steps: int = 10, shift: float = 3.0,
-    generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> Tensor:
     """Sample the target in latent space with the DiT and decode it: (B, C_t, D, H, W) in [-1, 1].
 
@@ -313,16 +256,15 @@ def latent_sample(
         target: modality to generate; target_channels: its voxel channels C_t.
         latent_grid: (d, h, w) from ``codec.latent_shape(crop)``.
         steps, shift: Euler steps and schedule shift (paper: 10 steps, shift 3).
+        seeds: sample k starts from the noise of ``seeds[k]`` (``flow.sampler.seeded_noise``, as in
+            voxel space); default ``0 .. B - 1``.
     """
     batch = next(iter(condition_latents.values())).shape[0] if condition_latents else 1
+    seeds = list(range(batch)) if seeds is None else [int(s) for s in seeds]
     device = next(model.parameters()).device
-    noise = torch.randn((batch, target_channels * codec.z_dim, *latent_grid), generator=generator).to(device)
     conds = {m: v.to(device) for m, v in condition_latents.items()}
-
-    def velocity(x_t: Tensor, t: Tensor) -> Tensor:
-        return model({**conds, target: x_t}, target, t).float()
-
-    z0 = sample(velocity, noise, steps=steps, shift=shift)
+    z0 = sample_with_seeds(model, conds, target, (target_channels * codec.z_dim, *latent_grid), seeds,
+                           steps=steps, shift=shift, device=device)
     return codec.decode(z0)
 
 
@@ -330,14 +272,14 @@ def latent_sample(
 def predict_dose_latent(
     model: nn.Module, codec: WanLatentCodec, case, encoding: EncodingConfig,
     crop: tuple[int, int, int] = PAPER_CROP, steps: int = 10, shift: float = 3.0,
-    cache: ConditionLatentCache | None = None, generator: torch.Generator | None = None,
+    cache: ConditionLatentCache | None = None, seed: int = 0,
 ):
     """Dose (Gy, numpy (I, J, K) on the case grid) of a case with a latent-path model, end to end.
 
     Conditions = every available modality but dose, cropped around the PTV centre, encoded (or
     taken from ``cache``); the dose latent is sampled with the DiT, decoded by the VAE, put back
     into the uncropped working grid (-1 = 0 Gy outside the crop) and mapped to Gy on the case grid
-    (zero outside the body, as in ``data.encoding.decode_dose``).
+    (zero outside the body, as in ``data.encoding.decode_dose``). ``seed`` fixes the initial noise.
     """
     cache = cache or ConditionLatentCache(codec)
     voxels = {m: v.permute(*CASE_TO_CLIP_AXES) for m, v in encode_case(case, encoding).items()
@@ -349,7 +291,7 @@ def predict_dose_latent(
     for m, vol in voxels.items():
         cropped, start = crop_or_pad(vol, crop, center)
         conds[m] = cache.get(case.case_id, m, cropped)[None]
-    x = latent_sample(model, codec, conds, "dose", 1, codec.latent_shape(crop), steps, shift, generator)
+    x = latent_sample(model, codec, conds, "dose", 1, codec.latent_shape(crop), steps, shift, seeds=[seed])
     clip_grid = tuple(encoding.grid[a - 1] for a in CASE_TO_CLIP_AXES[1:])
     full = uncrop(x[0].cpu(), start, clip_grid).permute(*CASE_TO_CLIP_AXES)  # (1, *grid) in [-1, 1]
     return decode_dose(full, case.grid, encoding, body=case.body)

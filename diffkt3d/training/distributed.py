@@ -193,7 +193,7 @@ class DistributedTrainer(Trainer):
         def cache(dirs):
             if self.codec is None:
                 return build_cache(dirs, self.encoding, cfg.cache_dir, cfg.with_plates)
-            from diffkt3d.models.wan_vae import build_latent_cache
+            from diffkt3d.training.latent_cache import build_latent_cache
 
             return build_latent_cache(dirs, self.encoding, self.codec, self.wan.latent_cache_dir,
                                       self.wan.crop, cfg.with_plates)

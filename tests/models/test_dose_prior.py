@@ -15,7 +15,7 @@ from diffkt3d.models.dose_prior import dilate_max, prior_basis, spread_prescript
 
 torch.set_num_threads(1)
 
-PRIOR = {"prediction": "x0", "dose_prior_falloffs": [0.75, 0.92], "dose_prior_weights": [0.85, 0.15]}
+PRIOR = {"prediction": "x0", "dose_head": {"prior_falloffs": [0.75, 0.92], "prior_weights": [0.85, 0.15]}}
 
 
 def test_dilate_max_is_scipy_maximum_filter():
@@ -72,7 +72,7 @@ def test_fresh_model_with_prior_predicts_the_prior_mix():
     t = torch.tensor([0.6])
     with torch.no_grad():
         x0_hat = vols["dose"] - t * model(vols, "dose", t)
-    basis = prior_basis(vols["ptv"], vols["body"], (0.75, 0.92), cfg.dose_prior_reach)
+    basis = prior_basis(vols["ptv"], vols["body"], (0.75, 0.92), cfg.dose_head.prior_reach)
     expected = 2 * (0.85 * basis[:, :1] + 0.15 * basis[:, 1:]) - 1
     torch.testing.assert_close(x0_hat, expected, rtol=0, atol=1e-5)
     # Without the prescription map there is no prior: x0_hat is the (zero) residual.
@@ -105,10 +105,11 @@ def test_prior_gradients_reach_the_weight_channels():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"dose_prior_falloffs": [0.8], "dose_prior_weights": [0.5, 0.5], "prediction": "x0"}, "one weight per falloff"),
-        ({"dose_prior_falloffs": [1.2], "dose_prior_weights": [1.0], "prediction": "x0"}, r"lie in \(0, 1\)"),
-        ({"dose_prior_falloffs": [0.8], "dose_prior_weights": [1.0], "prediction": "v"}, "prediction='x0'"),
-        ({"dose_prior_weights": [1.0]}, "without dose_prior_falloffs"),
+        ({"dose_head": {"prior_falloffs": [0.8], "prior_weights": [0.5, 0.5]}, "prediction": "x0"},
+         "one weight per falloff"),
+        ({"dose_head": {"prior_falloffs": [1.2], "prior_weights": [1.0]}, "prediction": "x0"}, r"lie in \(0, 1\)"),
+        ({"dose_head": {"prior_falloffs": [0.8], "prior_weights": [1.0]}, "prediction": "v"}, "prediction='x0'"),
+        ({"dose_head": {"prior_weights": [1.0]}, "prediction": "x0"}, r"without dose_head.prior_falloffs"),
     ],
 )
 def test_bad_prior_configs_name_the_problem(overrides, message):
@@ -119,4 +120,4 @@ def test_bad_prior_configs_name_the_problem(overrides, message):
 def test_prior_config_round_trips_through_a_dict():
     cfg = get_config("tiny", **PRIOR)
     again = type(cfg).from_dict(cfg.to_dict())
-    assert again == cfg and again.dose_prior_falloffs == (0.75, 0.92)
+    assert again == cfg and again.dose_head.prior_falloffs == (0.75, 0.92)

@@ -11,10 +11,17 @@ from diffkt3d.models.dose_prior import prior_basis
 
 torch.set_num_threads(1)
 
-PRIOR = {"prediction": "x0", "dose_prior_falloffs": [0.75, 0.92], "dose_prior_weights": [0.85, 0.15]}
-REFINER = {**PRIOR, "dose_refiner_width": 6, "dose_refiner_features": 3, "dose_refiner_kernels": [3, 3]}
+PRIOR_HEAD = {"prior_falloffs": [0.75, 0.92], "prior_weights": [0.85, 0.15]}
+PRIOR = {"prediction": "x0", "dose_head": PRIOR_HEAD}
+REFINER_HEAD = {**PRIOR_HEAD, "refiner_width": 6, "refiner_features": 3, "refiner_kernels": [3, 3]}
+REFINER = {"prediction": "x0", "dose_head": REFINER_HEAD}
 # Patch 8: the U-Net needs a 32^3 grid, and 8^3 patches keep the DiT part of it cheap.
-UNET = {**REFINER, "patch": [8, 8, 8], "dose_refiner_unet": [4, 4, 8, 8, 8, 4]}
+UNET = {"prediction": "x0", "patch": [8, 8, 8], "dose_head": {**REFINER_HEAD, "refiner_unet": [4, 4, 8, 8, 8, 4]}}
+
+
+def _head(**fields):
+    """Overrides of the tiny preset with a dose head of the prior plus ``fields``."""
+    return {"prediction": "x0", "dose_head": {**PRIOR_HEAD, **fields}}
 
 
 def _volumes(cfg, seed=0, size=8):
@@ -31,7 +38,8 @@ def _x0(model, vols, t=0.6):
 def _randomise_refiner_output(model, seed=3):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        model.dose_refiner.out.weight.copy_(torch.randn(model.dose_refiner.out.weight.shape, generator=gen) * 0.3)
+        out = model.target_heads["dose"].refiner.out
+        out.weight.copy_(torch.randn(out.weight.shape, generator=gen) * 0.3)
 
 
 @pytest.mark.parametrize("refiner, size", [(REFINER, 8), (UNET, 32)], ids=["conv", "unet"])
@@ -39,7 +47,7 @@ def test_fresh_refiner_leaves_the_prior_mix_unchanged(refiner, size):
     cfg = get_config("tiny", **refiner)
     model = Any2AnyDiT(cfg).eval()
     vols = _volumes(cfg, size=size)
-    basis = prior_basis(vols["ptv"], vols["body"], (0.75, 0.92), cfg.dose_prior_reach)
+    basis = prior_basis(vols["ptv"], vols["body"], (0.75, 0.92), cfg.dose_head.prior_reach)
     expected = 2 * (0.85 * basis[:, :1] + 0.15 * basis[:, 1:]) - 1
     torch.testing.assert_close(_x0(model, vols), expected, rtol=0, atol=1e-5)
 
@@ -49,7 +57,7 @@ def test_head_emits_the_refiner_features_and_other_heads_are_untouched():
     model = Any2AnyDiT(cfg)
     assert model.head.head["dose"].out_features == (1 + 2 + 3) * cfg.patch_volume
     assert model.head.head["ct"].out_features == cfg.patch_volume
-    assert get_config("tiny").dose_refiner_width == 0 and Any2AnyDiT(get_config("tiny")).dose_refiner is None
+    assert get_config("tiny").dose_head is None and "dose" not in Any2AnyDiT(get_config("tiny")).target_heads
 
 
 def test_refiner_is_exactly_local_in_the_conditions():
@@ -77,11 +85,11 @@ def test_refiner_is_exactly_local_in_the_conditions():
 
 
 def test_unet_refiner_reaches_across_the_grid():
-    """With ``dose_refiner_unet`` a one-voxel change of a condition moves the dose at the far corner
+    """With ``refiner_unet`` a one-voxel change of a condition moves the dose at the far corner
     too (the conv stack above stays within 2 voxels): the multi-scale body the option is for."""
     cfg = get_config("tiny", **UNET)
     model = Any2AnyDiT(cfg).eval()
-    assert any(type(m).__name__ == "BasicUNet" for m in model.dose_refiner.modules())
+    assert any(type(m).__name__ == "BasicUNet" for m in model.target_heads["dose"].refiner.modules())
     _randomise_refiner_output(model)
     with torch.no_grad():
         model.head.head["dose"].weight.zero_()
@@ -119,7 +127,7 @@ def test_a_few_steps_on_one_case_train_the_refiner(refiner, size, steps):
     model = Any2AnyDiT(cfg)
     vols = _volumes(cfg, seed=4, size=size)
     x0 = vols["dose"].clone()
-    opt = torch.optim.Adam(model.dose_refiner.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.target_heads["dose"].refiner.parameters(), lr=3e-3)
     t = torch.tensor([0.5])
     losses = []
     for _ in range(steps):
@@ -136,12 +144,13 @@ def test_a_few_steps_on_one_case_train_the_refiner(refiner, size, steps):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"dose_refiner_width": 4}, "prediction='x0'"),
-        ({**PRIOR, "dose_refiner_width": -1}, "dose_refiner_width must be >= 0"),
-        ({**PRIOR, "dose_refiner_width": 4, "dose_refiner_kernels": [2]}, "odd sizes"),
-        ({**PRIOR, "dose_refiner_width": 4, "dose_refiner_features": 0}, "dose_refiner_features"),
-        ({**PRIOR, "dose_refiner_width": 4, "dose_refiner_unet": [4, 8]}, "6 BasicUNet feature widths"),
-        ({**PRIOR, "dose_refiner_unet": [4, 4, 8, 8, 8, 4]}, "without dose_refiner_width"),
+        ({"dose_head": {"refiner_width": 4}}, "prediction='x0'"),
+        (_head(refiner_width=-1), r"dose_head.refiner_width must be >= 0"),
+        (_head(refiner_width=4, refiner_kernels=[2]), "odd sizes"),
+        (_head(refiner_width=4, refiner_features=0), r"dose_head.refiner_features"),
+        (_head(refiner_width=4, refiner_unet=[4, 8]), "6 BasicUNet feature widths"),
+        (_head(refiner_unet=[4, 4, 8, 8, 8, 4]), r"without dose_head.refiner_width"),
+        ({"prediction": "x0", "dose_head": {"refiner_size": 4}}, "refiner_size"),
     ],
 )
 def test_bad_refiner_configs_name_the_problem(overrides, message):
@@ -149,13 +158,13 @@ def test_bad_refiner_configs_name_the_problem(overrides, message):
         get_config("tiny", **overrides)
 
 
-def test_refiner_config_round_trips_and_old_checkpoints_load_without_it():
+def test_refiner_config_round_trips_and_configs_without_it_load():
     cfg = get_config("tiny", **REFINER)
     again = type(cfg).from_dict(cfg.to_dict())
-    assert again == cfg and again.dose_refiner_kernels == (3, 3) and again.dose_refiner_unet == ()
+    assert again == cfg and again.dose_head.refiner_kernels == (3, 3) and again.dose_head.refiner_unet == ()
     unet = get_config("tiny", **UNET)
-    assert type(unet).from_dict(unet.to_dict()).dose_refiner_unet == (4, 4, 8, 8, 8, 4)
+    assert type(unet).from_dict(unet.to_dict()).dose_head.refiner_unet == (4, 4, 8, 8, 8, 4)
     old = get_config("tiny", **PRIOR).to_dict()
-    for key in ("dose_refiner_width", "dose_refiner_features", "dose_refiner_kernels", "dose_refiner_unet"):
-        old.pop(key)
-    assert type(cfg).from_dict(old).dose_refiner_width == 0
+    for key in ("refiner_width", "refiner_features", "refiner_kernels", "refiner_unet"):
+        old["dose_head"].pop(key)
+    assert type(cfg).from_dict(old).dose_head.refiner_width == 0

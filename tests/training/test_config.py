@@ -47,7 +47,7 @@ def test_shipped_recipe_parses():
     assert [s.loss_norm for s in cfg.stages] == [s.loss_norm for s in recorded.stages] == ["l2", "l1"]
     assert [s.loss_region for s in cfg.stages] == [s.loss_region for s in recorded.stages] == ["all", "body"]
     assert cfg.model_overrides == recorded.model_overrides
-    assert shipped.model.config.dose_prior_falloffs == tuple(cfg.model_overrides["dose_prior_falloffs"])
+    assert shipped.model.config.dose_head.prior_falloffs == tuple(cfg.model_overrides["dose_prior_falloffs"])
 
 
 def test_unknown_ptv_resampling_is_a_config_error():

@@ -40,8 +40,8 @@ def x0_prior_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     enc = EncodingConfig(grid=(16, 16, 16))
     cfg = get_config("tiny", in_channels=enc.channels(), modalities=list(enc.modalities), prediction="x0",
-                     condition_shortcut=True, dose_prior_falloffs=(0.75, 0.92), dose_prior_weights=(0.85, 0.15),
-                     dose_prior_reach=8)
+                     condition_shortcut=True,
+                     dose_head={"prior_falloffs": (0.75, 0.92), "prior_weights": (0.85, 0.15), "prior_reach": 8})
     model = Any2AnyDiT(cfg)
     with torch.no_grad():  # a non-zero head, so candidates differ and the LoRA layers get gradients
         for p in model.parameters():
@@ -81,7 +81,7 @@ def test_policy_climbs_a_known_reward_and_descends_its_negative(x0_prior_checkpo
 
 def test_shared_noise_gives_every_candidate_the_same_t_and_eps(tiny_checkpoint, synthetic_case_dir, tmp_path,
                                                                monkeypatch):
-    import diffkt3d.training.scardnft as scardnft
+    import diffkt3d.training.scardnft.trainer as scardnft
 
     seen = []
     real_add_noise = scardnft.add_noise
