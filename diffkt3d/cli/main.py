@@ -29,13 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"diffkt3d.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"diffkt3d.cli.{name}":
-                continue  # sub-command not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"diffkt3d.cli.{name}").register(sub)
     return parser
 
 
