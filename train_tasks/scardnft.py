@@ -31,7 +31,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from diffkt3d.audit import AuditLog, model_published
 from diffkt3d.errors import DiffKT3DError
 from diffkt3d.preferences import PreferenceStore
-from diffkt3d.training import run_scardnft
+from diffkt3d.training import ScardNFTConfig, run_scardnft
 from diffkt3d.training.recipe import load_scardnft_recipe
 from train_tasks.request import CONFIGS, editable_fields, recipe_overrides
 
@@ -43,6 +43,14 @@ NOT_AVAILABLE = ("ScardNFT is not available on this server: it needs the 'peft' 
 # Recipe fields the server sets (they name server-side paths and resources): the served model,
 # the datastore's cases, the run folder, the preference store, the thread count of the recipe.
 SERVER_DECIDED = ("base_model", "train_roots", "case_dirs", "out_dir", "preferences", "threads")
+
+
+def scardnft_config_from_request(request: dict[str, Any], case_dirs: list[str], base_model: Path, run_dir: Path,
+                                 preferences: Path, recipe: Path = RECIPE) -> ScardNFTConfig:
+    """The recipe with the request's overrides (e.g. `{"iterations": 20}`), on the server's cases and store."""
+    server = {"base_model": str(base_model), "train_roots": [], "case_dirs": [str(d) for d in case_dirs],
+              "out_dir": str(run_dir), "preferences": str(preferences)}
+    return load_scardnft_recipe(recipe, {**recipe_overrides(request, SERVER_DECIDED), **server})
 
 
 class ScardNFTTrainTask(TrainTask):
@@ -90,9 +98,7 @@ class ScardNFTTrainTask(TrainTask):
         if base is None:
             raise DiffKT3DError("no model to post-train: ship one or run POST /train/any2any first")
         run_dir = self.out / "runs" / time.strftime("%Y%m%d-%H%M%S")
-        server = {"base_model": str(base), "train_roots": [], "case_dirs": [str(d) for d in case_dirs],
-                  "out_dir": str(run_dir), "preferences": str(self.store.root)}
-        cfg = load_scardnft_recipe(self.recipe, {**recipe_overrides(request, SERVER_DECIDED), **server})
+        cfg = scardnft_config_from_request(request, case_dirs, base, run_dir, self.store.root, self.recipe)
         log.info("scardnft on %d cases, base %s, %d preference records -> %s", len(case_dirs), base.name,
                  len(self.store.read().records), run_dir)
         t0 = time.time()

@@ -16,6 +16,7 @@ dataset (`openkbp/train`) rather than where one machine keeps it; an absolute pa
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -66,10 +67,21 @@ def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--set expects KEY=VALUE (e.g. stages.dose.steps=500), found {item!r}")
         try:
-            out[key.strip()] = yaml.safe_load(text)
+            value = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
+        out[key.strip()] = _yaml_1_1_float(value)
     return out
+
+
+def _yaml_1_1_float(value: Any) -> Any:
+    """`3e-4` as a number: YAML 1.1 (PyYAML) reads an exponent without a dot as a string."""
+    if isinstance(value, str) and any(c.isdigit() for c in value):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 # -- overrides ---------------------------------------------------------------------------------
@@ -129,23 +141,31 @@ def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any] | None
         cls: TrainConfig or ScardNFTConfig: its fields are the known keys.
         source: named in errors (the recipe file, the request ...).
     """
-    out = yaml.safe_load(yaml.safe_dump(dict(data)))  # a deep copy of plain YAML data
+    out = copy.deepcopy(dict(data))  # (keeps key order: target_weights' order is the sampler's)
     known = _field_names(cls)
     for key, value in _flatten(overrides or {}).items():
-        head, *rest = key.split(".")
-        if head not in known:
-            raise ConfigError(f"{source}: unknown override {key!r}; known keys: {known}")
-        if head == "stages" and cls is TrainConfig:
-            _set_stage_field(out, rest, value, key, source)
-        elif rest:
-            current = out.setdefault(head, {})
-            if not isinstance(current, dict):
-                raise ConfigError(f"{source}: override {key!r}: {head} is {current!r}, not a mapping")
-            _set_path(current, rest, value, key)
-        else:
-            default = getattr(cls(), head) if head not in out else out[head]
-            out[head] = _check_type(key, default, value)
+        try:
+            _apply_one(out, key, value, cls, known, source)
+        except ConfigError as exc:
+            raise ConfigError(str(exc) if str(exc).startswith(source) else f"{source}: {exc}") from None
     return out
+
+
+def _apply_one(out: dict[str, Any], key: str, value: Any, cls: type, known: list[str], source: str) -> None:
+    """One dotted override set in `out` (a top-level field, a key inside a mapping field or a stage field)."""
+    head, *rest = key.split(".")
+    if head not in known:
+        raise ConfigError(f"{source}: unknown override {key!r}; known keys: {known}")
+    if head == "stages" and cls is TrainConfig:
+        _set_stage_field(out, rest, value, key, source)
+    elif rest:
+        current = out.setdefault(head, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"{source}: override {key!r}: {head} is {current!r}, not a mapping")
+        _set_path(current, rest, value, key)
+    else:
+        default = getattr(cls(), head) if head not in out else out[head]
+        out[head] = _check_type(key, default, value)
 
 
 def _set_stage_field(data: dict[str, Any], parts: list[str], value: Any, key: str, source: str) -> None:
@@ -203,9 +223,10 @@ def resolve_data_paths(data: dict[str, Any], data_root: str | Path | None, sourc
                                       f"{str(entry)!r}")
                 path = root / path
             if not path.is_dir():
-                where = f" (data root from {origin})" if origin and not Path(str(entry)).is_absolute() else ""
-                raise ConfigError(f"{source}: {name} folder not found: {path}{where}; set {DATA_ROOT_OPTION} "
-                                  f"DIR or {DATA_ROOT_ENV} to the folder that holds {str(entry)!r}")
+                hint = "" if Path(str(entry)).expanduser().is_absolute() else (
+                    f" (data root from {origin}); set {DATA_ROOT_OPTION} DIR or {DATA_ROOT_ENV} to the folder "
+                    f"that holds {str(entry)!r}")
+                raise ConfigError(f"{source}: {name} folder not found: {path}{hint}")
             resolved.append(str(path))
         if name in out:
             out[name] = resolved
