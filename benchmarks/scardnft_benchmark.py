@@ -127,13 +127,13 @@ def placebo_trainer():
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from diffkt3d.training.scardnft import ScardNFTConfig, run_scardnft
+    from diffkt3d.training.recipe import load_scardnft_recipe
+    from diffkt3d.training.scardnft import run_scardnft
 
-    cfg = ScardNFTConfig.from_yaml(args.config)
     overrides = {"max_cpu_minutes": args.cpu_minutes, "threads": 1}
     if args.base:
         overrides["base_model"] = args.base
-    cfg = ScardNFTConfig.from_dict({**cfg.to_dict(), **overrides})
+    cfg = load_scardnft_recipe(args.config, overrides, data_root=DATA.parent)
     if any("validation" in str(r) or "test" in str(r) for r in cfg.train_roots):
         raise SystemExit("post-training must use the train split only")
     t0 = time.time()

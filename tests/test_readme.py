@@ -61,9 +61,10 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
         "diffkt3d impute": (f"{CLI}::test_impute_ptv_writes_masks_on_the_case_grid",),
         "diffkt3d evaluate --pred ROOT --ref ROOT [--json FILE] [--template openkbp_hn]": (
             f"{CLI}::test_evaluate_predictions_against_sample_data",),
-        "diffkt3d train --config configs/cpu-default.yaml [--out-dir D] [--max-steps N] [--max-cases N]": (
+        "diffkt3d train --config configs/cpu-default.yaml --data-root DIR [--set KEY=VALUE] [--out-dir D] "
+        "[--max-steps N] [--max-cases N]": (
             SMOKE_TRAIN, f"{CLI}::test_smoke_options_refuse_bad_values_in_one_line"),
-        "diffkt3d train --stage scardnft --config configs/scardnft-cpu.yaml": (SMOKE_SCARDNFT,),
+        "diffkt3d train --stage scardnft --config configs/scardnft-cpu.yaml --data-root DIR": (SMOKE_SCARDNFT,),
         "diffkt3d import openkbp|gdp-hmm|dicom SRC... --out ROOT": (
             "tests/cli/test_import_cmd.py::test_import_openkbp_and_refuse_overwrite",
             "tests/cli/test_import_cmd.py::test_import_gdp_hmm_with_ptv_dict",
@@ -98,7 +99,7 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
         "nice -n 15 pytest tests/slicer_extension -m \"not server\"": (".ci/run",),
     },
     "docs/model-card.md": {
-        "diffkt3d train --config configs/cpu-default.yaml": (SMOKE_TRAIN,),
+        "diffkt3d train --config configs/cpu-default.yaml --data-root DIR": (SMOKE_TRAIN,),
         # the smoke test loads the run's best.pt as a servable model, which is what this copy ships
         "cp runs/cpu-default/best.pt diffkt3d/weights/cpu-default.pt": (SMOKE_TRAIN,),
     },
@@ -141,7 +142,8 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
             AUTH_LOGIN, f"{AUTH}::test_upload_size_limit_holds_with_auth_on"),
     },
     "docs/scardnft.md": {
-        "diffkt3d train --stage scardnft --config configs/scardnft-cpu.yaml [--out-dir D] [--device cpu]": (
+        "diffkt3d train --stage scardnft --config configs/scardnft-cpu.yaml --data-root DIR [--set KEY=VALUE] "
+        "[--out-dir D] [--device cpu]": (
             SMOKE_SCARDNFT,
             "tests/training/test_scardnft_run.py::test_cli_stage_scardnft_runs_and_writes_loadable_outputs"),
     },

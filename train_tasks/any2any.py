@@ -1,6 +1,8 @@
 """`any2any` train task: supervised Any2Any + dose training on the datastore's cases.
 
-Runs inside MONAI Label's train subprocess (`POST /train/any2any`); its log lines are what
+The run is the shipped recipe (configs/cpu-default.yaml) with the request's overrides on top, built
+by the same core function as `diffkt3d train` (diffkt3d.training.recipe.load_recipe), on the
+datastore cases that have a reference dose instead of the recipe's data folders. Runs inside MONAI Label's train subprocess (`POST /train/any2any`); its log lines are what
 `GET /train/` shows. The finished (EMA) checkpoint is copied atomically to
 `<app>/model/any2any/model.pt`, which the infer tasks pick up at their next request (mtime check).
 """
@@ -21,40 +23,25 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from diffkt3d.audit import AuditLog, model_published
 from diffkt3d.errors import DiffKT3DError
-from diffkt3d.training import StageConfig, TrainConfig, run_training
+from diffkt3d.training import TrainConfig, run_training
+from diffkt3d.training.recipe import load_recipe
+from train_tasks.request import CONFIGS, editable_fields, recipe_overrides
 
 log = logging.getLogger(__name__)
 
-# Request keys -> defaults. A short CPU run by default; a GPU node sets larger values per request.
-DEFAULTS: dict[str, Any] = {"preset": "cpu-default", "any2any_steps": 200, "dose_steps": 200,
-                            "max_minutes": 30.0, "batch_size": 2, "grid": 64, "lr": 1e-4,
-                            "warmup_steps": 50, "seed": 0, "config": "", "gpus": "all"}
-
+RECIPE = CONFIGS / "cpu-default.yaml"
+# Recipe fields the server sets: the datastore's cases (no validation split, so no evaluation) and
+# the run folder under the app's model dir; log_every follows the shortest stage.
+SERVER_DECIDED = ("train_roots", "val_roots", "out_dir", "cache_dir", "eval_every", "log_every")
 
 def train_config_from_request(request: dict[str, Any], case_dirs: list[str], run_dir: Path,
-                              cache_dir: Path) -> TrainConfig:
-    """One TrainConfig from the request (a server-side YAML `config`, then the request's overrides)."""
-    p = {k: request.get(k, v) for k, v in DEFAULTS.items()}
-    base = TrainConfig.from_yaml(p["config"]) if p["config"] else TrainConfig()
-    grid = p["grid"]
-    grid = (int(grid),) * 3 if isinstance(grid, (int, str)) else tuple(int(g) for g in grid)
-    stages = [StageConfig(name="any2any", steps=int(p["any2any_steps"]), max_minutes=float(p["max_minutes"]) / 2,
-                          batch_size=int(p["batch_size"]), lr=float(p["lr"]), warmup_steps=int(p["warmup_steps"])),
-              StageConfig(name="dose", steps=int(p["dose_steps"]), max_minutes=float(p["max_minutes"]) / 2,
-                          batch_size=int(p["batch_size"]), lr=float(p["lr"]), warmup_steps=int(p["warmup_steps"]))]
-    stages = [s for s in stages if s.steps > 0]
-    if not stages:
-        raise ValueError("any2any_steps and dose_steps are both 0: nothing to train")
-    cfg = TrainConfig.from_dict({**base.to_dict(), "stages": [vars(s) for s in stages]})
-    cfg.model_preset = str(p["preset"])
-    cfg.grid = grid
-    cfg.seed = int(p["seed"])
-    cfg.train_roots = case_dirs
-    cfg.val_roots = []
-    cfg.out_dir = str(run_dir)
-    cfg.cache_dir = str(cache_dir)
-    cfg.log_every = max(1, min(cfg.log_every, int(p["any2any_steps"]) or 1))
-    cfg.eval_every = 0
+                              cache_dir: Path, recipe: Path = RECIPE) -> TrainConfig:
+    """The recipe with the request's overrides (e.g. `{"stages.dose.steps": 50}`), on `case_dirs`."""
+    server = {"train_roots": [str(d) for d in case_dirs], "val_roots": [], "out_dir": str(run_dir),
+              "cache_dir": str(cache_dir), "eval_every": 0}
+    cfg = load_recipe(recipe, {**recipe_overrides(request, SERVER_DECIDED), **server})
+    # A short request run still shows progress lines in GET /train/.
+    cfg.log_every = max(1, min([cfg.log_every, *(s.steps for s in cfg.stages)]))
     return cfg
 
 
@@ -88,13 +75,14 @@ class Any2AnyTrainTask(TrainTask):
             `train.start` entry before it).
     """
 
-    def __init__(self, model_dir: str | Path, audit: AuditLog | None = None):
+    def __init__(self, model_dir: str | Path, audit: AuditLog | None = None, recipe: Path = RECIPE):
         super().__init__("Any2Any + dose training on datastore cases with dose.nii.gz (diffkt3d.training)")
         self.out = Path(model_dir) / "any2any"
         self.audit = audit
+        self.recipe = recipe
 
     def config(self) -> dict[str, Any]:
-        return dict(DEFAULTS)
+        return {**editable_fields(self.recipe, SERVER_DECIDED), "gpus": "all"}
 
     def stats(self) -> dict[str, Any]:
         path = self.out / "train_stats.json"
@@ -106,14 +94,14 @@ class Any2AnyTrainTask(TrainTask):
             raise DiffKT3DError("no datastore case has a dose.nii.gz to train on")
         case_dirs = [datastore.get_image_uri(i) for i in ids]
         run_dir = self.out / "runs" / time.strftime("%Y%m%d-%H%M%S")
-        cfg = train_config_from_request(request, case_dirs, run_dir, self.out / "cache")
+        cfg = train_config_from_request(request, case_dirs, run_dir, self.out / "cache", self.recipe)
         log.info("any2any training on %d cases -> %s", len(case_dirs), run_dir)
         t0 = time.time()
 
         def progress(record: dict) -> None:
             self._write_stats({"status": "running", "run_dir": str(run_dir), "cases": len(ids), **record})
 
-        nproc, visible = processes_for_gpus(request.get("gpus", DEFAULTS["gpus"]))
+        nproc, visible = processes_for_gpus(request.get("gpus", "all"))
         if nproc > 1:
             final = self._run_distributed(cfg, run_dir, nproc, visible)
         else:
@@ -133,13 +121,16 @@ class Any2AnyTrainTask(TrainTask):
     def _run_distributed(self, cfg: TrainConfig, run_dir: Path, nproc: int, visible: str | None = None) -> Path:
         """Several GPUs: the same config through torchrun (diffkt3d.training.distributed, DDP).
 
-        Wall-clock stage budgets are not supported by the distributed trainer (ranks would stop at
-        different steps), so steps alone bound the run.
+        Time budgets (wall or CPU minutes) are not supported by the distributed trainer (ranks
+        would stop at different steps), so steps alone bound the run.
         """
         from diffkt3d.training.distributed import launch_distributed
 
         for stage in cfg.stages:
             stage.max_minutes = None
+            stage.max_cpu_minutes = None
+        log.warning("distributed run: time budgets dropped, the stages run %s steps",
+                    [s.steps for s in cfg.stages])
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "train_config.yaml"
         config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

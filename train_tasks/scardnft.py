@@ -1,16 +1,20 @@
 """`scardnft` train task: Scorecard-reward RL post-training from the clinic's preference records.
 
-Runs `diffkt3d.training.run_scardnft` in MONAI Label's train subprocess on the datastore cases that
-have a reference dose (the reward's MAE anchor needs it), with the server's preference store
-(enough records -> institution-specific Scorecard item weights). The post-trained model is the one
-being served when the run starts; its merged checkpoint is published atomically to
-`<model_dir>/scardnft/model.pt`, which the infer tasks serve from their next request on (newest
-trained model wins). A build without the ScardNFT core answers POST /train/scardnft with 503.
+The run is the ScardNFT recipe (configs/scardnft-cpu.yaml) with the request's overrides on top
+(diffkt3d.training.recipe.load_scardnft_recipe, as `diffkt3d train --stage scardnft`), on the
+datastore cases that have a reference dose (the reward's MAE anchor needs it) and with the server's
+preference store (enough records -> institution-specific Scorecard item weights). The post-trained
+model is the one being served when the run starts; its merged checkpoint is published atomically
+to `<model_dir>/scardnft/model.pt`, which the infer tasks serve from their next request on (newest
+trained model wins).
+
+LoRA comes from peft, which is in the `transfer` extra and not in the lean server install
+(requirements-server.txt): without it the server says so at start and answers POST /train/scardnft
+with 503 and the install command.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import logging
@@ -27,21 +31,26 @@ from monailabel.interfaces.tasks.train import TrainTask
 from diffkt3d.audit import AuditLog, model_published
 from diffkt3d.errors import DiffKT3DError
 from diffkt3d.preferences import PreferenceStore
+from diffkt3d.training import ScardNFTConfig, run_scardnft
+from diffkt3d.training.recipe import load_scardnft_recipe
+from train_tasks.request import CONFIGS, editable_fields, recipe_overrides
 
 log = logging.getLogger(__name__)
 
-NOT_AVAILABLE = "ScardNFT training is not available in this build: diffkt3d.training has no run_scardnft"
-# Config fields a client must not set: they name server-side paths (the server decides those).
-_SERVER_ONLY = {"base_model", "train_roots", "case_dirs", "out_dir", "preferences", "threads"}
-# Defaults for a server run (override per request, e.g. {"iterations": 50, "max_cpu_minutes": 60}).
-DEFAULTS: dict[str, Any] = {"iterations": 20, "group_size": 4, "sample_steps": 10, "inner_steps": 2,
-                            "max_cpu_minutes": 60.0, "min_preferences": 10, "seed": 0}
+RECIPE = CONFIGS / "scardnft-cpu.yaml"
+NOT_AVAILABLE = ("ScardNFT is not available on this server: it needs the 'peft' package (LoRA), which the "
+                 "lean server install (requirements-server.txt) leaves out; pip install -e '.[transfer]' on the server")
+# Recipe fields the server sets (they name server-side paths and resources): the served model,
+# the datastore's cases, the run folder, the preference store, the thread count of the recipe.
+SERVER_DECIDED = ("base_model", "train_roots", "case_dirs", "out_dir", "preferences", "threads")
 
 
-def scardnft_entry():
-    """The core ScardNFT entry point, or None when this build has none."""
-    training = importlib.import_module("diffkt3d.training")
-    return getattr(training, "run_scardnft", None)
+def scardnft_config_from_request(request: dict[str, Any], case_dirs: list[str], base_model: Path, run_dir: Path,
+                                 preferences: Path, recipe: Path = RECIPE) -> ScardNFTConfig:
+    """The recipe with the request's overrides (e.g. `{"iterations": 20}`), on the server's cases and store."""
+    server = {"base_model": str(base_model), "train_roots": [], "case_dirs": [str(d) for d in case_dirs],
+              "out_dir": str(run_dir), "preferences": str(preferences)}
+    return load_scardnft_recipe(recipe, {**recipe_overrides(request, SERVER_DECIDED), **server})
 
 
 class ScardNFTTrainTask(TrainTask):
@@ -52,35 +61,35 @@ class ScardNFTTrainTask(TrainTask):
         store: the preference store whose records shape the reward.
         served_model: returns the checkpoint currently served (the base of the post-training).
         audit: audit log that records each published model.
+        recipe: the ScardNFT recipe YAML the requests override.
     """
 
     def __init__(self, model_dir: str | Path, store: PreferenceStore, served_model: Callable[[], Path | None],
-                 audit: AuditLog | None = None):
+                 audit: AuditLog | None = None, recipe: Path = RECIPE):
         super().__init__("ScardNFT: Scorecard-reward RL post-training driven by clinician preferences")
         self.out = Path(model_dir) / "scardnft"
         self.audit = audit
         self.store = store
         self.served_model = served_model
+        self.recipe = recipe
+        if not self.available():
+            log.warning(NOT_AVAILABLE)
 
     @staticmethod
     def available() -> bool:
-        # peft (LoRA) is in the `transfer` extra, not in the lean server install.
-        return scardnft_entry() is not None and importlib.util.find_spec("peft") is not None
+        return importlib.util.find_spec("peft") is not None
 
     def config(self) -> dict[str, Any]:
-        if self.available():
-            return {"available": True, **DEFAULTS}
-        reason = NOT_AVAILABLE if scardnft_entry() is None else \
-            "ScardNFT needs peft: pip install -e '.[transfer]' on the server"
-        return {"available": False, "reason": reason}
+        if not self.available():
+            return {"available": False, "reason": NOT_AVAILABLE}
+        return editable_fields(self.recipe, SERVER_DECIDED)
 
     def stats(self) -> dict[str, Any]:
         path = self.out / "train_stats.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        entry = scardnft_entry()
-        if entry is None:
+        if not self.available():
             raise DiffKT3DError(NOT_AVAILABLE)
         case_dirs = [datastore.get_image_uri(i) for i in datastore.get_labeled_images()]
         if not case_dirs:
@@ -88,11 +97,8 @@ class ScardNFTTrainTask(TrainTask):
         base = self.served_model()
         if base is None:
             raise DiffKT3DError("no model to post-train: ship one or run POST /train/any2any first")
-        ignored = sorted(set(request) & _SERVER_ONLY)
-        if ignored:
-            log.warning("request keys decided by the server, ignored: %s", ignored)
-        params = {**DEFAULTS, **{k: v for k, v in request.items() if k not in _SERVER_ONLY}}
         run_dir = self.out / "runs" / time.strftime("%Y%m%d-%H%M%S")
+        cfg = scardnft_config_from_request(request, case_dirs, base, run_dir, self.store.root, self.recipe)
         log.info("scardnft on %d cases, base %s, %d preference records -> %s", len(case_dirs), base.name,
                  len(self.store.read().records), run_dir)
         t0 = time.time()
@@ -100,8 +106,7 @@ class ScardNFTTrainTask(TrainTask):
         def progress(record: dict) -> None:
             self._write_stats({"status": "running", "run_dir": str(run_dir), **record})
 
-        result = entry({"base_model": str(base)}, case_dirs=case_dirs, preferences=str(self.store.root),
-                       out_dir=run_dir, request=params, progress=progress)
+        result = run_scardnft(cfg, progress=progress)
         target = self.out / "model.pt"
         shutil.copyfile(result.merged_path, str(target) + ".part")
         os.replace(str(target) + ".part", target)

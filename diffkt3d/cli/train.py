@@ -1,4 +1,8 @@
-"""`diffkt3d train --config FILE`: Stage A Any2Any then Stage B dose fine-tune (resumable)."""
+"""`diffkt3d train CONFIG [--data-root DIR] [--set KEY=VALUE]`: Stage A Any2Any then Stage B dose (resumable).
+
+The recipe file holds every setting; `--set` overrides go on top of it through the same core
+function the server's train tasks use (diffkt3d.training.recipe), so both build the same run.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,20 @@ import logging
 
 from diffkt3d.errors import ConfigError
 from diffkt3d.training.config import TrainConfig
+from diffkt3d.training.recipe import DATA_ROOT_ENV, load_recipe, parse_assignments
 
 log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train the Any2Any DiT from a YAML config",
+    p = sub.add_parser("train", help="train the Any2Any DiT from a YAML recipe",
                        description="Resumes from OUT_DIR/last.pt when present. See configs/*.yaml.")
-    p.add_argument("--config", required=True, help="training YAML (e.g. configs/cpu-default.yaml)")
+    p.add_argument("config_path", nargs="?", metavar="CONFIG", help="training YAML (e.g. configs/cpu-default.yaml)")
+    p.add_argument("--config", dest="config_option", metavar="CONFIG", help="the same, as an option")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help=f"folder the recipe's relative train_roots/val_roots are under (default: ${DATA_ROOT_ENV})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one recipe field, VALUE read as YAML (repeatable), e.g. --set stages.dose.steps=500")
     p.add_argument("--out-dir", default=None, help="override out_dir")
     p.add_argument("--stage", default="supervised", choices=["supervised", "scardnft"],
                    help="supervised = Stage A + B (default); scardnft = RL post-training")
@@ -57,38 +67,63 @@ def apply_smoke_limits(cfg: TrainConfig, max_steps: int | None, max_cases: int |
     return cfg
 
 
+def config_path(args: argparse.Namespace) -> str:
+    """The recipe, given as the positional CONFIG or as --config (one of them)."""
+    given = [c for c in (args.config_path, args.config_option) if c]
+    if not given:
+        raise ConfigError("no training config: pass CONFIG (e.g. configs/cpu-default.yaml) or --config CONFIG")
+    if len(given) == 2 and given[0] != given[1]:
+        raise ConfigError(f"two training configs given ({given[0]} and --config {given[1]}); pass one")
+    return given[0]
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The supervised run these arguments ask for: recipe + --set + --out-dir, then the smoke limits."""
+    overrides = parse_assignments(args.overrides)
+    if args.out_dir is not None:
+        overrides["out_dir"] = args.out_dir
+    cfg = load_recipe(config_path(args), overrides, data_root=args.data_root)
+    return apply_smoke_limits(cfg, args.max_steps, args.max_cases, out_dir_given=args.out_dir is not None)
+
+
 def run(args: argparse.Namespace) -> int:
     smoke = args.max_steps is not None or args.max_cases is not None
     for name, value in (("--max-steps", args.max_steps), ("--max-cases", args.max_cases)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1, found {value}")
     if args.stage == "scardnft":
-        from diffkt3d.training.scardnft import ScardNFTConfig, run_scardnft, run_scardnft_from_yaml
-
-        if not smoke:
-            run_scardnft_from_yaml(args.config, out_dir=args.out_dir, device=args.device)
-            return 0
-        # smoke run: --max-steps caps the iterations (one case group each), --max-cases the cases
-        cfg = ScardNFTConfig.from_yaml(args.config)
-        limits = {"iterations": min(cfg.iterations, args.max_steps) if args.max_steps else cfg.iterations,
-                  "max_cases": min(cfg.max_cases or args.max_cases, args.max_cases) if args.max_cases else cfg.max_cases}
-        cfg = dataclasses.replace(cfg, **limits)
-        out_dir = args.out_dir or f"{cfg.out_dir.rstrip('/')}-smoke"
-        log.warning("ScardNFT smoke run (%s) into %s: not a model to ship", limits, out_dir)
-        result = run_scardnft(cfg, out_dir=out_dir, device=args.device)
-        print(f"merged checkpoint: {result.merged_path}")
-        return 0
+        return _run_scardnft(args)
     if args.nproc:
         if smoke:
             raise ConfigError("--max-steps/--max-cases are not supported with --nproc")
         from diffkt3d.training.distributed import launch_distributed
 
         extra = (["--out-dir", args.out_dir] if args.out_dir else []) + (["--no-resume"] if args.no_resume else [])
-        return launch_distributed(args.config, args.nproc, extra_args=extra).returncode
+        extra += (["--data-root", args.data_root] if args.data_root else [])
+        extra += [a for item in args.overrides for a in ("--set", item)]
+        return launch_distributed(config_path(args), args.nproc, extra_args=extra).returncode
     from diffkt3d.training.trainer import run_training
 
-    cfg = apply_smoke_limits(TrainConfig.from_yaml(args.config, out_dir=args.out_dir), args.max_steps, args.max_cases,
-                             out_dir_given=args.out_dir is not None)
-    path = run_training(cfg, device=args.device, resume=not args.no_resume)
+    path = run_training(train_config_from_args(args), device=args.device, resume=not args.no_resume)
     print(f"final checkpoint: {path}")
+    return 0
+
+
+def _run_scardnft(args: argparse.Namespace) -> int:
+    """--stage scardnft: the ScardNFT recipe with --set overrides; the smoke options cap iterations and cases."""
+    from diffkt3d.training.recipe import load_scardnft_recipe
+    from diffkt3d.training.scardnft import run_scardnft
+
+    cfg = load_scardnft_recipe(config_path(args), parse_assignments(args.overrides), data_root=args.data_root)
+    out_dir = args.out_dir
+    if args.max_steps is not None or args.max_cases is not None:
+        # smoke run: --max-steps caps the iterations (one case group each), --max-cases the cases
+        limits = {"iterations": min(cfg.iterations, args.max_steps) if args.max_steps else cfg.iterations,
+                  "max_cases": min(cfg.max_cases or args.max_cases, args.max_cases) if args.max_cases else cfg.max_cases}
+        cfg = dataclasses.replace(cfg, **limits)
+        out_dir = out_dir or f"{cfg.out_dir.rstrip('/')}-smoke"
+        log.warning("ScardNFT smoke run (%s) into %s: not a model to ship", limits, out_dir)
+    result = run_scardnft(cfg, out_dir=out_dir, device=args.device)
+    log.info("adapter: %s; merged checkpoint: %s", result.adapter_path, result.merged_path)
+    print(f"merged checkpoint: {result.merged_path}")
     return 0

@@ -1,6 +1,8 @@
 """Training configuration: one dataclass tree, loaded from YAML, handed to every part of training.
 
-Defaults follow the paper's supplement B.7 (Adam 0.9/0.999/1e-8 without weight decay, lr 1e-4
+A run's settings come from its recipe file (configs/*.yaml, read by diffkt3d.training.recipe, which
+also applies command-line and request overrides); the defaults below only fill fields a recipe
+leaves out. They follow the paper's supplement B.7 (Adam 0.9/0.999/1e-8 without weight decay, lr 1e-4
 constant after 500 warm-up steps, grad clip 0.1, flow matching with v-prediction, 1000 timesteps,
 shift 3.0); the step counts are ours (a CPU budget, not 100 epochs on 8 GPUs).
 """
@@ -11,8 +13,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from diffkt3d.data.encoding import PTV_RESAMPLING
 from diffkt3d.errors import ConfigError, reject_unknown_fields
@@ -178,17 +178,13 @@ class TrainConfig:
                 stages.append(StageConfig(**s))
             d["stages"] = stages
         if "grid" in d:
-            d["grid"] = tuple(int(v) for v in d["grid"])
+            grid = d["grid"]
+            d["grid"] = (int(grid),) * 3 if isinstance(grid, (int, str)) else tuple(int(v) for v in grid)
         return cls(**d)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"training config not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"training config {path} is not valid YAML: {exc}") from None
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(data)
+        """The recipe at `path` with top-level `overrides` (None values skipped); see recipe.load_recipe."""
+        from diffkt3d.training.recipe import load_recipe
+
+        return load_recipe(path, {k: v for k, v in overrides.items() if v is not None})

@@ -39,11 +39,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from diffkt3d.errors import ConfigError, DiffKT3DError
 from diffkt3d.training.config import TrainConfig
+from diffkt3d.training.recipe import DATA_ROOT_ENV, build_train_config, parse_assignments, read_recipe
 from diffkt3d.training.trainer import Trainer, autocast_context
 
 __all__ = [
@@ -325,18 +325,18 @@ class DistributedTrainer(Trainer):
 
 
 # --- config, launch ------------------------------------------------------------------------------
-def load_config(path: str | Path, **overrides: Any) -> tuple[TrainConfig, WanSetup]:
-    """A training YAML with an optional ``wan:`` section -> (TrainConfig, WanSetup)."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"training config not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"training config {path} is not valid YAML: {exc}") from None
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None, data_root: str | Path | None = None,
+                **top_level: Any) -> tuple[TrainConfig, WanSetup]:
+    """A training recipe with an optional ``wan:`` section -> (TrainConfig, WanSetup).
+
+    ``overrides`` (dotted keys, as ``--set``) and ``top_level`` fields (None skipped) go on top of the
+    recipe through :func:`diffkt3d.training.recipe.build_train_config`; relative data folders are
+    under ``data_root`` (None: ``$DIFFKT3D_DATA_ROOT``).
+    """
+    data = read_recipe(path)
     wan = WanSetup.from_dict(data.pop("wan", None))
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig.from_dict(data), wan
+    merged = {**(overrides or {}), **{k: v for k, v in top_level.items() if v is not None}}
+    return build_train_config(data, merged, data_root, source=str(path)), wan
 
 
 def torchrun_command(config_path: str | Path, nproc: int, *, nnodes: int = 1, node_rank: int | None = None,
@@ -377,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m diffkt3d.training.distributed",
                                 description="DDP training of the Any2Any DiT; start with torchrun.")
     p.add_argument("--config", required=True, help="training YAML (optional 'wan:' section)")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help=f"folder the recipe's relative train_roots/val_roots are under (default: ${DATA_ROOT_ENV})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one recipe field, VALUE read as YAML (repeatable)")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--backend", default=None, help="nccl (CUDA default) or gloo (CPU default)")
@@ -389,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s")
     try:
-        cfg, wan = load_config(args.config, out_dir=args.out_dir)
+        cfg, wan = load_config(args.config, parse_assignments(args.overrides), args.data_root, out_dir=args.out_dir)
         if args.gradient_checkpointing:
             cfg.model_overrides = {**cfg.model_overrides, "gradient_checkpointing": True}
         if args.wan_checkpoint:

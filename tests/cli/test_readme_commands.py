@@ -107,15 +107,17 @@ def test_export_then_import_dicom_round_trip(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_train_cpu_default_recipe_smoke_run(tmp_path: Path, openkbp_root: Path) -> None:
-    """README: `diffkt3d train --config configs/cpu-default.yaml`, capped by the documented smoke
-    options; the real recipe file, data roots and encoded-case cache are used unchanged."""
+    """README: `diffkt3d train --config configs/cpu-default.yaml --data-root DIR`, capped by the
+    documented smoke options; the real recipe file, data folders and encoded-case cache are used unchanged."""
     out = tmp_path / "run"
-    diffkt3d("train", "--config", "configs/cpu-default.yaml", "--max-steps", "2", "--max-cases", "2",
-             "--out-dir", str(out))
+    diffkt3d("train", "--config", "configs/cpu-default.yaml", "--data-root", str(openkbp_root.parent),
+             "--set", "seed=1", "--max-steps", "2", "--max-cases", "2", "--out-dir", str(out))
     assert json.loads((out / "progress.json").read_text())["stage"] == "dose"
     meta = torch.load(out / "final.pt", map_location="cpu", weights_only=False)["meta"]
     assert meta["global_step"] == 4 and meta["stage"] == "done"
     assert [s["steps"] for s in meta["train_config"]["stages"]] == [2, 2]
+    assert meta["train_config"]["seed"] == 1  # --set
+    assert [s["loss_norm"] for s in meta["train_config"]["stages"]] == ["l2", "l1"]  # the rest is the recipe's
     assert len(meta["train_config"]["train_roots"]) == 2  # --max-cases: two explicit case folders
     for name in ("best.pt", "last.pt", "stage_any2any.pt", "stage_dose.pt"):
         assert (out / name).exists(), name
@@ -123,11 +125,12 @@ def test_train_cpu_default_recipe_smoke_run(tmp_path: Path, openkbp_root: Path) 
 
 @pytest.mark.slow
 def test_train_scardnft_recipe_smoke_run(tmp_path: Path, openkbp_root: Path) -> None:
-    """README: `diffkt3d train --stage scardnft --config configs/scardnft-cpu.yaml`, one iteration on one case."""
+    """README: `diffkt3d train --stage scardnft --config configs/scardnft-cpu.yaml --data-root DIR`, one
+    iteration on one case."""
     pytest.importorskip("peft")
     out = tmp_path / "scardnft"
-    proc = diffkt3d("train", "--stage", "scardnft", "--config", "configs/scardnft-cpu.yaml", "--max-steps", "1",
-                    "--max-cases", "1", "--out-dir", str(out))
+    proc = diffkt3d("train", "--stage", "scardnft", "--config", "configs/scardnft-cpu.yaml", "--data-root",
+                    str(openkbp_root.parent), "--max-steps", "1", "--max-cases", "1", "--out-dir", str(out))
     assert "merged checkpoint:" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 1

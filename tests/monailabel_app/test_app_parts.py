@@ -221,7 +221,8 @@ def test_any2any_task_trains_on_two_processes_through_torchrun(tmp_path):
 
     dirs = [str(save_case_folder(make_synthetic_case(case_id=f"c{i}", seed=i), tmp_path / "cases" / f"c{i}"))
             for i in range(2)]
-    request = {"preset": "tiny", "any2any_steps": 2, "dose_steps": 2, "batch_size": 1, "grid": 16, "gpus": 2}
+    request = {"model_preset": "tiny", "model_overrides": {}, "stages.any2any.steps": 2, "stages.dose.steps": 2,
+               "grid": 16, "gpus": 2}
     task = Any2AnyTrainTask(tmp_path / "model")
     run_dir = tmp_path / "run"
     cfg = train_config_from_request(request, dirs, run_dir, tmp_path / "cache")

@@ -303,8 +303,8 @@ def test_forged_rater_is_ignored(server, idp):
 # -- 4. audit trail ------------------------------------------------------------------------------------------
 def test_training_runs_models_and_refusals_are_audited_and_only_admins_read_the_trail(server, idp):
     url, phys = server["url"], _h(idp, "phys.jones")
-    request = {"preset": "tiny", "any2any_steps": 1, "dose_steps": 1, "grid": 16, "batch_size": 1,
-               "warmup_steps": 1, "max_minutes": 5}
+    request = {"model_preset": "tiny", "model_overrides": {}, "stages.any2any.steps": 1, "stages.dose.steps": 1,
+               "grid": 16}
     # one run to the end: its published model is audited ...
     r = requests.post(f"{url}/train/any2any", json=request, headers=phys, timeout=60)
     assert r.status_code == 200, r.text[:300]

@@ -267,8 +267,8 @@ def test_short_scardnft_run_publishes_a_model_or_says_unavailable(server):
 def test_short_any2any_training_publishes_a_model_used_by_the_next_inference(server):
     url = server["url"]
     before = requests.get(f"{url}/info/", timeout=30).json()["diffkt3d"]["model_version"]
-    params = {"preset": "tiny", "any2any_steps": 2, "dose_steps": 2, "grid": 16, "batch_size": 1,
-              "warmup_steps": 1, "max_minutes": 5}
+    params = {"model_preset": "tiny", "model_overrides": {}, "stages.any2any.steps": 2, "stages.dose.steps": 2,
+              "grid": 16, "stages.any2any.warmup_steps": 1, "stages.dose.warmup_steps": 1}
     r = requests.post(f"{url}/train/any2any", json=params, timeout=60)
     assert r.status_code == 200, r.text
     status = _wait_training(url)

@@ -1,0 +1,39 @@
+"""A train request's body -> overrides of the task's recipe file.
+
+The recipe (configs/*.yaml) holds every default; a request only names what it changes, with the
+recipe's own field names (`stages.dose.steps`, `model_preset`, `iterations` ...). The core
+(`diffkt3d.training.recipe`) refuses unknown names; this layer only drops what is not a recipe
+field: the keys MONAI Label adds itself and the fields the server decides (the data, the output).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from diffkt3d.training.recipe import flat_fields, read_recipe
+
+log = logging.getLogger(__name__)
+
+# Recipes shipped with the repository, beside the app.
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Keys MONAI Label puts in every train request (the task name, its GPU selection, bundle and
+# rank bookkeeping): not recipe fields.
+MONAI_LABEL_KEYS = frozenset({"model", "gpus", "bundle_path", "local_rank"})
+
+
+def recipe_overrides(request: Mapping[str, Any], server_decided: Iterable[str]) -> dict[str, Any]:
+    """The request's recipe overrides: MONAI Label's own keys dropped, server-decided fields ignored (logged)."""
+    decided = set(server_decided)
+    ignored = sorted(k for k in request if k.split(".")[0] in decided)
+    if ignored:
+        log.warning("request keys decided by the server, ignored: %s", ignored)
+    return {k: v for k, v in request.items() if k not in MONAI_LABEL_KEYS and k.split(".")[0] not in decided}
+
+
+def editable_fields(recipe: Path, server_decided: Iterable[str]) -> dict[str, Any]:
+    """The recipe's fields a request may override, as dotted keys with the recipe's values (for `/info/`)."""
+    decided = set(server_decided)
+    return {k: v for k, v in flat_fields(read_recipe(recipe)).items() if k.split(".")[0] not in decided}
