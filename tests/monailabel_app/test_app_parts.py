@@ -18,7 +18,7 @@ if str(REPO) not in sys.path:
 
 from diffkt3d.errors import CaseError  # noqa: E402
 from diffkt3d.preferences import PreferenceRecord, PreferenceStore  # noqa: E402
-from infer_tasks.common import TaskError, dvh_table, load_request_case  # noqa: E402
+from infer_tasks.common import TaskError, load_request_case  # noqa: E402
 from infer_tasks.dose import CandidateCache, DoseParams  # noqa: E402
 from monailabel_app.datastore import CaseFolderDatastore, UnknownCaseError  # noqa: E402
 from monailabel_app.strategy import PreferenceStrategy, record_candidates  # noqa: E402
@@ -99,7 +99,7 @@ def test_datastore_add_image_from_archive(studies, tmp_path):
     assert (studies / "case_new" / "PTV70.nii.gz").exists()
 
 
-# -- request case loading and DVH -----------------------------------------------------------------------
+# -- request case loading --------------------------------------------------------------------------------
 def test_session_case_errors_name_case_and_file_without_server_paths(tmp_path):
     folder = _write_case(tmp_path / "sess" / "tmpabc", with_dose=False)
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), AFFINE), str(folder / "Larynx.nii.gz"))
@@ -112,21 +112,6 @@ def test_session_case_errors_name_case_and_file_without_server_paths(tmp_path):
     with pytest.raises(TaskError) as too_big:
         load_request_case(req, max_upload_bytes=100)
     assert too_big.value.status == 413
-
-
-def test_dvh_table_against_numpy(tmp_path):
-    from diffkt3d.io.case_folder import load_case_folder
-
-    case = load_case_folder(_write_case(tmp_path / "c"), with_dose=False)
-    rng = np.random.default_rng(0)
-    dose = rng.uniform(0, 70, size=case.grid.shape).astype(np.float32)
-    table = dvh_table(dose, case)
-    ptv = case.structures["PTV70"].mask
-    d = dose[ptv]
-    assert table["PTV70"]["Dmean"] == pytest.approx(d.mean(), abs=1e-3)
-    assert table["PTV70"]["Dmax"] == pytest.approx(d.max(), abs=1e-3)
-    assert table["PTV70"]["D95%"] == pytest.approx(np.percentile(d, 5), abs=1e-3)
-    assert table["PTV70"]["volume_cc"] == pytest.approx(ptv.sum() * 2 * 2 * 3 / 1000, abs=1e-4)
 
 
 # -- parameters and candidate cache ----------------------------------------------------------------------
