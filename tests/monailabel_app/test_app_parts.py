@@ -256,3 +256,22 @@ def test_dose_task_keeps_only_multi_candidate_results(tmp_path, tiny_checkpoint)
     path, meta = task({**request, "request_id": multi["request_id"], "candidate_id": other})
     assert meta["candidate_id"] == other and nib.load(path).shape == (12, 10, 8)
     Path(path).unlink()
+
+
+def test_dose_answer_feeds_the_preference_strategy(studies, tiny_checkpoint):
+    """The strategy stores what the dose task answers (the core's dose result): same totals, request, template."""
+    from diffkt3d.constants import DEFAULT_TEMPLATE
+    from infer_tasks.common import CASE_ID_KEY, SOURCE_KEY, ModelProvider
+    from infer_tasks.dose import DoseTask
+    from monailabel_app.strategy import INFO_KEY
+
+    ds = CaseFolderDatastore(studies)
+    task = DoseTask(ModelProvider(tiny_checkpoint, [], None, "cpu"), max_upload_bytes=10**9,
+                    on_candidates=lambda case_id, source, result: record_candidates(ds, case_id, result))
+    out, answer = task({"image": str(studies / "case_a"), SOURCE_KEY: "datastore", CASE_ID_KEY: "case_a",
+                        "preview": True, "candidates": 2, "seed": 1})
+    Path(out).unlink()
+    info = ds.get_image_info("case_a")[INFO_KEY]
+    assert info["totals"] == [c["scorecard_total"] for c in answer["candidates"]]
+    assert info["seeds"] == [1, 2] and info["request_id"] == answer["request_id"]
+    assert info["template"] == answer["template"] == DEFAULT_TEMPLATE
