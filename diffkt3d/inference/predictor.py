@@ -156,9 +156,9 @@ class Predictor:
         timings = {"encode_s": t1 - t0, "sample_s": t2 - t1, "decode_s": t3 - t2, "scorecard_s": t4 - t3,
                    "dvh_s": t5 - t4, "total_s": t5 - t0}
         return DosePrediction(candidates=cands, chosen_id=chosen.id, steps=steps, seed=int(seed),
-                              model_version=self.model_version, aggregate=aggregate, template=template or None,
-                              preview=bool(preview), case=CaseInfo.of(case), dvh=dvh,
-                              timings={k: round(v, 4) for k, v in timings.items()})
+                              model_version=self.model_version, aggregate=aggregate,
+                              template=str(template) if template else None, preview=bool(preview),
+                              case=CaseInfo.of(case), dvh=dvh, timings={k: round(v, 4) for k, v in timings.items()})
 
     # -- imputation ------------------------------------------------------------------------
     def impute(self, case: Case, target: str, steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED) -> ImputationResult:

@@ -232,6 +232,15 @@ def test_candidates_and_preference_record_pass_the_core_validator(small_case):
         cset.preference_record("c1", "  ")
 
 
+def test_answer_without_candidate_scores_is_named(small_case):
+    answer = _dose_answer(small_case, 2)
+    del answer["candidates"][1]["scorecard_items"]
+    with pytest.raises(ValueError, match=r"candidate c1 of the dose answer has no 'scorecard_items'"):
+        candidates.CandidateSet.from_response(answer)
+    with pytest.raises(ValueError, match="no 'candidates'"):
+        candidates.CandidateSet.from_response({"task": "dose"})
+
+
 def test_preview_and_single_candidates_cannot_be_rated(small_case):
     with pytest.raises(ValueError, match="preview"):
         candidates.CandidateSet.from_response(_dose_answer(small_case, 2, preview=True)).preference_record(

@@ -31,14 +31,14 @@ class Candidate:
     id: str
     seed: int | None
     scorecard: dict[str, Any]
-    scorecard_total: float | None = None
-    scorecard_items: dict[str, float] = field(default_factory=dict)
+    scorecard_total: float
+    scorecard_items: dict[str, float]
     dose_path: Path | None = None
     dose_node_id: str | None = None
     table_node_id: str | None = None
 
     @property
-    def total(self) -> float | None:
+    def total(self) -> float:
         return self.scorecard_total
 
 
@@ -71,14 +71,12 @@ class CandidateSet:
         for i, c in enumerate(raw):
             if "id" not in c:
                 raise ValueError(f"candidate #{i} of the dose answer has no 'id'")
-            card = c.get("scorecard")
-            if card is None:
-                raise ValueError(f"candidate {c['id']} of the dose answer has no 'scorecard'")
-            total = c.get("scorecard_total")
-            items = c.get("scorecard_items") or {}
-            cands.append(Candidate(id=str(c["id"]), seed=c.get("seed"), scorecard=card,
-                                   scorecard_total=None if total is None else float(total),
-                                   scorecard_items={str(k): float(v) for k, v in items.items()}))
+            missing = [k for k in ("scorecard", "scorecard_total", "scorecard_items") if c.get(k) is None]
+            if missing:
+                raise ValueError(f"candidate {c['id']} of the dose answer has no {', '.join(map(repr, missing))}")
+            cands.append(Candidate(id=str(c["id"]), seed=c.get("seed"), scorecard=c["scorecard"],
+                                   scorecard_total=float(c["scorecard_total"]),
+                                   scorecard_items={str(k): float(v) for k, v in c["scorecard_items"].items()}))
         case = params.get("case") or {}
         best = str(params.get("chosen_id") or cands[0].id)
         return cls(case_id=str(case.get("id", "")), request_id=params.get("request_id"),
@@ -128,8 +126,7 @@ class CandidateSet:
             ref: dict[str, Any] = {"id": c.id, "seed": int(c.seed or 0), "model_version": self.model_version}
             if checkpoint:
                 ref["checkpoint"] = checkpoint
-            if c.scorecard_total is not None:
-                ref["scorecard_total"] = c.scorecard_total
+            ref["scorecard_total"] = c.scorecard_total
             ref["scorecard_items"] = dict(c.scorecard_items)
             refs.append(ref)
         record: dict[str, Any] = {"case_id": self.case_id, "candidates": refs, "chosen_id": chosen_id,
