@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine_info import describe_machine, write_results  # noqa: E402
 
+from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TEMPLATE, PREVIEW_STEPS  # noqa: E402
 from diffkt3d.io.case_folder import load_case_folder  # noqa: E402
 from diffkt3d.metrics.image import dice, masked_mae_hu, psnr, ssim  # noqa: E402
 from diffkt3d.metrics.openkbp import score_case_object  # noqa: E402
@@ -96,7 +97,8 @@ def run_child(args: argparse.Namespace) -> None:
         if args.child in ("dit10", "dit1"):
             inp = load_case_folder(folder, with_dose=False)
             t0 = time.perf_counter()
-            pred = predictor.predict_dose(inp, steps=10 if args.child == "dit10" else 1, seed=0, template=None)
+            pred = predictor.predict_dose(inp, steps=DEFAULT_STEPS if args.child == "dit10" else PREVIEW_STEPS,
+                                          seed=DEFAULT_SEED, template=None)
             row["seconds"] = time.perf_counter() - t0
             row.update({k: v for k, v in dose_figures(ref, pred.dose_gy, template).items() if k != "_score"})
             from diffkt3d.scorecard import score_case
@@ -126,12 +128,12 @@ def run_child(args: argparse.Namespace) -> None:
         else:  # imputation
             t0 = time.perf_counter()
             if ref.ct_hu is not None:
-                ct = predictor.impute(ref, "ct", steps=10, seed=0).ct_hu
+                ct = predictor.impute(ref, "ct", steps=DEFAULT_STEPS, seed=DEFAULT_SEED).ct_hu
                 row["ct_mae_hu"] = masked_mae_hu(ct, ref.ct_hu, ref.body)
                 row["ct_psnr"] = psnr(np.clip(ct, -1000, 1000), np.clip(ref.ct_hu, -1000, 1000), data_range=2000.0)
-            ptv = predictor.impute(ref, "ptv", steps=10, seed=0).masks
+            ptv = predictor.impute(ref, "ptv", steps=DEFAULT_STEPS, seed=DEFAULT_SEED).masks
             row["ptv_dice"] = {n: dice(ptv.get(n, np.zeros_like(s.mask)), s.mask) for n, s in ref.targets.items()}
-            oar = predictor.impute(ref, "oar", steps=10, seed=0).masks
+            oar = predictor.impute(ref, "oar", steps=DEFAULT_STEPS, seed=DEFAULT_SEED).masks
             row["oar_dice"] = {n: dice(oar[n], s.mask) for n, s in ref.oars.items() if n in oar}
             row["seconds"] = time.perf_counter() - t0
         rows.append(row)
@@ -205,7 +207,7 @@ def main() -> None:
     p.add_argument("--cases", default=str(ROOT.parent / "shared/datasets/openkbp/validation"))
     p.add_argument("--model", default=None, help="DiT checkpoint (default: shipped)")
     p.add_argument("--peer", default=str(ROOT / "runs/peer/basicunet.pt"))
-    p.add_argument("--template", default="openkbp_hn")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE)
     p.add_argument("--limit", type=int, default=0, help="first N cases only (0 = all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=["dit10", "dit1", "peer", "prior", "grid", "impute"])

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine_info import describe_machine  # noqa: E402
 
-from diffkt3d.constants import CT_WINDOW_HU
+from diffkt3d.constants import CT_WINDOW_HU, DEFAULT_STEPS
 from diffkt3d.data.encoding import EncodingConfig, decode_ct
 from diffkt3d.io.case_folder import load_case_folder
 from diffkt3d.metrics.image import masked_mae_hu, psnr
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-local", type=float, default=1e-3)
     ap.add_argument("--lr-global", type=float, default=3e-4)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=10, help="sampler steps")
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampler steps")
     ap.add_argument("--ks", default="1,2,3")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 predictor = predictor or Predictor.load(args.any2any, device="cpu")
                 case = val_cases[i]
-                ct_hu = predictor.impute(case, "ct", steps=10, seed=args.seed + i).ct_hu
+                ct_hu = predictor.impute(case, "ct", steps=DEFAULT_STEPS, seed=args.seed + i).ct_hu
                 sec, cpu = time.perf_counter() - t0, time.process_time() - c0
                 lo, hi = CT_WINDOW_HU
                 rows[label].append({"mae_case": masked_mae_hu(ct_hu, case.ct_hu, case.body),

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from dose_benchmark import dose_figures, prior_dose_from  # noqa: E402
 from machine_info import describe_machine, write_results  # noqa: E402
 
+from diffkt3d.constants import DEFAULT_TEMPLATE  # noqa: E402
 from diffkt3d.data.encoding import encode_case  # noqa: E402
 from diffkt3d.inference import Predictor  # noqa: E402
 from diffkt3d.io.case_folder import load_case_folder  # noqa: E402
@@ -55,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(1)
     started = dt.datetime.now(dt.timezone.utc)
     predictor = Predictor.load(None)
-    template = load_template("openkbp_hn")
+    template = load_template(DEFAULT_TEMPLATE)
     rows: dict[str, list[dict]] = {"area": [], "max": []}
     for folder in list_case_dirs([args.cases])[: args.limit or None]:
         ref = load_case_folder(folder)

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from machine_info import describe_machine
 
+from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TEMPLATE
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "openkbp"
 OUT = ROOT / "runs" / "scardnft-bench"
@@ -48,7 +50,7 @@ def hidden_weights() -> dict[str, float]:
     """The simulated institution's hidden item weights: a random permutation of 0.25 ... 4 (seeded)."""
     from diffkt3d.scorecard import load_template
 
-    ids = [it.id for it in load_template("openkbp_hn").items]
+    ids = [it.id for it in load_template(DEFAULT_TEMPLATE).items]
     rng = np.random.default_rng(HIDDEN_SEED)
     return {i: float(w) for i, w in zip(ids, rng.permutation(np.geomspace(0.25, 4.0, len(ids))), strict=True)}
 
@@ -61,7 +63,7 @@ def cmd_prefs(args: argparse.Namespace) -> None:
     from diffkt3d.preferences.learner import SimulatedRater, learn_item_weights, simulate_records
     from diffkt3d.scorecard import load_template
 
-    tpl = load_template("openkbp_hn")
+    tpl = load_template(DEFAULT_TEMPLATE)
     ids = [it.id for it in tpl.items]
     hidden = hidden_weights()
     # structures as in OpenKBP (two parotids, three PTVs for the "any"/"lower" target items)
@@ -156,7 +158,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     learned = json.loads((OUT / "prefs.json").read_text())["learned_weights_n200"]
-    shipped = load_template("openkbp_hn")
+    shipped = load_template(DEFAULT_TEMPLATE)
     learned_tpl = shipped.with_weights(learned)
     pred = Predictor.load(args.model, device="cpu")
     dirs = list_case_dirs([DATA / "validation"])
@@ -166,7 +168,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for d in dirs:
         t0 = time.process_time()
         case = load_case_folder(d)
-        dose = pred.predict_dose(case, steps=10, candidates=1, seed=0, template=None).dose_gy
+        dose = pred.predict_dose(case, steps=DEFAULT_STEPS, candidates=1, seed=DEFAULT_SEED, template=None).dose_gy
         sc = score_case(dose, case, shipped)
         sl = score_case(dose, case, learned_tpl)
         ok = score_case_object(case, dose)

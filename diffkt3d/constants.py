@@ -1,6 +1,8 @@
 """Constants shared by training, inference, the server and the Slicer logic.
 
-Defined once here (house style rule 5): change a value here and every layer follows.
+Defined once here: change a value here and every layer follows. The Slicer module cannot import
+this package; its copies (slicer_extension/DiffKT3D/DiffKT3DLib/constants.py) carry the same names
+and tests/slicer_extension/test_lib_units.py checks they still equal these.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ OPENKBP_GANTRY_ANGLES_DEG: tuple[float, ...] = tuple(float(a) for a in range(0, 
 # Source-axis distance of a linac (mm), used to rasterise the beam plate.
 SAD_MM: float = 1000.0
 
-# File names inside a case folder (shared/docs/INTERFACES.md).
+# File names inside a case folder (docs/request-format.md lists what a case holds).
 CT_FILE = "ct.nii.gz"
 DOSE_FILE = "dose.nii.gz"
 BODY_FILES: tuple[str, ...] = ("possible_dose_mask.nii.gz", "body.nii.gz")
@@ -45,7 +47,7 @@ PLAN_FILE = "plan.json"
 BEAM_FILE = "beam_plate.nii.gz"
 ANGLE_FILE = "angle_plate.nii.gz"
 
-# The one default of the predictor multiplier k of Algorithm 1 (seed 004) for CT imputation: the
+# The one default of the PRDiT predictor multiplier k (Algorithm 1) for CT imputation: the
 # CLI (--prdit-k), the server (prdit_k), ``diffkt3d.models.prdit.impute.impute_ct`` /
 # ``PRDiTImputer.impute_case`` and ``sample_predictor_corrector`` all default to it. 1 = the cold
 # deterministic sampler. Why 1 and not the paper's best k = 2: a single imputed CT is judged
@@ -55,3 +57,18 @@ ANGLE_FILE = "angle_plate.nii.gz"
 # PSNR favoured k = 2 / 3). The paper's gains for k > 1 are in FID / MMD (sample realism), which we do
 # not measure; k stays a config switch.
 PRDIT_DEFAULT_K = 1.0
+
+# Defaults of a prediction request, shared by `Predictor`, the CLI (`predict`, `impute`, `evaluate`),
+# the server's `dose` / `impute_*` tasks, the benchmarks and (as copies) the Slicer panel.
+# Euler steps of the flow sampler (network evaluations per candidate).
+DEFAULT_STEPS: int = 10
+# Steps of a preview (live segment editing): one network evaluation.
+PREVIEW_STEPS: int = 1
+DEFAULT_SEED: int = 0
+DEFAULT_CANDIDATES: int = 1
+# How the returned dose is picked from the candidates: "best" = highest Scorecard total,
+# "mean" = the voxel-wise mean of the candidates.
+AGGREGATES: tuple[str, ...] = ("best", "mean")
+DEFAULT_AGGREGATE: str = "best"
+# The shipped Scorecard template (diffkt3d/scorecard/templates/openkbp_hn.yaml).
+DEFAULT_TEMPLATE: str = "openkbp_hn"

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from diffkt3d.constants import DOSE_FILE
+from diffkt3d.constants import DEFAULT_TEMPLATE, DOSE_FILE
 from diffkt3d.data.case import Case, Grid
 from diffkt3d.errors import CaseError
 from diffkt3d.io.case_folder import load_case_folder, load_nifti
@@ -278,7 +278,7 @@ def evaluate(
     pred_root: str | Path,
     ref_root: str | Path,
     *,
-    template: str | Path | ScorecardTemplate = "openkbp_hn",
+    template: str | Path | ScorecardTemplate = DEFAULT_TEMPLATE,
     cases: Sequence[str] | None = None,
     allow_missing: bool = False,
     gamma: bool = True,
@@ -347,7 +347,7 @@ def evaluate(
     return report
 
 
-def score_references(ref_root: str | Path, template: str | Path | ScorecardTemplate = "openkbp_hn",
+def score_references(ref_root: str | Path, template: str | Path | ScorecardTemplate = DEFAULT_TEMPLATE,
                      cases: Iterable[str] | None = None) -> list[ScorecardResult]:
     """Scorecards of the reference doses of every case folder under ``ref_root`` that has a dose."""
     tpl = load_template(template)

@@ -1,6 +1,6 @@
 """What every DiffKT3D infer task shares: the model provider, case loading from a request, errors.
 
-Kept thin (house style rule 11): a request is parsed once into a small dataclass and a core `Case`;
+Kept thin: a request is parsed once into a small dataclass and a core `Case`;
 the model work is `diffkt3d.inference.Predictor`.
 """
 
@@ -8,25 +8,25 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from diffkt3d.data.case import Case
 from diffkt3d.errors import CaseError
-from diffkt3d.inference import Predictor, default_model_path
+from diffkt3d.inference import CaseInfo, Predictor, default_model_path
 from diffkt3d.inference.ct_backbone import CTImputationConfig
 from diffkt3d.inference.prdit_predictor import PRDiTCTPredictor
 from diffkt3d.io.case_folder import load_case_folder
-from diffkt3d.metrics import dvh
 
 log = logging.getLogger(__name__)
 
 # Request keys the app sets before a task runs (see monailabel_app/main.py).
 CASE_ID_KEY = "diffkt3d_case_id"
 SOURCE_KEY = "diffkt3d_source"  # "datastore" | "session"
+
+# Largest `steps` and `seed` a request may ask for (a seed must fit torch's 32-bit generators).
+MAX_STEPS = 100
+MAX_SEED = 2**31 - 1
 
 
 class TaskError(Exception):
@@ -220,47 +220,9 @@ def load_request_case(request: dict[str, Any], max_upload_bytes: int) -> Case:
     return case
 
 
-@dataclass
-class StructureDvh:
-    """DVH summary of one structure on a dose (Gy) - what the response JSON reports."""
-
-    Dmean: float
-    Dmax: float
-    Dmin: float
-    D95: float
-    D99: float
-    D1: float
-    D0_1cc: float
-    volume_cc: float
-
-    def to_dict(self) -> dict[str, float]:
-        return {"Dmean": self.Dmean, "Dmax": self.Dmax, "Dmin": self.Dmin, "D95%": self.D95,
-                "D99%": self.D99, "D1%": self.D1, "D0.1cc": self.D0_1cc, "volume_cc": self.volume_cc}
-
-
-def dvh_table(dose_gy: np.ndarray, case: Case) -> dict[str, dict[str, float]]:
-    """DVH metrics (Gy) of every non-empty structure, via diffkt3d.metrics.dvh."""
-    voxel_cc = case.grid.voxel_volume_mm3 / 1000.0
-    out: dict[str, dict[str, float]] = {}
-    for name, s in case.structures.items():
-        if not s.mask.any():
-            continue
-        row = StructureDvh(
-            Dmean=dvh.mean_dose(dose_gy, s.mask), Dmax=dvh.max_dose(dose_gy, s.mask),
-            Dmin=dvh.min_dose(dose_gy, s.mask), D95=dvh.dose_at_volume_pct(dose_gy, s.mask, 95.0),
-            D99=dvh.dose_at_volume_pct(dose_gy, s.mask, 99.0), D1=dvh.dose_at_volume_pct(dose_gy, s.mask, 1.0),
-            D0_1cc=dvh.dose_at_volume_cc(dose_gy, s.mask, 0.1, voxel_cc),
-            volume_cc=float(s.mask.sum()) * voxel_cc)
-        out[name] = {k: round(v, 4) for k, v in row.to_dict().items()}
-    return out
-
-
 def case_summary(case: Case, source: str) -> dict[str, Any]:
-    return {"id": case.case_id, "source": source, "shape": list(case.grid.shape),
-            "spacing_mm": [round(v, 4) for v in case.grid.spacing_mm],
-            "structures": {n: {"role": s.role, "prescription_gy": s.prescription_gy}
-                           for n, s in case.structures.items()},
-            "inferred": list(case.plan.inferred)}
+    """The core's description of the case (`CaseInfo`) plus where the server read it from."""
+    return {**CaseInfo.of(case).to_dict(), "source": source}
 
 
 def int_param(request: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:

@@ -1,6 +1,8 @@
 """`dose` infer task: dose (Gy, float32 NIfTI on the input grid) + Scorecard, DVH and candidates.
 
-Request/response format: docs/request-format.md. The model work is `Predictor.predict_dose`.
+Request/response format: docs/request-format.md. The model work is `Predictor.predict_dose`; the
+response JSON is its `DosePrediction.to_dict()` (the same description `diffkt3d predict` writes)
+plus transport-only fields: `task`, `request_id`, `case.source` and `request_timings`.
 """
 
 from __future__ import annotations
@@ -18,24 +20,31 @@ from typing import Any
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from diffkt3d.constants import (
+    AGGREGATES,
+    DEFAULT_AGGREGATE,
+    DEFAULT_CANDIDATES,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    DEFAULT_TEMPLATE,
+)
 from diffkt3d.data.case import Grid
-from diffkt3d.inference.predictor import DEFAULT_TEMPLATE, DosePrediction
+from diffkt3d.inference import DosePrediction
 from diffkt3d.io.case_folder import save_nifti
 from infer_tasks.common import (
     CASE_ID_KEY,
+    MAX_SEED,
+    MAX_STEPS,
     SOURCE_KEY,
     ModelProvider,
     TaskError,
     bool_param,
-    case_summary,
-    dvh_table,
     int_param,
     load_request_case,
 )
 
 log = logging.getLogger(__name__)
 
-MAX_STEPS = 100
 MAX_CANDIDATES = 16
 
 
@@ -43,41 +52,32 @@ MAX_CANDIDATES = 16
 class DoseParams:
     """The `dose` request parameters, parsed and checked once (defaults: docs/request-format.md)."""
 
-    steps: int = 10
-    candidates: int = 1
-    seed: int = 0
+    steps: int = DEFAULT_STEPS
+    candidates: int = DEFAULT_CANDIDATES
+    seed: int = DEFAULT_SEED
     preview: bool = False
-    aggregate: str = "best"
+    aggregate: str = DEFAULT_AGGREGATE
     template: str = DEFAULT_TEMPLATE
     request_id: str | None = None
     candidate_id: str | None = None
 
     @classmethod
     def from_request(cls, request: dict[str, Any]) -> DoseParams:
-        aggregate = request.get("aggregate", "best")
-        if aggregate not in ("best", "mean"):
-            raise TaskError(422, f"parameter 'aggregate' must be 'best' or 'mean', found {aggregate!r}")
+        aggregate = request.get("aggregate", DEFAULT_AGGREGATE)
+        if aggregate not in AGGREGATES:
+            raise TaskError(422, f"parameter 'aggregate' must be one of {', '.join(map(repr, AGGREGATES))}, "
+                                 f"found {aggregate!r}")
         template = request.get("template", DEFAULT_TEMPLATE)
         if not isinstance(template, str) or not template:
             raise TaskError(422, f"parameter 'template' must be a template name, found {template!r}")
         rid, cid = request.get("request_id"), request.get("candidate_id")
         if (rid is None) != (cid is None):
             raise TaskError(422, "'request_id' and 'candidate_id' go together (fetching a stored candidate)")
-        return cls(steps=int_param(request, "steps", 10, 1, MAX_STEPS),
-                   candidates=int_param(request, "candidates", 1, 1, MAX_CANDIDATES),
-                   seed=int_param(request, "seed", 0, 0, 2**31 - 1),
+        return cls(steps=int_param(request, "steps", DEFAULT_STEPS, 1, MAX_STEPS),
+                   candidates=int_param(request, "candidates", DEFAULT_CANDIDATES, 1, MAX_CANDIDATES),
+                   seed=int_param(request, "seed", DEFAULT_SEED, 0, MAX_SEED),
                    preview=bool_param(request, "preview", False), aggregate=aggregate, template=template,
                    request_id=None if rid is None else str(rid), candidate_id=None if cid is None else str(cid))
-
-
-def scorecard_items(scorecard: dict[str, Any] | None) -> dict[str, float]:
-    """`"<item id>/<structure>" -> unweighted score` of a Scorecard result: the form preference records
-    carry (`CandidateRef.scorecard_items`), so a client copies it into its record unchanged and the
-    ScardNFT preference learner can fit item weights from it."""
-    if not scorecard:
-        return {}
-    return {f"{it['id']}/{it['structure']}": float(it["score"]) for it in scorecard.get("items", [])
-            if it.get("score") is not None}
 
 
 class CandidateCache:
@@ -142,7 +142,7 @@ class DoseTask(InferTask):
         super().__init__(type=InferType.OTHERS, labels=None, dimension=3,
                          description="Radiotherapy dose (Gy) from CT + structures, with Scorecard and DVH",
                          config={"steps": defaults.steps, "candidates": defaults.candidates, "seed": defaults.seed,
-                                 "preview": defaults.preview, "aggregate": ["best", "mean"],
+                                 "preview": defaults.preview, "aggregate": list(AGGREGATES),
                                  "template": defaults.template})
         self.models = models
         self.max_upload_bytes = max_upload_bytes
@@ -172,18 +172,8 @@ class DoseTask(InferTask):
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix="dose-", delete=False).name
         save_nifti(pred.dose_gy.astype(np.float32), case.grid, out, np.float32)
         request_id = uuid.uuid4().hex
-        result = {
-            "task": "dose", "request_id": request_id,
-            "case": case_summary(case, str(request.get(SOURCE_KEY))),
-            "model_version": pred.model_version, "steps": pred.steps, "seed": pred.seed,
-            "preview": params.preview, "aggregate": pred.aggregate, "template": params.template,
-            "chosen_id": pred.chosen_id, "scorecard": pred.scorecard,
-            "dvh": dvh_table(pred.dose_gy, case),
-            "candidates": [{"id": c.id, "seed": c.seed,
-                            "scorecard_total": None if c.scorecard is None else c.scorecard.get("total"),
-                            "scorecard_items": scorecard_items(c.scorecard),
-                            "scorecard": c.scorecard} for c in pred.candidates],
-        }
+        result = {"task": "dose", "request_id": request_id, **pred.to_dict()}
+        result["case"]["source"] = str(request.get(SOURCE_KEY))
         if len(pred.candidates) > 1:
             # Only multi-candidate results are kept: a single candidate IS the response image, and
             # keeping it pinned 8 MB per preview (a 128^3 float32 dose) until the 512 MB budget was
@@ -191,8 +181,9 @@ class DoseTask(InferTask):
             # (benchmarks/results/server_concurrency_soak.md).
             self.cache.put(request_id, case.grid, {c.id: c.dose_gy for c in pred.candidates},
                            {"case_id": case.case_id, "model_version": pred.model_version})
-        result["timings"] = {"load_s": round(t1 - t0, 4), **{f"predict_{k}": v for k, v in pred.timings.items()},
-                             "total_s": round(time.perf_counter() - t0, 4), "model_s": round(t2 - t1, 4)}
+        # The prediction's own stage timings are `timings`; these add what the server spent around it.
+        result["request_timings"] = {"load_s": round(t1 - t0, 4), "model_s": round(t2 - t1, 4),
+                                     "total_s": round(time.perf_counter() - t0, 4)}
         if self.on_candidates is not None and len(pred.candidates) > 1:
             self.on_candidates(str(request.get(CASE_ID_KEY)), str(request.get(SOURCE_KEY)), result)
         return out, result

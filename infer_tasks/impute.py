@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from diffkt3d.constants import IMPUTABLE
+from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS, IMPUTABLE
 from diffkt3d.io.case_folder import save_nifti
 from infer_tasks.common import (
+    MAX_SEED,
+    MAX_STEPS,
     SOURCE_KEY,
     ModelProvider,
     case_summary,
@@ -39,7 +41,7 @@ class ImputeTask(InferTask):
             raise ValueError(f"cannot impute {target!r}; imputable: {IMPUTABLE}")
         super().__init__(type=InferType.OTHERS if target == "ct" else InferType.SEGMENTATION, labels=None,
                          dimension=3, description=f"Impute the {target.upper()} of a case from its other modalities",
-                         config={"steps": 10, "seed": 0})
+                         config={"steps": DEFAULT_STEPS, "seed": DEFAULT_SEED})
         self.target = target
         self.models = models
         self.max_upload_bytes = max_upload_bytes
@@ -49,8 +51,8 @@ class ImputeTask(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         t0 = time.perf_counter()
-        steps = int_param(request, "steps", 10, 1, 100)
-        seed = int_param(request, "seed", 0, 0, 2**31 - 1)
+        steps = int_param(request, "steps", DEFAULT_STEPS, 1, MAX_STEPS)
+        seed = int_param(request, "seed", DEFAULT_SEED, 0, MAX_SEED)
         case = load_request_case(request, self.max_upload_bytes)
         predictor = self.models.get()
         with self.models.run_lock:

@@ -29,7 +29,11 @@ def candidate_spread(totals: list[float]) -> float:
 
 
 def record_candidates(datastore: Datastore, case_id: str, result: dict[str, Any]) -> None:
-    """Store the candidates' Scorecard totals of a dose response in the case's image info."""
+    """Store the candidates' Scorecard totals of a dose response in the case's image info.
+
+    `result` is the `dose` task's answer: the core's dose-result description
+    (`DosePrediction.to_dict()`, docs/request-format.md §4) plus the server's `request_id`.
+    """
     totals = [c["scorecard_total"] for c in result.get("candidates", []) if c.get("scorecard_total") is not None]
     if len(totals) < 2:
         return

@@ -24,19 +24,20 @@ sys.path.insert(0, str(ROOT / "slicer_extension" / "DiffKT3D"))
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from DiffKT3DLib.client import DiffKT3DClient  # noqa: E402
+from DiffKT3DLib.constants import DEFAULT_SERVER_URL  # noqa: E402
 
-from diffkt3d.constants import DOSE_FILE  # noqa: E402
+from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS, DOSE_FILE  # noqa: E402
 from diffkt3d.io.case_folder import load_case_folder  # noqa: E402
 from diffkt3d.report import dose_overlay, dvh_plot, scorecard_table  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--server", default="http://127.0.0.1:8000")
+    p.add_argument("--server", default=DEFAULT_SERVER_URL)
     p.add_argument("--case", default=str(ROOT / "sample-data" / "pt_201"))
     p.add_argument("--out", default=str(ROOT / "demo-output"))
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     args = p.parse_args()
 
     case_dir = Path(args.case)
@@ -58,13 +59,11 @@ def main() -> int:
     client.delete_session(session)
     dose_path = out / "dose.nii.gz"
     result.image_path.replace(dose_path)
-    res = result.params
+    res = result.params  # the dose result, the same description `diffkt3d predict` writes
     (out / "scorecard.json").write_text(json.dumps(res, indent=2))
     print(f"[demo] dose received in {elapsed:.1f} s -> {dose_path}")
     print()
-    template = res["scorecard"].get("template", {})
-    name = template.get("name", "?") if isinstance(template, dict) else str(template)
-    print(f"Scorecard (template {name}), case {case_dir.name}:")
+    print(f"Scorecard (template {res['template']}), case {case_dir.name}:")
     print(scorecard_table(res["scorecard"]))
     print()
 

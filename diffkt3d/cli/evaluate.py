@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from diffkt3d.constants import DEFAULT_TEMPLATE
 from diffkt3d.scorecard import list_templates
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ref", required=True, metavar="ROOT",
                    help="folder of reference case folders (OpenKBP layout, with dose.nii.gz)")
     p.add_argument("--json", metavar="FILE", help="also write the figures (and Scorecard details) as JSON")
-    p.add_argument("--template", default="openkbp_hn", metavar="NAME|PATH",
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, metavar="NAME|PATH",
                    help=f"Scorecard template: shipped name ({', '.join(list_templates())}) or a .yaml file "
-                        "(default openkbp_hn)")
+                        f"(default {DEFAULT_TEMPLATE})")
     p.add_argument("--cases", nargs="+", metavar="CASE", help="evaluate only these case ids")
     p.add_argument("--allow-missing", action="store_true",
                    help="skip (and list) cases without a prediction instead of failing")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffkt3d.constants import IMPUTABLE
+from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS, IMPUTABLE
 from diffkt3d.errors import ConfigError
 from diffkt3d.inference.ct_backbone import CT_BACKBONES, PRDIT_SAMPLERS, CTImputationConfig
 from diffkt3d.io.case_folder import load_case_folder, save_nifti
@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", required=True, choices=IMPUTABLE)
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None, help="checkpoint (default: the shipped CPU model)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--device", default=None)
     g = p.add_argument_group("CT backbone (issue 5)", "PRDiT as an alternative CT-imputation backbone")
     g.add_argument("--ct-backbone", choices=CT_BACKBONES, default="any2any",

@@ -7,24 +7,36 @@ import json
 import logging
 from pathlib import Path
 
+from diffkt3d.constants import (
+    AGGREGATES,
+    DEFAULT_AGGREGATE,
+    DEFAULT_CANDIDATES,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    DEFAULT_TEMPLATE,
+    PREVIEW_STEPS,
+)
 from diffkt3d.io.case_folder import load_case_folder, save_nifti
 
 log = logging.getLogger(__name__)
 
+RESULT_FILE = "scorecard.json"
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="predict the dose of case folders",
-                       description="Writes ROOT/<case>/dose.nii.gz (Gy, float32, case grid) and scorecard.json.")
+                       description=f"Writes ROOT/<case>/dose.nii.gz (Gy, float32, case grid) and {RESULT_FILE} "
+                                   "(the dose result: Scorecard, DVH table, candidates; docs/request-format.md).")
     p.add_argument("cases", nargs="+", help="case folders (a stored dose.nii.gz is ignored)")
     p.add_argument("--out", required=True, help="output root")
     p.add_argument("--model", default=None, help="checkpoint (default: the shipped CPU model)")
-    p.add_argument("--steps", type=int, default=10, help="sampling steps (default 10)")
-    p.add_argument("--preview", action="store_true", help="1-step preview")
-    p.add_argument("--candidates", type=int, default=1, help="samples per case; best by Scorecard")
-    p.add_argument("--aggregate", choices=["best", "mean"], default="best",
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
+    p.add_argument("--preview", action="store_true", help=f"{PREVIEW_STEPS}-step preview")
+    p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="samples per case; best by Scorecard")
+    p.add_argument("--aggregate", choices=AGGREGATES, default=DEFAULT_AGGREGATE,
                    help="best-of-n by Scorecard, or per-voxel mean of the candidates")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--template", default="openkbp_hn", help="Scorecard template name or YAML path")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="Scorecard template name or YAML path")
     p.add_argument("--save-candidates", action="store_true", help="also write dose_<candidate>.nii.gz")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.set_defaults(func=run)
@@ -46,13 +58,8 @@ def run(args: argparse.Namespace) -> int:
         if args.save_candidates:
             for c in pred.candidates:
                 save_nifti(c.dose_gy, case.grid, out / f"dose_{c.id}.nii.gz")
-        report = {"case": case.case_id, "model_version": pred.model_version, "steps": pred.steps,
-                  "seed": pred.seed, "aggregate": pred.aggregate, "chosen": pred.chosen_id,
-                  "scorecard": pred.scorecard, "timings": pred.timings, "inferred": case.plan.inferred,
-                  "candidates": [{"id": c.id, "seed": c.seed, "total": c.scorecard["total"] if c.scorecard else None}
-                                 for c in pred.candidates]}
-        (out / "scorecard.json").write_text(json.dumps(report, indent=2))
-        total = pred.scorecard["total"] if pred.scorecard else float("nan")
+        (out / RESULT_FILE).write_text(json.dumps(pred.to_dict(), indent=2))
+        total = pred.chosen.total_score
         print(f"{case.case_id}: dose -> {out / 'dose.nii.gz'}  Scorecard {total:.2f}  "
               f"({pred.steps} steps, {len(pred.candidates)} candidate(s), {pred.timings['total_s']:.1f} s)")
     return 0

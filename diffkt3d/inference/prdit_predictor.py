@@ -1,7 +1,7 @@
 """PRDiT CT imputation behind the ``Predictor.impute`` interface (issue 5, item 5).
 
 Selected by :class:`~diffkt3d.inference.ct_backbone.CTImputationConfig`; returns the same
-:class:`~diffkt3d.inference.predictor.ImputationResult` as the Any2Any ``Predictor`` so the CLI and
+:class:`~diffkt3d.inference.result.ImputationResult` as the Any2Any ``Predictor`` so the CLI and
 the ``impute_ct`` server task treat both backbones alike.
 """
 
@@ -11,10 +11,11 @@ import hashlib
 import logging
 import time
 
+from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS
 from diffkt3d.data.case import Case
 from diffkt3d.errors import ConfigError
 from diffkt3d.inference.ct_backbone import CTImputationConfig
-from diffkt3d.inference.predictor import ImputationResult
+from diffkt3d.inference.result import ImputationResult
 from diffkt3d.models.prdit.impute import PRDiTImputer
 
 __all__ = ["PRDiTCTPredictor"]
@@ -53,7 +54,7 @@ class PRDiTCTPredictor:
                  f"{sum(p.numel() for p in imputer.model.parameters()):,}", imputer.encoding.grid)
         return cls(imputer, config, version)
 
-    def impute(self, case: Case, target: str, steps: int = 10, seed: int = 0) -> ImputationResult:
+    def impute(self, case: Case, target: str, steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED) -> ImputationResult:
         """CT of ``case`` in HU on the case grid, -1000 HU outside the body.
 
         Raises:

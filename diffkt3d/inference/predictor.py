@@ -11,13 +11,22 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from diffkt3d.constants import IMPUTABLE, OPENKBP_PTVS
+from diffkt3d.constants import (
+    AGGREGATES,
+    DEFAULT_AGGREGATE,
+    DEFAULT_CANDIDATES,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    DEFAULT_TEMPLATE,
+    IMPUTABLE,
+    OPENKBP_PTVS,
+    PREVIEW_STEPS,
+)
 from diffkt3d.data.case import Case
 from diffkt3d.data.encoding import (
     available_modalities,
@@ -29,12 +38,13 @@ from diffkt3d.data.encoding import (
 )
 from diffkt3d.errors import CaseError, ConfigError
 from diffkt3d.flow.sampler import sample_with_seeds
+from diffkt3d.inference.result import Candidate, CaseInfo, DosePrediction, ImputationResult
+from diffkt3d.metrics.dvh_table import dvh_table
 from diffkt3d.models.checkpoint import ModelBundle, load_checkpoint
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ENV = "DIFFKT3D_MODEL"
-DEFAULT_TEMPLATE = "openkbp_hn"
 
 
 def default_model_path() -> Path:
@@ -43,44 +53,6 @@ def default_model_path() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[1] / "weights" / "cpu-default.pt"
-
-
-@dataclass
-class Candidate:
-    """One sampled dose. `seed` reproduces it with the same model and steps."""
-
-    id: str
-    seed: int
-    dose_gy: np.ndarray
-    scorecard: dict | None = None
-
-    @property
-    def total_score(self) -> float:
-        return float(self.scorecard["total"]) if self.scorecard else float("nan")
-
-
-@dataclass
-class DosePrediction:
-    dose_gy: np.ndarray
-    candidates: list[Candidate]
-    chosen_id: str
-    scorecard: dict | None
-    steps: int
-    seed: int
-    model_version: str
-    aggregate: str
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class ImputationResult:
-    target: str
-    ct_hu: np.ndarray | None = None
-    masks: dict[str, np.ndarray] = field(default_factory=dict)
-    steps: int = 10
-    seed: int = 0
-    model_version: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class Predictor:
@@ -129,12 +101,13 @@ class Predictor:
                                  shift=self.bundle.flow_shift, device=self.device).cpu()
 
     # -- dose ------------------------------------------------------------------------------
-    def predict_dose(self, case: Case, steps: int = 10, candidates: int = 1, seed: int = 0,
-                     preview: bool = False, aggregate: str = "best", template: str | None = DEFAULT_TEMPLATE) -> DosePrediction:
+    def predict_dose(self, case: Case, steps: int = DEFAULT_STEPS, candidates: int = DEFAULT_CANDIDATES,
+                     seed: int = DEFAULT_SEED, preview: bool = False, aggregate: str = DEFAULT_AGGREGATE,
+                     template: str | None = DEFAULT_TEMPLATE) -> DosePrediction:
         """Predict the dose of a case.
 
         Args:
-            steps: Euler steps (network evaluations per candidate); `preview` forces 1.
+            steps: Euler steps (network evaluations per candidate); `preview` forces PREVIEW_STEPS.
             candidates: independent samples from seeds seed, seed+1, ...
             aggregate: "best" = the candidate with the highest Scorecard total (best-of-n);
                 "mean" = the per-voxel mean of the candidates (scored as its own entry).
@@ -142,10 +115,10 @@ class Predictor:
         """
         if steps < 1 or candidates < 1:
             raise ValueError(f"steps and candidates must be >= 1 (got steps={steps}, candidates={candidates})")
-        if aggregate not in ("best", "mean"):
-            raise ValueError(f"aggregate must be 'best' or 'mean', got {aggregate!r}")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         case.validate(require=("ptv",))
-        steps = 1 if preview else int(steps)
+        steps = PREVIEW_STEPS if preview else int(steps)
         t0 = time.perf_counter()
         conditions = self.encode_conditions(case, exclude={"dose"})  # a stored dose is never an input
         t1 = time.perf_counter()
@@ -165,7 +138,7 @@ class Predictor:
 
             tmpl = load_template(template)
             for c in cands:
-                c.scorecard = score_case(c.dose_gy, case, tmpl).to_dict()
+                c.scorecard = score_case(c.dose_gy, case, tmpl)
         t4 = time.perf_counter()
         if aggregate == "mean" and len(cands) > 1:
             chosen = cands[-1]
@@ -173,15 +146,17 @@ class Predictor:
             chosen = max(cands, key=lambda c: c.total_score)
         else:
             chosen = cands[0]
+        dvh = dvh_table(chosen.dose_gy, case)
+        t5 = time.perf_counter()
         timings = {"encode_s": t1 - t0, "sample_s": t2 - t1, "decode_s": t3 - t2, "scorecard_s": t4 - t3,
-                   "total_s": t4 - t0}
-        return DosePrediction(dose_gy=chosen.dose_gy, candidates=cands, chosen_id=chosen.id,
-                              scorecard=chosen.scorecard, steps=steps, seed=int(seed),
+                   "dvh_s": t5 - t4, "total_s": t5 - t0}
+        return DosePrediction(candidates=cands, chosen_id=chosen.id, steps=steps, seed=int(seed),
                               model_version=self.model_version, aggregate=aggregate,
-                              timings={k: round(v, 4) for k, v in timings.items()})
+                              template=str(template) if template else None, preview=bool(preview),
+                              case=CaseInfo.of(case), dvh=dvh, timings={k: round(v, 4) for k, v in timings.items()})
 
     # -- imputation ------------------------------------------------------------------------
-    def impute(self, case: Case, target: str, steps: int = 10, seed: int = 0) -> ImputationResult:
+    def impute(self, case: Case, target: str, steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED) -> ImputationResult:
         """Generate a missing modality (ct / ptv / oar) from everything else the case has.
 
         The dose may be a condition here (Any2Any), unlike in dose prediction.

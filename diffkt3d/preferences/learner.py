@@ -32,6 +32,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 
+from diffkt3d.constants import DEFAULT_TEMPLATE
 from diffkt3d.preferences.record import CandidateRef, PreferenceRecord
 from diffkt3d.scorecard import ScorecardTemplate, load_template
 
@@ -149,7 +150,7 @@ class WeightFit:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def learn_item_weights(records: Sequence[PreferenceRecord], template: ScorecardTemplate | str = "openkbp_hn",
+def learn_item_weights(records: Sequence[PreferenceRecord], template: ScorecardTemplate | str = DEFAULT_TEMPLATE,
                        l2: float = 1.0, heldout_fraction: float = 0.2, seed: int = 0,
                        min_weight_fraction: float = 0.01) -> WeightFit:
     """Fit institution-specific item weights of ``template`` from preference records.

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from diffkt3d.constants import DEFAULT_TEMPLATE
 from diffkt3d.data.case import Case, Structure
 from diffkt3d.errors import CaseError
 from diffkt3d.metrics.dvh import evaluate_metric
@@ -242,7 +243,7 @@ def _prescription(item: ScorecardItem, structure: Structure, case: Case) -> floa
 def score_case(
     dose_gy: np.ndarray,
     case: Case,
-    template: ScorecardTemplate | str | Path = "openkbp_hn",
+    template: ScorecardTemplate | str | Path = DEFAULT_TEMPLATE,
     *,
     structures: Iterable[str] | None = None,
     weights: Mapping[str, float] | None = None,

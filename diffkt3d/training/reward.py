@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from torch import Tensor
 
+from diffkt3d.constants import DEFAULT_TEMPLATE
 from diffkt3d.data.case import Case
 from diffkt3d.errors import ConfigError
 from diffkt3d.metrics.openkbp import openkbp_dose_score
@@ -51,7 +52,7 @@ class RewardConfig:
         w_mae: weight of the MAE anchor (per Gy of OpenKBP dose score). Default 1.
     """
 
-    template: str = "openkbp_hn"
+    template: str = DEFAULT_TEMPLATE
     item_weights: dict[str, float] | None = None
     w_score: float = 1.0
     w_hinge: float = 1.0

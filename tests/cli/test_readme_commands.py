@@ -63,8 +63,9 @@ def test_predict_model_steps_candidates_aggregate(tmp_path: Path) -> None:
              "--steps", "2", "--candidates", "2", "--aggregate", "best", "--seed", "5")
     report = json.loads((tmp_path / "pt_201" / "scorecard.json").read_text())
     assert report["steps"] == 2 and report["aggregate"] == "best" and len(report["candidates"]) == 2
-    best = max(report["candidates"], key=lambda c: c["total"])
-    assert report["chosen"] == best["id"] and [c["seed"] for c in report["candidates"]] == [5, 6]
+    best = max(report["candidates"], key=lambda c: c["scorecard_total"])
+    assert report["chosen_id"] == best["id"] and [c["seed"] for c in report["candidates"]] == [5, 6]
+    assert report["scorecard"]["total"] == best["scorecard_total"] and report["dvh"]["PTV70"]["volume_cc"] > 0
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ pytest.importorskip("monailabel", reason="server dependencies not installed (doc
 
 from diffkt3d.errors import CaseError
 from diffkt3d.preferences import PreferenceRecord, PreferenceStore
-from infer_tasks.common import TaskError, dvh_table, load_request_case
+from infer_tasks.common import TaskError, load_request_case
 from infer_tasks.dose import CandidateCache, DoseParams
 from monailabel_app.datastore import CaseFolderDatastore, UnknownCaseError
 from monailabel_app.strategy import PreferenceStrategy, record_candidates
@@ -94,7 +94,7 @@ def test_datastore_add_image_from_archive(studies, tmp_path):
     assert (studies / "case_new" / "PTV70.nii.gz").exists()
 
 
-# -- request case loading and DVH -----------------------------------------------------------------------
+# -- request case loading --------------------------------------------------------------------------------
 def test_session_case_errors_name_case_and_file_without_server_paths(tmp_path):
     folder = _write_case(tmp_path / "sess" / "tmpabc", with_dose=False)
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), AFFINE), str(folder / "Larynx.nii.gz"))
@@ -107,21 +107,6 @@ def test_session_case_errors_name_case_and_file_without_server_paths(tmp_path):
     with pytest.raises(TaskError) as too_big:
         load_request_case(req, max_upload_bytes=100)
     assert too_big.value.status == 413
-
-
-def test_dvh_table_against_numpy(tmp_path):
-    from diffkt3d.io.case_folder import load_case_folder
-
-    case = load_case_folder(_write_case(tmp_path / "c"), with_dose=False)
-    rng = np.random.default_rng(0)
-    dose = rng.uniform(0, 70, size=case.grid.shape).astype(np.float32)
-    table = dvh_table(dose, case)
-    ptv = case.structures["PTV70"].mask
-    d = dose[ptv]
-    assert table["PTV70"]["Dmean"] == pytest.approx(d.mean(), abs=1e-3)
-    assert table["PTV70"]["Dmax"] == pytest.approx(d.max(), abs=1e-3)
-    assert table["PTV70"]["D95%"] == pytest.approx(np.percentile(d, 5), abs=1e-3)
-    assert table["PTV70"]["volume_cc"] == pytest.approx(ptv.sum() * 2 * 2 * 3 / 1000, abs=1e-4)
 
 
 # -- parameters and candidate cache ----------------------------------------------------------------------
@@ -267,3 +252,22 @@ def test_dose_task_keeps_only_multi_candidate_results(tmp_path, tiny_checkpoint)
     path, meta = task({**request, "request_id": multi["request_id"], "candidate_id": other})
     assert meta["candidate_id"] == other and nib.load(path).shape == (12, 10, 8)
     Path(path).unlink()
+
+
+def test_dose_answer_feeds_the_preference_strategy(studies, tiny_checkpoint):
+    """The strategy stores what the dose task answers (the core's dose result): same totals, request, template."""
+    from diffkt3d.constants import DEFAULT_TEMPLATE
+    from infer_tasks.common import CASE_ID_KEY, SOURCE_KEY, ModelProvider
+    from infer_tasks.dose import DoseTask
+    from monailabel_app.strategy import INFO_KEY
+
+    ds = CaseFolderDatastore(studies)
+    task = DoseTask(ModelProvider(tiny_checkpoint, [], None, "cpu"), max_upload_bytes=10**9,
+                    on_candidates=lambda case_id, source, result: record_candidates(ds, case_id, result))
+    out, answer = task({"image": str(studies / "case_a"), SOURCE_KEY: "datastore", CASE_ID_KEY: "case_a",
+                        "preview": True, "candidates": 2, "seed": 1})
+    Path(out).unlink()
+    info = ds.get_image_info("case_a")[INFO_KEY]
+    assert info["totals"] == [c["scorecard_total"] for c in answer["candidates"]]
+    assert info["seeds"] == [1, 2] and info["request_id"] == answer["request_id"]
+    assert info["template"] == answer["template"] == DEFAULT_TEMPLATE

@@ -22,7 +22,7 @@ import requests
 from server_process import start_server, stop_server
 from tiny_model import write_tiny_checkpoint
 
-from diffkt3d.inference import default_model_path
+from diffkt3d.inference import DOSE_RESULT_SCHEMA, default_model_path
 
 pytestmark = pytest.mark.server
 
@@ -114,6 +114,10 @@ def test_dose_on_datastore_case(server):
     assert np.allclose(dose_img.affine, ct_img.affine)
     assert float(dose.min()) >= 0.0 and np.isfinite(dose).all()
     assert meta["steps"] == 1 and meta["seed"] == 3 and meta["model_version"]
+    # the core's dose-result description (what `diffkt3d predict` writes) plus transport-only fields
+    assert meta["schema"] == DOSE_RESULT_SCHEMA and meta["task"] == "dose" and meta["preview"] is True
+    assert meta["case"]["id"] == "pt_201" and meta["case"]["source"] == "datastore"
+    assert {"sample_s", "dvh_s", "total_s"} <= set(meta["timings"]) and "load_s" in meta["request_timings"]
     assert [c["seed"] for c in meta["candidates"]] == [3, 4]
     assert meta["chosen_id"] in [c["id"] for c in meta["candidates"]]
     assert {"total", "max_total", "items"} <= set(meta["scorecard"])

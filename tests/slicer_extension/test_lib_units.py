@@ -31,6 +31,18 @@ def test_lib_constants_equal_core_constants():
     assert constants.DOSE_SCALE_GY == core.DOSE_SCALE_GY
     assert constants.ROLES == ROLES
     assert set(constants.IMPUTE_TASKS) == set(core.IMPUTABLE)
+    assert constants.DEFAULT_STEPS == core.DEFAULT_STEPS
+    assert constants.DEFAULT_TEMPLATE == core.DEFAULT_TEMPLATE
+    assert constants.PREVIEW_STEPS == core.PREVIEW_STEPS
+
+
+def test_panel_steps_box_starts_at_the_default_steps():
+    """The .ui file's initial value is what Slicer shows before the panel sets it: keep them equal."""
+    from pathlib import Path
+
+    ui = (Path(constants.__file__).parents[1] / "Resources" / "UI" / "DiffKT3D.ui").read_text()
+    line = next(x for x in ui.splitlines() if 'name="stepsSpinBox"' in x)
+    assert f'<property name="value"><number>{constants.DEFAULT_STEPS}</number></property>' in line
 
 
 def test_default_roles_from_names():
@@ -181,18 +193,23 @@ def test_scorecard_rows_equal_the_json(small_case):
 
 
 def _dose_answer(small_case, n: int, preview: bool = False) -> dict:
+    """A `dose` answer as the server builds it: the core's DosePrediction.to_dict() plus transport fields."""
+    from diffkt3d.inference import Candidate, CaseInfo, DosePrediction
+    from diffkt3d.metrics.dvh_table import dvh_table
+    from diffkt3d.scorecard.engine import score_case
+
     rng = np.random.default_rng(2)
     cands = []
     for k in range(n):
         dose = (small_case.prescription_map_gy() * (0.95 + 0.03 * k)
                 + rng.normal(0, 1, small_case.grid.shape)).clip(0).astype(np.float32)
-        card = _scorecard(small_case, dose)
-        cands.append({"id": f"c{k}", "seed": 7 + k, "scorecard_total": card["total"], "scorecard": card})
-    best = max(cands, key=lambda c: c["scorecard_total"])
-    return json.loads(json.dumps({
-        "task": "dose", "case": {"id": "pt_201"}, "model_version": "any2any-tiny-x", "steps": 10,
-        "seed": 7, "preview": preview, "template": "openkbp_hn", "chosen_id": best["id"],
-        "request_id": "r1", "scorecard": best["scorecard"], "candidates": cands}))
+        cands.append(Candidate(id=f"c{k}", seed=7 + k, dose_gy=dose,
+                               scorecard=score_case(dose, small_case, "openkbp_hn")))
+    best = max(cands, key=lambda c: c.total_score)
+    pred = DosePrediction(candidates=cands, chosen_id=best.id, steps=1 if preview else 10, seed=7,
+                          model_version="any2any-tiny-x", aggregate="best", template="openkbp_hn", preview=preview,
+                          case=CaseInfo.of(small_case), dvh=dvh_table(best.dose_gy, small_case))
+    return json.loads(json.dumps({"task": "dose", "request_id": "r1", **pred.to_dict()}))  # as received over HTTP
 
 
 def test_candidates_and_preference_record_pass_the_core_validator(small_case):
@@ -213,6 +230,15 @@ def test_candidates_and_preference_record_pass_the_core_validator(small_case):
         cset.preference_record("c9", "dr_smith")
     with pytest.raises(ValueError, match="rater"):
         cset.preference_record("c1", "  ")
+
+
+def test_answer_without_candidate_scores_is_named(small_case):
+    answer = _dose_answer(small_case, 2)
+    del answer["candidates"][1]["scorecard_items"]
+    with pytest.raises(ValueError, match=r"candidate c1 of the dose answer has no 'scorecard_items'"):
+        candidates.CandidateSet.from_response(answer)
+    with pytest.raises(ValueError, match="no 'candidates'"):
+        candidates.CandidateSet.from_response({"task": "dose"})
 
 
 def test_preview_and_single_candidates_cannot_be_rated(small_case):

@@ -24,8 +24,8 @@ class FakeClient:
 
     server_url = "http://fake:8000"
 
-    def __init__(self, dose_file: Path, scorecard: dict):
-        self.dose_file, self.scorecard = dose_file, scorecard
+    def __init__(self, dose_file: Path, candidate: dict):
+        self.dose_file, self.candidate = dose_file, candidate
         self.calls: list[tuple[str, dict]] = []
         self.gate: threading.Semaphore | None = None
 
@@ -46,24 +46,25 @@ class FakeClient:
         shutil.copy(self.dose_file, out_dir / "dose.nii.gz")
         answer = {"case": {"id": "session-x"}, "model_version": "fake", "steps": params.get("steps", 10),
                   "preview": bool(params.get("preview")), "chosen_id": "c0", "request_id": "r",
-                  "scorecard": self.scorecard,
-                  "candidates": [{"id": "c0", "seed": 0, "scorecard": self.scorecard}]}
+                  "scorecard": self.candidate["scorecard"], "candidates": [self.candidate]}
         return InferResult(json.loads(json.dumps(answer)), out_dir / "dose.nii.gz")
 
 
 @pytest.fixture(scope="module")
-def reference_scorecard(case_dir):
+def reference_candidate(case_dir):
+    """The reference dose as the one candidate of a dose answer, in the core's form."""
+    from diffkt3d.inference import Candidate
     from diffkt3d.io.case_folder import load_case_folder
     from diffkt3d.scorecard.engine import score_case
 
     case = load_case_folder(case_dir)
-    return score_case(case.dose_gy, case, "openkbp_hn").to_dict()
+    return Candidate(id="c0", seed=0, dose_gy=case.dose_gy, scorecard=score_case(case.dose_gy, case, "openkbp_hn")).to_dict()
 
 
 @pytest.fixture
-def fake_workflow(scene, case_dir, reference_scorecard, tmp_path):
+def fake_workflow(scene, case_dir, reference_candidate, tmp_path):
     now = [0.0]
-    client = FakeClient(case_dir / "dose.nii.gz", reference_scorecard)
+    client = FakeClient(case_dir / "dose.nii.gz", reference_candidate)
     wf = Workflow(scene, client, ThreadRunner(), work_dir=tmp_path / "work", clock=lambda: now[0])
     yield wf, client, now
     if client.gate is not None:

@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffkt3d.training.dataset import list_case_dirs
 from diffkt3d.errors import ConfigError
+from diffkt3d.training.dataset import list_case_dirs
 from diffkt3d.training.scardnft.config import ScardNFTConfig
 from diffkt3d.training.scardnft.trainer import ProgressFn, ScardNFTResult, ScardNFTTrainer
 

@@ -1,7 +1,7 @@
 """Candidate doses of one request, the active candidate, and the preference record.
 
-The server returns N candidates (different initial noise) with one Scorecard each
-(docs/request-format.md §4). The planner compares them, picks one (optional comment) and the
+The server returns N candidates (different initial noise), each with its Scorecard, total and item
+scores (docs/request-format.md §4: the dose result the core describes once). The planner compares them, picks one (optional comment) and the
 choice is sent as a preference record (§7; schema diffkt3d/preferences/record.py), the label
 ScardNFT learns from. Pure Python.
 """
@@ -21,6 +21,9 @@ class Candidate:
         id: server id ("c0", ...).
         seed: sampling seed (reproduces it).
         scorecard: its Scorecard JSON.
+        scorecard_total: its Scorecard total (points), as the server reported it.
+        scorecard_items: "<item id>/<structure>" -> unweighted item score, as the server reported it
+            (the form preference records carry, so it is copied, never recomputed here).
         dose_path: local NIfTI once fetched.
         dose_node_id / table_node_id: scene nodes showing it.
     """
@@ -28,19 +31,15 @@ class Candidate:
     id: str
     seed: int | None
     scorecard: dict[str, Any]
+    scorecard_total: float
+    scorecard_items: dict[str, float]
     dose_path: Path | None = None
     dose_node_id: str | None = None
     table_node_id: str | None = None
 
     @property
-    def total(self) -> float | None:
-        total = self.scorecard.get("total")
-        return None if total is None else float(total)
-
-    def item_scores(self) -> dict[str, float]:
-        """"<item id>/<structure>" -> unweighted score (ScorecardResult.item_scores convention)."""
-        return {f"{it.get('id', it.get('metric'))}/{it['structure']}": float(it["score"])
-                for it in self.scorecard.get("items", [])}
+    def total(self) -> float:
+        return self.scorecard_total
 
 
 @dataclass
@@ -63,7 +62,7 @@ class CandidateSet:
         """Build from the `dose` JSON.
 
         Raises:
-            ValueError: the JSON lacks candidates or their Scorecards (names what is missing).
+            ValueError: the JSON lacks candidates or a candidate's id or Scorecard (names what is missing).
         """
         raw = params.get("candidates")
         if not raw:
@@ -72,12 +71,12 @@ class CandidateSet:
         for i, c in enumerate(raw):
             if "id" not in c:
                 raise ValueError(f"candidate #{i} of the dose answer has no 'id'")
-            card = c.get("scorecard")
-            if card is None and str(c["id"]) == str(params.get("chosen_id")):
-                card = params.get("scorecard")
-            if card is None:
-                raise ValueError(f"candidate {c['id']} of the dose answer has no 'scorecard'")
-            cands.append(Candidate(id=str(c["id"]), seed=c.get("seed"), scorecard=card))
+            missing = [k for k in ("scorecard", "scorecard_total", "scorecard_items") if c.get(k) is None]
+            if missing:
+                raise ValueError(f"candidate {c['id']} of the dose answer has no {', '.join(map(repr, missing))}")
+            cands.append(Candidate(id=str(c["id"]), seed=c.get("seed"), scorecard=c["scorecard"],
+                                   scorecard_total=float(c["scorecard_total"]),
+                                   scorecard_items={str(k): float(v) for k, v in c["scorecard_items"].items()}))
         case = params.get("case") or {}
         best = str(params.get("chosen_id") or cands[0].id)
         return cls(case_id=str(case.get("id", "")), request_id=params.get("request_id"),
@@ -127,9 +126,8 @@ class CandidateSet:
             ref: dict[str, Any] = {"id": c.id, "seed": int(c.seed or 0), "model_version": self.model_version}
             if checkpoint:
                 ref["checkpoint"] = checkpoint
-            if c.total is not None:
-                ref["scorecard_total"] = c.total
-            ref["scorecard_items"] = c.item_scores()
+            ref["scorecard_total"] = c.scorecard_total
+            ref["scorecard_items"] = dict(c.scorecard_items)
             refs.append(ref)
         record: dict[str, Any] = {"case_id": self.case_id, "candidates": refs, "chosen_id": chosen_id,
                                   "rater": rater.strip()}

@@ -1,4 +1,4 @@
-"""Every constant of the Slicer logic, defined once (house style rule 5).
+"""Every constant of the Slicer logic, defined once.
 
 Slicer's Python does not have the `diffkt3d` package, so the Lib cannot import
 `diffkt3d.constants`. The few values shared with the core are copied here and a test
@@ -15,11 +15,15 @@ CONNECT_TIMEOUT_S = 5.0
 SMALL_CALL_TIMEOUT_S = 30.0
 INFER_TIMEOUT_S = 900.0
 PREVIEW_TIMEOUT_S = 120.0
-# Names of the server's tasks (issue 7; listed by /info/).
+# Names of the server's tasks (listed by /info/; docs/request-format.md).
 DOSE_TASK = "dose"
 IMPUTE_TASKS: dict[str, str] = {"ct": "impute_ct", "ptv": "impute_ptv", "oar": "impute_oar"}
 # Request folders (exported case + results) kept in the work dir; older ones are deleted.
 KEEP_REQUEST_DIRS = 8
+
+# -- request defaults (copied from diffkt3d.constants; a test keeps them equal) -------------------
+DEFAULT_STEPS = 10  # the panel's initial number of sampling steps
+DEFAULT_TEMPLATE = "openkbp_hn"  # the Scorecard template selected after connecting, if the server has it
 
 # -- case files (copied from diffkt3d.constants; a test keeps them equal) ---------------------
 CT_FILE = "ct.nii.gz"
@@ -33,7 +37,7 @@ ROLES: tuple[str, ...] = ("target", "oar", "body", "other")
 # The panel also lets the user leave a segment out of the request.
 IGNORE_ROLE = "ignore"
 
-# -- dose display (SlicerRT conventions, shared/docs/SLICER.md) -------------------------------
+# -- dose display (SlicerRT conventions, docs/slicer.md) ------------------------------------------
 DOSE_VOLUME_ATTRIBUTE = "DicomRtImport.DoseVolume"  # value "1" marks a dose volume
 DOSE_COLOR_TABLE_NAME = "Dose_ColorTable"
 # Window of the dose display as a share of the prescription (0-110 % Rx).
@@ -69,5 +73,5 @@ PRESCRIPTION_ATTRIBUTE = ATTRIBUTE_PREFIX + "PrescriptionGy"  # segment tag
 
 # -- segment-to-dose preview -----------------------------------------------------------------------
 PREVIEW_DEBOUNCE_S = 1.0  # wait this long after the last edit before asking for a preview
-PREVIEW_STEPS = 1
+PREVIEW_STEPS = 1  # a copy of diffkt3d.constants.PREVIEW_STEPS (a test keeps them equal)
 POLL_INTERVAL_MS = 100  # QTimer period of the main-thread poll of the worker queue

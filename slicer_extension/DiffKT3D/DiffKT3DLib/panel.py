@@ -13,7 +13,7 @@ import qt
 import slicer
 
 from .client import ClientError, DiffKT3DClient
-from .constants import IGNORE_ROLE, IMPUTE_TASKS, POLL_INTERVAL_MS, ROLES
+from .constants import DEFAULT_STEPS, DEFAULT_TEMPLATE, IGNORE_ROLE, IMPUTE_TASKS, POLL_INTERVAL_MS, ROLES
 from .roles import StructureRole
 from .worker import ThreadRunner
 from .workflow import DoseRequest, Workflow
@@ -35,6 +35,7 @@ class Panel:
         self.job = None
         ui.serverUrlLineEdit.text = self.workflow.client.server_url
         ui.imputeTargetComboBox.addItems(sorted(IMPUTE_TASKS))
+        ui.stepsSpinBox.value = DEFAULT_STEPS
         ui.progressBar.hide()
         ui.connectButton.clicked.connect(self.on_connect)
         ui.loginButton.clicked.connect(self.on_login)
@@ -107,6 +108,8 @@ class Panel:
         templates = (result["info"].get("diffkt3d") or {}).get("templates") or []
         self.ui.templateComboBox.clear()
         self.ui.templateComboBox.addItems(list(templates))
+        if DEFAULT_TEMPLATE in templates:
+            self.ui.templateComboBox.currentText = DEFAULT_TEMPLATE
         self.ui.imputeButton.enabled = bool(result["tasks"]["impute"])
 
     # -- inputs --------------------------------------------------------------------------------
