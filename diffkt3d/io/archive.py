@@ -81,7 +81,7 @@ def archive_format(path: str | Path) -> str | None:
 
 
 def unpack_archive(archive: str | Path, dest: str | Path, limits: ArchiveLimits) -> list[Path]:
-    """Unpack `archive` into the new folder `dest` (which must not exist yet).
+    """Unpack `archive` into the new folder `dest` (its parent must exist, `dest` itself not yet).
 
     Returns:
         The regular files written, in archive order.
@@ -93,7 +93,7 @@ def unpack_archive(archive: str | Path, dest: str | Path, limits: ArchiveLimits)
     fmt = archive_format(archive)
     if fmt is None:
         raise ArchiveError("the upload is not an archive (expected zip, tar or tar.gz)", "not_archive")
-    dest.mkdir(parents=True)
+    dest.mkdir()
     try:
         if fmt == "zip":
             return _unpack_zip(Path(archive), dest, limits)

@@ -113,9 +113,9 @@ def check_nifti_header(path: str | Path, limits: ImageLimits, case: str | None =
     except FileNotFoundError:
         raise CaseError("file not found", **where) from None
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile) as exc:
-        raise CaseError(f"cannot read NIfTI (truncated or corrupt file: {exc})", **where) from None
+        raise CaseError(f"cannot read NIfTI (truncated or corrupt file: {_bare(exc, path)})", **where) from None
     except Exception as exc:  # nibabel raises several types for non-NIfTI content
-        raise CaseError(f"not a readable NIfTI image ({type(exc).__name__}: {exc})", **where) from None
+        raise CaseError(f"not a readable NIfTI image ({type(exc).__name__}: {_bare(exc, path)})", **where) from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise CaseError(f"not a NIfTI image (found {type(img).__name__})", **where)
     if dtype.kind not in "iuf" or dtype.fields is not None:
@@ -174,6 +174,11 @@ def _gzip_length_up_to(path: Path, limit: int) -> int:
                 if rest:
                     total += len(inflater.decompress(rest, _CHUNK))
     return total
+
+
+def _bare(exc: Exception, path: Path) -> str:
+    """The reader's message with the file's folder left out (it would show server paths)."""
+    return str(exc).replace(str(path), path.name)
 
 
 def _describe(dtype: np.dtype) -> str:
