@@ -86,7 +86,9 @@ def zip_bomb(expanded_bytes: int, name: str = "ct.nii") -> bytes:
     buf = io.BytesIO()
     chunk = b"\0" * 2**20
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        with zf.open(zipfile.ZipInfo(name), "w", force_zip64=True) as member:
+        info = zipfile.ZipInfo(name)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with zf.open(info, "w", force_zip64=True) as member:
             left = expanded_bytes
             while left > 0:
                 member.write(chunk[: min(left, len(chunk))])
