@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
@@ -137,7 +138,7 @@ def _check_images(folder: Path, limits: ImageLimits) -> None:
             raise UploadRefused(422, redact(f"file {name}: {exc.problem}"), "bad_image") from None
 
 
-def session_upload_endpoint(limits: UploadLimits):
+def session_upload_endpoint(limits: UploadLimits) -> Callable[..., dict[str, Any]]:
     """The PUT /session/ endpoint (a plain `def`: FastAPI runs it in its thread pool, off the event loop)."""
 
     def create_session(request: Request, user: UserDep, files: Annotated[list[UploadFile], File()],
@@ -168,5 +169,5 @@ def session_upload_endpoint(limits: UploadLimits):
     return create_session
 
 
-def _files(stored: Path):
+def _files(stored: Path) -> list[Path]:
     return [stored] if stored.is_file() else [p for p in stored.rglob("*") if p.is_file()]
