@@ -255,3 +255,25 @@ def test_server_memory_stays_bounded_under_header_and_archive_bombs(server):
         assert peak - idle_rss < 1.5 * GB, f"{what}: peak {peak / MB:.0f} MB, idle {idle_rss / MB:.0f} MB"
         assert rss - idle_rss < 200 * MB, f"{what}: {rss / MB:.0f} MB kept, idle {idle_rss / MB:.0f} MB"
     assert "image of shape (1000, 1000, 1000)" in r.json()["detail"]
+
+
+# -- datastore case archives use the same unpacker --------------------------------------------------
+@pytest.mark.parametrize("archive, status", [
+    (lambda: zip_bytes({"../escaped.txt": b"x"}), 422),
+    (lambda: tar_bytes([tar_entry("ct.nii.gz", tarfile.SYMTYPE, "/etc/passwd")]), 422),
+    (lambda: zip_bomb(3 * MB), 413),
+])
+def test_datastore_case_archives_are_refused_without_leftovers(tmp_path, archive, status):
+    from diffkt3d.errors import CaseError
+    from diffkt3d.io.archive import ArchiveLimits
+    from monailabel_app.datastore import CaseFolderDatastore
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    store = CaseFolderDatastore(studies, state_dir=tmp_path / "state", archive_limits=ArchiveLimits(2 * MB))
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(archive())
+    with pytest.raises(CaseError) as err:
+        store.add_image("case_x", str(upload), {})
+    assert getattr(err.value, "status", 422) == status and "cannot add case" in str(err.value)
+    assert list(studies.iterdir()) == [] and not list(tmp_path.rglob("escaped*"))
