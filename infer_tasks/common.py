@@ -17,6 +17,7 @@ from diffkt3d.inference import CaseInfo, Predictor, default_model_path
 from diffkt3d.inference.ct_backbone import CTImputationConfig
 from diffkt3d.inference.prdit_predictor import PRDiTCTPredictor
 from diffkt3d.io.case_folder import load_case_folder
+from diffkt3d.io.image_guard import ImageLimits
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +195,11 @@ def folder_size_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def load_request_case(request: dict[str, Any], max_upload_bytes: int) -> Case:
+def load_request_case(request: dict[str, Any], max_upload_bytes: int, image_limits: ImageLimits | None = None) -> Case:
     """Load the case a request points at (datastore folder or session upload), without its dose.
+
+    `image_limits` (None: `ImageLimits.from_env()`) are checked on every image header before its
+    data are read, so a header claiming a huge volume is refused without allocating it.
 
     Raises:
         CaseError: the case cannot be used; file names are reported without server paths.
@@ -211,7 +215,7 @@ def load_request_case(request: dict[str, Any], max_upload_bytes: int) -> Case:
             raise TaskError(413, f"case {case_id}: upload is {size / 2**20:.1f} MB, the limit is "
                                  f"{max_upload_bytes / 2**20:.0f} MB")
     try:
-        case = load_case_folder(folder, with_dose=False)
+        case = load_case_folder(folder, with_dose=False, limits=image_limits)
     except CaseError as exc:
         # Re-issue with the client's case id and bare file names: no server paths in messages.
         raise CaseError(exc.problem, case=case_id,

@@ -31,6 +31,7 @@ from diffkt3d.constants import (
 from diffkt3d.data.case import Grid
 from diffkt3d.inference import DosePrediction
 from diffkt3d.io.case_folder import save_nifti
+from diffkt3d.io.image_guard import ImageLimits
 from infer_tasks.common import (
     CASE_ID_KEY,
     MAX_SEED,
@@ -134,10 +135,13 @@ class DoseTask(InferTask):
         max_upload_bytes: session upload limit.
         on_candidates: called with (case_id, source, response JSON) after a prediction with two or
             more candidates (the app stores the candidates' Scorecard spread for active learning).
+        image_limits: image size limits checked on every header before its data are read
+            (None: `ImageLimits.from_env()`).
     """
 
     def __init__(self, models: ModelProvider, max_upload_bytes: int,
-                 on_candidates: Callable[[str, str, dict[str, Any]], None] | None = None):
+                 on_candidates: Callable[[str, str, dict[str, Any]], None] | None = None,
+                 image_limits: ImageLimits | None = None):
         defaults = DoseParams()
         super().__init__(type=InferType.OTHERS, labels=None, dimension=3,
                          description="Radiotherapy dose (Gy) from CT + structures, with Scorecard and DVH",
@@ -146,6 +150,7 @@ class DoseTask(InferTask):
                                  "template": defaults.template})
         self.models = models
         self.max_upload_bytes = max_upload_bytes
+        self.image_limits = image_limits
         self.on_candidates = on_candidates
         self.cache = CandidateCache()
 
@@ -158,7 +163,7 @@ class DoseTask(InferTask):
         if params.request_id is not None:
             return self._stored_candidate(params)
         # 1. the case: CT and a target with a prescription are required for dose prediction
-        case = load_request_case(request, self.max_upload_bytes)
+        case = load_request_case(request, self.max_upload_bytes, self.image_limits)
         case.validate(require=("ct", "ptv"))
         t1 = time.perf_counter()
         # 2. the model

@@ -15,6 +15,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS, IMPUTABLE
 from diffkt3d.io.case_folder import save_nifti
+from diffkt3d.io.image_guard import ImageLimits
 from infer_tasks.common import (
     MAX_SEED,
     MAX_STEPS,
@@ -34,9 +35,12 @@ class ImputeTask(InferTask):
         models: the shared model provider; for `impute_ct` the PRDiT provider when the app is
             configured with `ct_backbone prdit` (same interface).
         max_upload_bytes: session upload limit.
+        image_limits: image size limits checked on every header before its data are read
+            (None: `ImageLimits.from_env()`).
     """
 
-    def __init__(self, target: str, models: ModelProvider, max_upload_bytes: int):
+    def __init__(self, target: str, models: ModelProvider, max_upload_bytes: int,
+                 image_limits: ImageLimits | None = None):
         if target not in IMPUTABLE:
             raise ValueError(f"cannot impute {target!r}; imputable: {IMPUTABLE}")
         super().__init__(type=InferType.OTHERS if target == "ct" else InferType.SEGMENTATION, labels=None,
@@ -45,6 +49,7 @@ class ImputeTask(InferTask):
         self.target = target
         self.models = models
         self.max_upload_bytes = max_upload_bytes
+        self.image_limits = image_limits
 
     def is_valid(self) -> bool:
         return True
@@ -53,7 +58,7 @@ class ImputeTask(InferTask):
         t0 = time.perf_counter()
         steps = int_param(request, "steps", DEFAULT_STEPS, 1, MAX_STEPS)
         seed = int_param(request, "seed", DEFAULT_SEED, 0, MAX_SEED)
-        case = load_request_case(request, self.max_upload_bytes)
+        case = load_request_case(request, self.max_upload_bytes, self.image_limits)
         predictor = self.models.get()
         with self.models.run_lock:
             res = predictor.impute(case, target=self.target, steps=steps, seed=seed)

@@ -68,6 +68,8 @@ class Action:
 
 READ = Action("read", ROLES, audited=False)
 RATE = Action("preference.record", (CLINICIAN, ADMIN), audited=True)
+# Anyone who may view may upload a case to look at, but what reaches the server's disk is on record.
+SESSION_UPLOAD = Action("session.upload", ROLES, audited=True)
 ADMIN_ONLY = Action("admin", (ADMIN,), audited=False)
 UNKNOWN_WRITE = Action("unknown.write", (ADMIN,), audited=True)
 
@@ -82,7 +84,7 @@ POLICY: tuple[tuple[frozenset[str], re.Pattern[str], Action], ...] = tuple(
         # the viewer: discovery, inference on a case or an uploaded session, next case to label
         ("GET HEAD", r"/info/?", READ),
         ("POST", r"/infer/[^/]+", READ),
-        ("PUT", r"/session/?", READ),
+        ("PUT", r"/session/?", SESSION_UPLOAD),
         ("GET DELETE", r"/session/[^/]+", READ),
         ("POST", r"/activelearning/[^/]+", READ),
         ("GET", r"/diffkt3d/preferences/?", READ),

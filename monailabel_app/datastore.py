@@ -32,9 +32,12 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from diffkt3d.constants import CT_FILE, DOSE_FILE
 from diffkt3d.errors import CaseError
 from diffkt3d.ids import check_id
+from diffkt3d.io.archive import ArchiveError, ArchiveLimits, unpack_archive
 from infer_tasks.common import find_case_root
 
 log = logging.getLogger(__name__)
+
+DEFAULT_ARCHIVE_BYTES = 512 * 2**20
 
 
 class UnknownCaseError(CaseError):
@@ -68,9 +71,13 @@ class CaseFolderDatastore(Datastore):
     Args:
         studies: directory whose sub-folders are case folders.
         state_dir: where server-side info/labels are kept (default `<studies>/.diffkt3d`).
+        archive_limits: what an uploaded case archive may expand to (default 512 MiB, the app's
+            default upload limit; the app passes its `max_upload_mb`).
     """
 
-    def __init__(self, studies: str | Path, state_dir: str | Path | None = None):
+    def __init__(self, studies: str | Path, state_dir: str | Path | None = None,
+                 archive_limits: ArchiveLimits | None = None):
+        self.archive_limits = archive_limits or ArchiveLimits(max_bytes=DEFAULT_ARCHIVE_BYTES)
         self.root = Path(studies).resolve()
         if not self.root.is_dir():
             raise CaseError("studies directory does not exist", file=str(self.root))
@@ -199,14 +206,19 @@ class CaseFolderDatastore(Datastore):
             if src.is_dir():
                 shutil.copytree(src, tmp / "case")
             else:
-                shutil.unpack_archive(str(src), str(tmp / "case"))
+                unpack_archive(src, tmp / "case", self.archive_limits)
             # One wrapping folder is accepted (archives often have one), not deeper nesting.
             case_root = find_case_root(tmp / "case", max_depth=1)
             if case_root is None:
                 raise ValueError("no NIfTI files found (expected the case folder's files at the top level or in "
                                  "one sub-folder)")
             case_root.rename(dest)
-        except (shutil.ReadError, ValueError) as exc:
+        except ArchiveError as exc:
+            refused = CaseError(f"cannot add case: {exc}", case=image_id)
+            if exc.kind in ("too_large", "too_many_members"):
+                refused.status = 413  # type: ignore[attr-defined]
+            raise refused from None
+        except ValueError as exc:
             raise CaseError(f"cannot add case: {exc}", case=image_id) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

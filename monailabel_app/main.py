@@ -8,7 +8,9 @@ Request format: docs/request-format.md; install and start: docs/server.md.
 
 `--conf` keys (strings): `model` (checkpoint path, overrides the shipped/trained model),
 `model_dir` (where training writes, default `<app>/model`),
-`device`, `max_upload_mb` (default 512), `state_dir` (default `<studies>/.diffkt3d`, holds the
+`device`, `max_upload_mb` (default 512: one request body, and what an uploaded archive may
+expand to), `max_image_mb` (default 1024: memory one image may take when loaded, checked on its
+header before its data are read; `diffkt3d.io.image_guard`), `state_dir` (default `<studies>/.diffkt3d`, holds the
 preference store and case info), `ct_backbone` (`any2any`, the default, or `prdit`: `impute_ct` then
 runs the PRDiT checkpoint `prdit_model` with sampler `prdit_sampler` and predictor multiplier
 `prdit_k`; see `diffkt3d.inference.ct_backbone`).
@@ -40,6 +42,8 @@ from diffkt3d.audit import AuditLog  # noqa: E402
 from diffkt3d.errors import CaseError, ConfigError, DiffKT3DError  # noqa: E402
 from diffkt3d.ids import check_id  # noqa: E402
 from diffkt3d.inference.ct_backbone import CTImputationConfig  # noqa: E402
+from diffkt3d.io.archive import ArchiveLimits  # noqa: E402
+from diffkt3d.io.image_guard import ImageLimits  # noqa: E402
 from diffkt3d.preferences import PreferenceStore  # noqa: E402
 from diffkt3d.scorecard import list_templates  # noqa: E402
 from infer_tasks.common import CASE_ID_KEY, SOURCE_KEY, PRDiTModelProvider, TaskError, model_provider  # noqa: E402
@@ -49,6 +53,7 @@ from monailabel_app.auth import AuthSettings, TokenVerifier  # noqa: E402
 from monailabel_app.datastore import CaseFolderDatastore, UnknownCaseError  # noqa: E402
 from monailabel_app.redact import install_log_redaction, redact  # noqa: E402
 from monailabel_app.strategy import PreferenceStrategy, record_candidates  # noqa: E402
+from monailabel_app.uploads import UploadLimits  # noqa: E402
 from train_tasks.any2any import Any2AnyTrainTask  # noqa: E402
 from train_tasks.scardnft import NOT_AVAILABLE, ScardNFTTrainTask  # noqa: E402
 
@@ -61,6 +66,10 @@ class DiffKT3DApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         self.model_dir = Path(conf.get("model_dir") or Path(app_dir) / "model")
         self.max_upload_bytes = int(float(conf.get("max_upload_mb", "512")) * 2**20)
+        try:
+            self.image_limits = ImageLimits.from_setting(conf.get("max_image_mb"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.state_dir = Path(conf.get("state_dir") or Path(studies) / ".diffkt3d")
         self.preferences = PreferenceStore(self.state_dir / "preferences")
         self.audit = AuditLog(self.state_dir / "audit")
@@ -78,13 +87,16 @@ class DiffKT3DApp(MONAILabelApp):
 
     # -- MONAI Label hooks ---------------------------------------------------------------------
     def init_datastore(self) -> Datastore:
-        return CaseFolderDatastore(self.studies, state_dir=self.state_dir)
+        return CaseFolderDatastore(self.studies, state_dir=self.state_dir,
+                                   archive_limits=ArchiveLimits(self.max_upload_bytes))
 
     def init_infers(self) -> dict[str, InferTask]:
         return {
-            "dose": DoseTask(self.models, self.max_upload_bytes, on_candidates=self._store_candidates),
-            "impute_ct": ImputeTask("ct", self.ct_models, self.max_upload_bytes),
-            **{f"impute_{t}": ImputeTask(t, self.models, self.max_upload_bytes) for t in ("ptv", "oar")},
+            "dose": DoseTask(self.models, self.max_upload_bytes, on_candidates=self._store_candidates,
+                             image_limits=self.image_limits),
+            "impute_ct": ImputeTask("ct", self.ct_models, self.max_upload_bytes, self.image_limits),
+            **{f"impute_{t}": ImputeTask(t, self.models, self.max_upload_bytes, self.image_limits)
+               for t in ("ptv", "oar")},
         }
 
     def init_trainers(self) -> dict[str, TrainTask]:
@@ -102,6 +114,7 @@ class DiffKT3DApp(MONAILabelApp):
         meta = super().info()
         meta["diffkt3d"] = {"model_version": self.models.version(), "templates": list_templates(),
                             "max_upload_mb": self.max_upload_bytes / 2**20,
+                            "max_image_mb": self.image_limits.max_image_mb,
                             "preferences_url": "/diffkt3d/preferences", "auth": self.auth.enabled,
                             "ct_backbone": self.ct_imputation.backbone, "ct_model_version": self.ct_models.version()}
         return meta
@@ -114,7 +127,8 @@ class DiffKT3DApp(MONAILabelApp):
 
         unavailable = {} if ScardNFTTrainTask.available() else {"scardnft": NOT_AVAILABLE}
         verifier = TokenVerifier(self.auth) if self.auth.enabled else None
-        install(api, self.preferences, self.audit, self.max_upload_bytes, unavailable, verifier)
+        install(api, self.preferences, self.audit, self.max_upload_bytes, unavailable, verifier,
+                upload_limits=UploadLimits(self.max_upload_bytes, self.image_limits))
         install_log_redaction()
         log.info("authentication %s; audit log %s", "ON" if self.auth.enabled else "off (local demo)",
                  self.audit.path)

@@ -49,6 +49,7 @@ from monailabel_app.auth import (
     TokenVerifier,
 )
 from monailabel_app.redact import redact
+from monailabel_app.uploads import UploadLimits, session_upload_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +331,7 @@ def _unavailable(reason: str):
 
 def install(api: FastAPI, store: PreferenceStore, audit: AuditLog, max_upload_bytes: int,
             unavailable_trainers: dict[str, str], verifier: TokenVerifier | None = None,
-            threaded_infer: bool = True) -> None:
+            threaded_infer: bool = True, upload_limits: UploadLimits | None = None) -> None:
     """Add our routes and middleware to MONAI Label's FastAPI app (once, at server start-up).
 
     Args:
@@ -343,6 +344,8 @@ def install(api: FastAPI, store: PreferenceStore, audit: AuditLog, max_upload_by
         verifier: token verifier when authentication is on (MONAI_LABEL_AUTH_ENABLE), else None.
         threaded_infer: replace MONAI Label's event-loop-blocking POST /infer/{model} (see
             `_threaded_infer_route`); False only for in-process tests without MONAI Label's app.
+        upload_limits: limits of PUT /session/ (monailabel_app/uploads.py); default
+            `max_upload_bytes` and the default image limits.
     """
     from monailabel.endpoints.user.auth import get_current_user
 
@@ -355,6 +358,8 @@ def install(api: FastAPI, store: PreferenceStore, audit: AuditLog, max_upload_by
         _threaded_infer_route(api)
     _datastore_upload_route(api)
     _model_upload_route(api)
+    _add_first(api, f"{settings.MONAI_LABEL_API_STR}/session/",
+               session_upload_endpoint(upload_limits or UploadLimits(max_upload_bytes)), "PUT")
     api.add_exception_handler(CaseError, _case_error)
     api.add_exception_handler(MONAILabelException, _monailabel_error)
     if verifier is not None:

@@ -30,6 +30,7 @@ from diffkt3d.constants import (
 )
 from diffkt3d.data.case import ROLES, BeamGeometry, Case, Grid, Plan, Structure, infer_role
 from diffkt3d.errors import CaseError
+from diffkt3d.io.image_guard import ImageLimits, check_nifti_header
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,19 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def load_nifti(path: Path, case_id: str, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Read a NIfTI file fully; every failure becomes a CaseError naming case and file.
+def load_nifti(path: Path, case_id: str, dtype: type = np.float32,
+               limits: ImageLimits | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI file fully, once its header has passed `check_nifti_header`; every failure
+    becomes a CaseError naming case and file.
+
+    Args:
+        limits: size limits checked on the header before any voxel is read (None:
+            `ImageLimits.from_env()`).
 
     Returns:
         (array, affine): array cast to dtype, affine 4x4 (qform/sform as nibabel resolves it).
     """
+    check_nifti_header(path, limits or ImageLimits.from_env(), case=case_id)
     try:
         img = nib.load(str(path))
         data = np.asarray(img.get_fdata(dtype=np.float32))
@@ -87,13 +95,15 @@ def read_plan_json(path: Path, case_id: str) -> dict[str, Any]:
     return plan
 
 
-def load_case_folder(folder: str | Path, *, with_dose: bool = True) -> Case:
+def load_case_folder(folder: str | Path, *, with_dose: bool = True, limits: ImageLimits | None = None) -> Case:
     """Load a case folder.
 
     Args:
         folder: the case folder.
         with_dose: read dose.nii.gz when present (False for prediction: a stored dose is never
             an input to dose prediction).
+        limits: image size limits, checked on every header before its data are read (None:
+            `ImageLimits.from_env()`, i.e. `DIFFKT3D_MAX_IMAGE_MB` or the default).
 
     Raises:
         CaseError: missing folder, unreadable file, grid mismatch (naming both files), bad plan.
@@ -105,13 +115,14 @@ def load_case_folder(folder: str | Path, *, with_dose: bool = True) -> Case:
     files = sorted(p for p in folder.iterdir() if p.name.endswith((".nii.gz", ".nii")))
     if not files:
         raise CaseError("no NIfTI files in the case folder", case=case_id, file=str(folder))
+    limits = limits or ImageLimits.from_env()
 
     ref_grid: Grid | None = None
     ref_file = ""
 
     def read(path: Path, dtype: type) -> np.ndarray:
         nonlocal ref_grid, ref_file
-        arr, affine = load_nifti(path, case_id, dtype)
+        arr, affine = load_nifti(path, case_id, dtype, limits)
         grid = Grid(shape=tuple(int(s) for s in arr.shape), affine=np.asarray(affine, dtype=np.float64))
         if ref_grid is None:
             ref_grid, ref_file = grid, path.name
