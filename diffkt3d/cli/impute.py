@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffkt3d.cli.checks import require_at_least
 from diffkt3d.constants import IMPUTABLE
 from diffkt3d.errors import ConfigError
 from diffkt3d.inference.ct_backbone import CT_BACKBONES, PRDIT_SAMPLERS, CTImputationConfig
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from diffkt3d.inference import Predictor
     from diffkt3d.inference.prdit_predictor import PRDiTCTPredictor
 
+    require_at_least(args, {"steps": 1, "seed": 0})
     ct_config = CTImputationConfig(backbone=args.ct_backbone, prdit_model=args.prdit_model,
                                    prdit_k=args.prdit_k, prdit_sampler=args.prdit_sampler)
     if ct_config.uses_prdit:

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ENV = "DIFFKT3D_MODEL"
 DEFAULT_TEMPLATE = "openkbp_hn"
+# What a case must have for dose prediction, for the CLI and the server alike: the model was trained
+# with the CT as a condition, and a dose predicted from structures alone looks plausible but ignores
+# the patient's anatomy (impute the CT first: `diffkt3d impute --target ct` / task impute_ct).
+DOSE_PREDICTION_INPUTS = ("ct", "ptv")
 
 
 def default_model_path() -> Path:
