@@ -43,6 +43,7 @@ class ImputeTask(InferTask):
         self.target = target
         self.models = models
         self.max_upload_bytes = max_upload_bytes
+        self.param_names = frozenset({"steps", "seed"})  # every key a client may send
 
     def is_valid(self) -> bool:
         return True

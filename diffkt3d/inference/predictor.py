@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from diffkt3d.data.encoding import (
 from diffkt3d.errors import CaseError, ConfigError
 from diffkt3d.flow.sampler import sample
 from diffkt3d.models.checkpoint import ModelBundle, load_checkpoint
+
+if TYPE_CHECKING:  # the Scorecard is imported lazily below; only its type is needed here
+    from diffkt3d.scorecard import ScorecardTemplate
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +143,8 @@ class Predictor:
 
     # -- dose ------------------------------------------------------------------------------
     def predict_dose(self, case: Case, steps: int = 10, candidates: int = 1, seed: int = 0,
-                     preview: bool = False, aggregate: str = "best", template: str | None = DEFAULT_TEMPLATE) -> DosePrediction:
+                     preview: bool = False, aggregate: str = "best",
+                     template: str | ScorecardTemplate | None = DEFAULT_TEMPLATE) -> DosePrediction:
         """Predict the dose of a case.
 
         Args:
@@ -147,7 +152,8 @@ class Predictor:
             candidates: independent samples from seeds seed, seed+1, ...
             aggregate: "best" = the candidate with the highest Scorecard total (best-of-n);
                 "mean" = the per-voxel mean of the candidates (scored as its own entry).
-            template: Scorecard template name/path (None: no Scorecard; "best" then means the first).
+            template: Scorecard template name/path or a parsed template (None: no Scorecard; "best"
+                then means the first).
         """
         if steps < 1 or candidates < 1:
             raise ValueError(f"steps and candidates must be >= 1 (got steps={steps}, candidates={candidates})")
