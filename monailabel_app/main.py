@@ -44,15 +44,23 @@ from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 from diffkt3d.audit import AuditLog  # noqa: E402
 from diffkt3d.errors import CaseError, ConfigError, DiffKT3DError  # noqa: E402
 from diffkt3d.inference.ct_backbone import CTImputationConfig  # noqa: E402
-from diffkt3d.preferences import PreferenceStore, check_id  # noqa: E402
+from diffkt3d.preferences import PreferenceStore, ServedCandidates, check_id  # noqa: E402
 from diffkt3d.scorecard import list_templates  # noqa: E402
-from infer_tasks.common import CASE_ID_KEY, SOURCE_KEY, PRDiTModelProvider, TaskError, model_provider  # noqa: E402
+from infer_tasks.common import (  # noqa: E402
+    CASE_ID_KEY,
+    SOURCE_KEY,
+    PRDiTModelProvider,
+    TaskError,
+    check_param_keys,
+    model_provider,
+)
 from infer_tasks.dose import DoseTask  # noqa: E402
 from infer_tasks.impute import ImputeTask  # noqa: E402
 from monailabel_app.auth import AuthSettings, TokenVerifier  # noqa: E402
 from monailabel_app.datastore import CaseFolderDatastore, UnknownCaseError  # noqa: E402
 from monailabel_app.redact import install_log_redaction, redact  # noqa: E402
 from monailabel_app.strategy import PreferenceStrategy, record_candidates  # noqa: E402
+from train_tasks import any2any, scardnft  # noqa: E402
 from train_tasks.any2any import Any2AnyTrainTask  # noqa: E402
 from train_tasks.scardnft import NOT_AVAILABLE, ScardNFTTrainTask  # noqa: E402
 
@@ -67,6 +75,7 @@ class DiffKT3DApp(MONAILabelApp):
         self.max_upload_bytes = int(float(conf.get("max_upload_mb", "512")) * 2**20)
         self.state_dir = Path(conf.get("state_dir") or Path(studies) / ".diffkt3d")
         self.preferences = PreferenceStore(self.state_dir / "preferences")
+        self.served = ServedCandidates(self.state_dir / "preferences")  # next to the store it vouches for
         self.audit = AuditLog(self.state_dir / "audit")
         try:
             self.auth = AuthSettings.from_monailabel(conf)
@@ -114,11 +123,15 @@ class DiffKT3DApp(MONAILabelApp):
         super().on_init_complete()
         from monailabel.app import app as api  # the running server's FastAPI object
 
+        from monailabel_app.preference_routes import Provenance
         from monailabel_app.routes import install
 
         unavailable = {} if ScardNFTTrainTask.available() else {"scardnft": NOT_AVAILABLE}
         verifier = TokenVerifier(self.auth) if self.auth.enabled else None
-        install(api, self.preferences, self.audit, self.max_upload_bytes, unavailable, verifier)
+        install(api, self.preferences, self.audit, self.max_upload_bytes, unavailable, verifier,
+                provenance=Provenance(self.served, self._datastore.has_case),  # type: ignore[attr-defined]
+                train_params={"any2any": any2any.PARAM_NAMES, "scardnft": scardnft.param_names()},
+                train_server_only=scardnft.SERVER_ONLY)
         install_log_redaction()
         log.info("authentication %s; audit log %s", "ON" if self.auth.enabled else "off (local demo)",
                  self.audit.path)
@@ -129,6 +142,10 @@ class DiffKT3DApp(MONAILabelApp):
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(404, f"unknown infer task {model!r}; tasks: {sorted(self._infers)}")
+        try:  # before MONAI Label reads any of them (it reads e.g. `timeout` itself)
+            check_param_keys(request, getattr(self._infers[model], "param_names", frozenset()), model)
+        except TaskError as exc:
+            raise HTTPException(exc.status, redact(str(exc))) from None
         request = dict(request)
         if request.get("session"):
             request[SOURCE_KEY] = "session"
@@ -162,5 +179,17 @@ class DiffKT3DApp(MONAILabelApp):
             raise HTTPException(422, redact(f"{type(exc).__name__}: {exc}")) from None
 
     def _store_candidates(self, case_id: str, source: str, result: dict[str, Any]) -> None:
+        self.served.add(case_id, str(result.get("request_id")), [str(c["id"]) for c in result["candidates"]])
         if source == "datastore":
             record_candidates(self._datastore, case_id, result)
+
+    # -- active learning: a clear 404 and no server paths ------------------------------------
+    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        """MONAI Label's, minus its two faults: an unknown strategy (even its default "random",
+        which this app does not have) was a 500, and the answer carried the case's server path."""
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise HTTPException(404, f"unknown active-learning strategy {str(strategy)[:80]!r}; strategies: "
+                                     f"{sorted(self._strategies)}")
+        result = self._strategies[strategy](request, self.datastore())
+        return result if result and result.get("id") else {}

@@ -26,16 +26,19 @@ from diffkt3d.training import StageConfig, TrainConfig, run_training
 log = logging.getLogger(__name__)
 
 # Request keys -> defaults. A short CPU run by default; a GPU node sets larger values per request.
+# No key names a server file: the recipe's other fields are TrainConfig's defaults (a YAML recipe
+# is for the command line, `diffkt3d train --config`).
 DEFAULTS: dict[str, Any] = {"preset": "cpu-default", "any2any_steps": 200, "dose_steps": 200,
                             "max_minutes": 30.0, "batch_size": 2, "grid": 64, "lr": 1e-4,
-                            "warmup_steps": 50, "seed": 0, "config": "", "gpus": "all"}
+                            "warmup_steps": 50, "seed": 0, "gpus": "all"}
+PARAM_NAMES = frozenset(DEFAULTS)  # every key a client may send (POST /train/any2any refuses others)
 
 
 def train_config_from_request(request: dict[str, Any], case_dirs: list[str], run_dir: Path,
                               cache_dir: Path) -> TrainConfig:
-    """One TrainConfig from the request (a server-side YAML `config`, then the request's overrides)."""
+    """One TrainConfig from the request: TrainConfig's defaults with the request's overrides."""
     p = {k: request.get(k, v) for k, v in DEFAULTS.items()}
-    base = TrainConfig.from_yaml(p["config"]) if p["config"] else TrainConfig()
+    base = TrainConfig()
     grid = p["grid"]
     grid = (int(grid),) * 3 if isinstance(grid, (int, str)) else tuple(int(g) for g in grid)
     stages = [StageConfig(name="any2any", steps=int(p["any2any_steps"]), max_minutes=float(p["max_minutes"]) / 2,

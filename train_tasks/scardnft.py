@@ -10,6 +10,7 @@ trained model wins). A build without the ScardNFT core answers POST /train/scard
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -32,10 +33,19 @@ log = logging.getLogger(__name__)
 
 NOT_AVAILABLE = "ScardNFT training is not available in this build: diffkt3d.training has no run_scardnft"
 # Config fields a client must not set: they name server-side paths (the server decides those).
-_SERVER_ONLY = {"base_model", "train_roots", "case_dirs", "out_dir", "preferences", "threads"}
+SERVER_ONLY = {"base_model", "train_roots", "case_dirs", "out_dir", "preferences", "threads"}
 # Defaults for a server run (override per request, e.g. {"iterations": 50, "max_cpu_minutes": 60}).
 DEFAULTS: dict[str, Any] = {"iterations": 20, "group_size": 4, "sample_steps": 10, "inner_steps": 2,
                             "max_cpu_minutes": 60.0, "min_preferences": 10, "seed": 0}
+
+
+def param_names() -> frozenset[str]:
+    """Keys a client may send to POST /train/scardnft: ScardNFTConfig's fields except server paths."""
+    try:
+        from diffkt3d.training.scardnft import ScardNFTConfig
+    except ImportError:  # a build without ScardNFT: the route answers 503 anyway
+        return frozenset(DEFAULTS)
+    return frozenset(f.name for f in dataclasses.fields(ScardNFTConfig)) - SERVER_ONLY | frozenset(DEFAULTS)
 
 
 def scardnft_entry():
@@ -88,10 +98,10 @@ class ScardNFTTrainTask(TrainTask):
         base = self.served_model()
         if base is None:
             raise DiffKT3DError("no model to post-train: ship one or run POST /train/any2any first")
-        ignored = sorted(set(request) & _SERVER_ONLY)
+        ignored = sorted(set(request) & SERVER_ONLY)
         if ignored:
             log.warning("request keys decided by the server, ignored: %s", ignored)
-        params = {**DEFAULTS, **{k: v for k, v in request.items() if k not in _SERVER_ONLY}}
+        params = {**DEFAULTS, **{k: v for k, v in request.items() if k not in SERVER_ONLY}}
         run_dir = self.out / "runs" / time.strftime("%Y%m%d-%H%M%S")
         log.info("scardnft on %d cases, base %s, %d preference records -> %s", len(case_dirs), base.name,
                  len(self.store.read().records), run_dir)

@@ -131,13 +131,16 @@ def _app_with_audit(tmp_path):
     from fastapi.testclient import TestClient
 
     from diffkt3d.audit import AuditLog
-    from diffkt3d.preferences import PreferenceStore
+    from diffkt3d.preferences import PreferenceStore, ServedCandidates
+    from monailabel_app.preference_routes import Provenance
     from monailabel_app.routes import install
 
     api = FastAPI()
     store, audit = PreferenceStore(tmp_path / "prefs"), AuditLog(tmp_path / "audit")
+    served = ServedCandidates(tmp_path / "prefs")
+    served.add("case_a", "r1", ["c0", "c1"])  # what the dose task writes when it serves candidates
     install(api, store, audit, max_upload_bytes=2**20, unavailable_trainers={"scardnft": "not in this build"},
-            threaded_infer=False)
+            threaded_infer=False, provenance=Provenance(served, has_case=lambda case_id: False))
     return TestClient(api), store, audit
 
 
