@@ -15,7 +15,7 @@ runs the PRDiT checkpoint `prdit_model` with sampler `prdit_sampler` and predict
 
 Authentication: off unless `MONAI_LABEL_AUTH_ENABLE=true` (environment, MONAI Label's setting);
 then `--conf auth_role_clinician|auth_role_physicist|auth_role_admin|auth_issuer|auth_audience|
-auth_jwks_uri|auth_algorithms|auth_leeway_s|auth_jwks_cooldown_s` tune it (monailabel_app/auth.py, docs/security.md).
+auth_verify_audience|auth_jwks_uri|auth_algorithms|auth_leeway_s|auth_jwks_cooldown_s` tune it (monailabel_app/auth.py, docs/security.md).
 The audit log is `<state_dir>/audit/audit.jsonl`.
 """
 
@@ -135,6 +135,9 @@ class DiffKT3DApp(MONAILabelApp):
         install_log_redaction()
         log.info("authentication %s; audit log %s", "ON" if self.auth.enabled else "off (local demo)",
                  self.audit.path)
+        if self.auth.enabled and not self.auth.verify_audience:
+            log.warning("token audience NOT checked (auth_verify_audience false): any token of the provider is "
+                        "accepted, including tokens issued to other applications")
 
     # -- infer: check the request before MONAI Label touches the file system -------------------
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
