@@ -204,10 +204,16 @@ def test_impute_ct_and_oar(server):
 
 
 # -- preferences and active learning ------------------------------------------------------------------
+# The candidates the dose requests above served: pt_201 two from seed 3, pt_202 two from seed 0 (a
+# preference must be about candidates the server served for the case, monailabel_app/preference_routes.py).
+SERVED_SEED = {"pt_201": 3, "pt_202": 0}
+
+
 def _pref(case: str, rater: str) -> dict:
-    return {"case_id": case, "chosen_id": "c1-seed1", "rater": rater, "comment": "parotid",
-            "candidates": [{"id": "c0-seed0", "seed": 0, "model_version": "m@1"},
-                           {"id": "c1-seed1", "seed": 1, "model_version": "m@1"}]}
+    s = SERVED_SEED[case]
+    return {"case_id": case, "chosen_id": f"c1-seed{s + 1}", "rater": rater, "comment": "parotid",
+            "candidates": [{"id": f"c0-seed{s}", "seed": s, "model_version": "m@1"},
+                           {"id": f"c1-seed{s + 1}", "seed": s + 1, "model_version": "m@1"}]}
 
 
 def test_preferences_write_read_and_strategy(server):
