@@ -40,10 +40,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ENV = "DIFFKT3D_MODEL"
 DEFAULT_TEMPLATE = "openkbp_hn"
-# What a case must have for dose prediction, for the CLI and the server alike: the model was trained
-# with the CT as a condition, and a dose predicted from structures alone looks plausible but ignores
-# the patient's anatomy (impute the CT first: `diffkt3d impute --target ct` / task impute_ct).
-DOSE_PREDICTION_INPUTS = ("ct", "ptv")
+# What a case must have for dose prediction, for the CLI and the server alike: a target with a
+# prescription. The CT is not required: the Any2Any model was trained with modalities dropped and
+# treats a missing CT as a missing condition (sample-data/pt_205 is such a case), so refusing it on
+# the server only while the CLI predicted it was two policies for one model.
+DOSE_PREDICTION_INPUTS = ("ptv",)
 
 
 def default_model_path() -> Path:

@@ -1,5 +1,5 @@
-"""`diffkt3d predict` / `impute` refuse bad option values and cases the server refuses too, with one
-line on stderr and exit code 2, before any model is loaded or any output written."""
+"""`diffkt3d predict` / `impute` refuse bad option values with one line on stderr and exit code 2,
+before any model is loaded or any output written, and apply the server's required-inputs policy."""
 
 from __future__ import annotations
 
@@ -36,13 +36,20 @@ def test_impute_refuses_out_of_range_options(tmp_path: Path, synthetic_case_dir:
     assert rc == 2 and len(err.strip().splitlines()) == 1 and f"{option} must be an integer" in err
 
 
-def test_predict_refuses_a_case_without_ct_like_the_server(tmp_path: Path, synthetic_case_dir: Path,
-                                                           tiny_checkpoint: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_follows_the_server_policy_on_required_inputs(tmp_path: Path, synthetic_case_dir: Path,
+                                                             tiny_checkpoint: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """No CT: predicted (a missing condition, as on the server); no target: refused, as on the server."""
+    from diffkt3d.inference.predictor import DOSE_PREDICTION_INPUTS
+
+    assert DOSE_PREDICTION_INPUTS == ("ptv",)
     (synthetic_case_dir / "ct.nii.gz").unlink()
     out = tmp_path / "out"
-    rc = main(["predict", str(synthetic_case_dir), "--out", str(out), "--model", str(tiny_checkpoint),
-               "--steps", "1"])
+    base = ["predict", str(synthetic_case_dir), "--out", str(out), "--model", str(tiny_checkpoint), "--steps", "1"]
+    assert main(base) == 0, capsys.readouterr().err
+    assert (out / synthetic_case_dir.name / "dose.nii.gz").is_file()
+    for p in [*synthetic_case_dir.glob("PTV*.nii.gz"), synthetic_case_dir / "plan.json"]:
+        p.unlink()
+    rc = main([*base, "--out", str(tmp_path / "out2")])
     err = capsys.readouterr().err
-    assert rc == 2 and "missing ct, which is required here" in err and len(err.strip().splitlines()) == 1
-    assert not out.exists()
+    assert rc == 2 and "missing a target (PTV) with a prescription" in err and len(err.strip().splitlines()) == 1

@@ -328,9 +328,12 @@ def test_bad_inputs_get_clear_4xx_and_server_keeps_serving(server, small_case):
     arrays, affine = small_case
     good = {n: _volume_bytes(a, affine) for n, a in arrays.items()}
 
-    # missing CT
+    # missing CT: predicted as a missing condition, as by the CLI (DOSE_PREDICTION_INPUTS)
     sid = _session(server, {k: v for k, v in good.items() if k != "ct.nii.gz"})
-    _check_4xx(_infer(server, "dose", session_id=sid), 422, "ct")
+    assert _infer(server, "dose", {"preview": True}, session_id=sid).status_code == 200
+    # no target with a prescription
+    sid = _session(server, {k: v for k, v in good.items() if not k.startswith("PTV")})
+    _check_4xx(_infer(server, "dose", session_id=sid), 422, "target")
     # grid mismatch (one mask with another shape)
     sid = _session(server, {**good, "Brainstem.nii.gz": _volume_bytes(arrays["Brainstem.nii.gz"][:20], affine)})
     _check_4xx(_infer(server, "dose", session_id=sid), 422, "grid mismatch", "Brainstem")
