@@ -387,12 +387,8 @@ class DiffKT3DClient:
 
     # -- preferences and active learning -----------------------------------------------------------
     def record_preference(self, record: dict[str, Any]) -> dict[str, Any]:
-        """`POST /diffkt3d/preferences`; returns the stored record (with record_id, time).
-
-        The record carries a client-made `record_id` (kept if the caller set one), so a write whose
-        answer was lost to a timeout is sent once more with the same id and the server answers
-        with the record it stored instead of storing the choice twice.
-        """
+        """`POST /diffkt3d/preferences`; returns the stored record. A client-made `record_id` lets a write
+        whose answer timed out be sent again: the server answers with what it stored, not a copy."""
         record = {**record, "record_id": record.get("record_id") or uuid.uuid4().hex}
         try:
             resp = self._call("POST", "/diffkt3d/preferences", json_body=record)
