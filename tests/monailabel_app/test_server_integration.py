@@ -205,7 +205,8 @@ def test_impute_ct_and_oar(server):
 
 # -- preferences and active learning ------------------------------------------------------------------
 # The candidates the dose requests above served: pt_201 two from seed 3, pt_202 two from seed 0 (a
-# preference must be about candidates the server served for the case, monailabel_app/preference_routes.py).
+# preference must be about candidates the server served for the case, or say "external": true;
+# monailabel_app/preference_routes.py).
 SERVED_SEED = {"pt_201": 3, "pt_202": 0}
 
 
@@ -225,7 +226,9 @@ def test_preferences_write_read_and_strategy(server):
     assert r.status_code == 201, r.text
     rec = r.json()["record"]
     assert rec["record_id"] and rec["time_utc"] and rec["schema_version"] == 1
-    requests.post(f"{url}/diffkt3d/preferences", json=_pref("pt_202", "dr_y"), timeout=30).raise_for_status()
+    # pt_202's candidates were made elsewhere as far as this test knows: it says so
+    requests.post(f"{url}/diffkt3d/preferences", json={**_pref("pt_202", "dr_y"), "external": True},
+                  timeout=30).raise_for_status()
     got = requests.get(f"{url}/diffkt3d/preferences", params={"rater": "dr_x"}, timeout=30).json()
     assert got["count"] == 1 and got["records"][0]["record_id"] == rec["record_id"]
     assert requests.get(f"{url}/diffkt3d/preferences", timeout=30).json()["count"] == 2
