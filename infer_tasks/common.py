@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 # Request keys the app sets before a task runs (see monailabel_app/main.py).
 CASE_ID_KEY = "diffkt3d_case_id"
 SOURCE_KEY = "diffkt3d_source"  # "datastore" | "session"
+# Keys of an infer request that MONAI Label's route and the app set, not the client's `params`
+# (monailabel_app/request_checks.py refuses them inside `params`).
+SERVER_KEYS = frozenset({"model", "image", "session", "label", CASE_ID_KEY, SOURCE_KEY})
+_SHOWN_CHARS = 80  # how much of a refused value an error message repeats
 
 # Largest `steps` and `seed` a request may ask for (a seed must fit torch's 32-bit generators).
 MAX_STEPS = 100
@@ -130,7 +134,7 @@ class ModelProvider(_ReloadingModel):
 
 
 class PRDiTModelProvider(_ReloadingModel):
-    """Serves the PRDiT CT-imputation checkpoint of ``--conf ct_backbone prdit`` (issue 5).
+    """Serves the PRDiT CT-imputation checkpoint of ``--conf ct_backbone prdit``.
 
     Same ``get()`` / ``run_lock`` / ``version()`` surface as :class:`ModelProvider`, so the
     ``impute_ct`` task does not know which backbone it runs. The checkpoint is loaded at the first
@@ -229,12 +233,33 @@ def case_summary(case: Case, source: str) -> dict[str, Any]:
     return {**CaseInfo.of(case).to_dict(), "source": source}
 
 
+def shown(value: Any) -> str:
+    """`repr(value)`, cut short: an error names the value without echoing a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + f"... ({len(text)} characters)"
+
+
+def check_param_keys(request: dict[str, Any], known: frozenset[str], task: str) -> None:
+    """Refuse parameters a task does not know: a misspelt `step` silently ran the default 10 steps.
+
+    Raises:
+        TaskError: 422 listing the unknown keys and the task's known parameters.
+    """
+    unknown = sorted(str(k) for k in set(request) - SERVER_KEYS - known)
+    if unknown:
+        raise TaskError(422, f"task {task!r}: unknown parameter(s) {shown(unknown)}; known parameters: "
+                             f"{sorted(known)}")
+
+
 def int_param(request: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
     value = request.get(key, default)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
+    if isinstance(value, str) and len(value) <= 20:  # form fields arrive as text; "²".isdigit() is True
+        try:
+            value = int(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise TaskError(422, f"parameter {key!r} must be an integer in [{lo}, {hi}], found {value!r}")
+        raise TaskError(422, f"parameter {key!r} must be an integer in [{lo}, {hi}], found {shown(value)}")
     return value
 
 
@@ -243,7 +268,7 @@ def bool_param(request: dict[str, Any], key: str, default: bool) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
         return value.lower() in ("true", "1")
     if not isinstance(value, bool):
-        raise TaskError(422, f"parameter {key!r} must be true or false, found {value!r}")
+        raise TaskError(422, f"parameter {key!r} must be true or false, found {shown(value)}")
     return value
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import yaml
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from diffkt3d.constants import (
@@ -29,9 +30,13 @@ from diffkt3d.constants import (
     DEFAULT_TEMPLATE,
 )
 from diffkt3d.data.case import Grid
+from diffkt3d.errors import ConfigError
+from diffkt3d.ids import check_id
 from diffkt3d.inference import DosePrediction
+from diffkt3d.inference.predictor import DOSE_PREDICTION_INPUTS
 from diffkt3d.io.case_folder import save_nifti
 from diffkt3d.io.image_guard import ImageLimits
+from diffkt3d.scorecard import ScorecardTemplate, list_templates, template_from_dict
 from infer_tasks.common import (
     CASE_ID_KEY,
     MAX_SEED,
@@ -42,6 +47,7 @@ from infer_tasks.common import (
     bool_param,
     int_param,
     load_request_case,
+    shown,
 )
 
 log = logging.getLogger(__name__)
@@ -49,9 +55,18 @@ log = logging.getLogger(__name__)
 MAX_CANDIDATES = 16
 
 
+# A Scorecard template sent with the request (`template_yaml`): the shipped ones are about 5 KB.
+MAX_TEMPLATE_YAML_BYTES = 64 * 2**10
+
+
 @dataclass(frozen=True)
 class DoseParams:
-    """The `dose` request parameters, parsed and checked once (defaults: docs/request-format.md)."""
+    """The `dose` request parameters, parsed and checked once (defaults: docs/request-format.md).
+
+    The Scorecard template is chosen by name among the shipped ones (`template`) or sent as YAML
+    (`template_yaml`); never by a server path, so a request can neither read server files nor learn
+    whether one exists.
+    """
 
     steps: int = DEFAULT_STEPS
     candidates: int = DEFAULT_CANDIDATES
@@ -61,24 +76,61 @@ class DoseParams:
     template: str = DEFAULT_TEMPLATE
     request_id: str | None = None
     candidate_id: str | None = None
+    scorecard: ScorecardTemplate | None = None  # from template_yaml; None: the shipped `template`
+
+    # every key a client may send (checked by the app before the task runs)
+    NAMES = frozenset({"steps", "candidates", "seed", "preview", "aggregate", "template", "template_yaml",
+                       "request_id", "candidate_id"})
 
     @classmethod
     def from_request(cls, request: dict[str, Any]) -> DoseParams:
         aggregate = request.get("aggregate", DEFAULT_AGGREGATE)
         if aggregate not in AGGREGATES:
-            raise TaskError(422, f"parameter 'aggregate' must be one of {', '.join(map(repr, AGGREGATES))}, "
-                                 f"found {aggregate!r}")
-        template = request.get("template", DEFAULT_TEMPLATE)
-        if not isinstance(template, str) or not template:
-            raise TaskError(422, f"parameter 'template' must be a template name, found {template!r}")
+            raise TaskError(422, f"parameter 'aggregate' must be one of {', '.join(map(repr, AGGREGATES))}, found {shown(aggregate)}")
+        template, scorecard = _template_param(request)
         rid, cid = request.get("request_id"), request.get("candidate_id")
         if (rid is None) != (cid is None):
             raise TaskError(422, "'request_id' and 'candidate_id' go together (fetching a stored candidate)")
+        try:
+            if rid is not None:
+                check_id(rid, "parameter 'request_id'")
+                check_id(cid, "parameter 'candidate_id'")
+        except ValueError as exc:
+            raise TaskError(422, str(exc)) from None
         return cls(steps=int_param(request, "steps", DEFAULT_STEPS, 1, MAX_STEPS),
                    candidates=int_param(request, "candidates", DEFAULT_CANDIDATES, 1, MAX_CANDIDATES),
                    seed=int_param(request, "seed", DEFAULT_SEED, 0, MAX_SEED),
                    preview=bool_param(request, "preview", False), aggregate=aggregate, template=template,
-                   request_id=None if rid is None else str(rid), candidate_id=None if cid is None else str(cid))
+                   request_id=rid, candidate_id=cid, scorecard=scorecard)
+
+
+def _template_param(request: dict[str, Any]) -> tuple[str, ScorecardTemplate | None]:
+    """(template name, parsed request template or None) from `template` / `template_yaml`."""
+    text = request.get("template_yaml")
+    if text is None:
+        name = request.get("template", DEFAULT_TEMPLATE)
+        shipped = list_templates()
+        if name not in shipped:
+            raise TaskError(422, f"parameter 'template' must name a shipped Scorecard template {shipped} (or "
+                                 f"send the template itself as 'template_yaml'), found {shown(name)}")
+        return name, None
+    if "template" in request:
+        raise TaskError(422, "send either 'template' (a shipped template's name) or 'template_yaml', not both")
+    if not isinstance(text, str) or not text.strip():
+        raise TaskError(422, f"parameter 'template_yaml' must be the YAML text of a Scorecard template, "
+                             f"found {shown(text)}")
+    size = len(text.encode())
+    if size > MAX_TEMPLATE_YAML_BYTES:
+        raise TaskError(413, f"parameter 'template_yaml' is {size} bytes, the limit is {MAX_TEMPLATE_YAML_BYTES}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TaskError(422, f"parameter 'template_yaml' is not valid YAML ({type(exc).__name__})") from None
+    try:
+        scorecard = template_from_dict(data, source="template_yaml", default_name="request")
+    except ConfigError as exc:
+        raise TaskError(422, f"parameter 'template_yaml': {exc}") from None
+    return scorecard.name, scorecard
 
 
 class CandidateCache:
@@ -153,6 +205,7 @@ class DoseTask(InferTask):
         self.image_limits = image_limits
         self.on_candidates = on_candidates
         self.cache = CandidateCache()
+        self.param_names = DoseParams.NAMES
 
     def is_valid(self) -> bool:
         return True
@@ -164,14 +217,15 @@ class DoseTask(InferTask):
             return self._stored_candidate(params)
         # 1. the case: CT and a target with a prescription are required for dose prediction
         case = load_request_case(request, self.max_upload_bytes, self.image_limits)
-        case.validate(require=("ct", "ptv"))
+        case.validate(require=DOSE_PREDICTION_INPUTS)
         t1 = time.perf_counter()
         # 2. the model
         predictor = self.models.get()
         with self.models.run_lock:
             pred: DosePrediction = predictor.predict_dose(
                 case, steps=params.steps, candidates=params.candidates, seed=params.seed,
-                preview=params.preview, aggregate=params.aggregate, template=params.template)
+                preview=params.preview, aggregate=params.aggregate,
+                template=params.scorecard or params.template)
         t2 = time.perf_counter()
         # 3. response: chosen dose as NIfTI, JSON with Scorecard, DVH, candidates
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix="dose-", delete=False).name

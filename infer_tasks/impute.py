@@ -50,6 +50,7 @@ class ImputeTask(InferTask):
         self.models = models
         self.max_upload_bytes = max_upload_bytes
         self.image_limits = image_limits
+        self.param_names = frozenset({"steps", "seed"})  # every key a client may send
 
     def is_valid(self) -> bool:
         return True

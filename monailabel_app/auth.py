@@ -12,8 +12,8 @@ and delete under "annotator". So we keep MONAI Label's settings (switch, realm, 
 client id), its `/auth/` login endpoints and its `RBAC` dependencies, and replace the two weak
 parts:
 
-* `TokenVerifier`: PyJWT with an explicit algorithm list, expiry required, issuer/audience checked
-  when configured, keys from the provider's JWKS (OIDC discovery; rotation handled by
+* `TokenVerifier`: PyJWT with an explicit algorithm list, expiry required, issuer checked, audience
+  checked by default (a token the provider issued for another application is refused), keys from the provider's JWKS (OIDC discovery; rotation handled by
   `PyJWKClient`) or, for a Keycloak realm URL without discovery, the realm's `public_key`.
 * `AuthMiddleware`: one policy table (`POLICY`) for every route, MONAI Label's and ours:
   401 without / with an invalid or expired token, 403 without the role, deny-by-default for
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 CLINICIAN, PHYSICIST, ADMIN = "clinician", "physicist", "admin"
 ROLES = (CLINICIAN, PHYSICIST, ADMIN)
 ANONYMOUS = "anonymous"
+DEFAULT_AUDIENCE = "diffkt3d"  # the `aud` access tokens must carry unless `auth_audience` says otherwise
 STATE_IDENTITY = "diffkt3d_identity"  # request.state key of the Identity
 STATE_AUDIT = "diffkt3d_audit_details"  # request.state key routes fill with ids for the audit entry
 JOURNAL_DIR = "journal"  # write-ahead journal of audited actions, under the audit log's directory
@@ -149,8 +150,11 @@ class AuthSettings:
             default "diffkt3d-clinician", "diffkt3d-physicist", "diffkt3d-admin").
         issuer: required `iss` (`--conf auth_issuer`; default the discovery document's issuer,
             or unchecked when the provider has no discovery document).
-        audience: required `aud` (`--conf auth_audience`; default unchecked: Keycloak puts
-            "account" there unless an audience mapper is configured).
+        audience: required `aud` (`--conf auth_audience`, default "diffkt3d"; Keycloak adds it to
+            access tokens with an audience mapper, docs/security.md).
+        verify_audience: check `aud` (`--conf auth_verify_audience`, default true). Turning it off
+            is an explicit opt-out, logged at start-up: any token of the provider is then
+            accepted, including tokens issued to other applications of the realm.
         jwks_uri: key set URL (`--conf auth_jwks_uri`; default from discovery).
         algorithms: accepted signature algorithms (`--conf auth_algorithms`, comma-separated,
             default "RS256"); never "none" or HS*, which a public key cannot verify.
@@ -168,7 +172,8 @@ class AuthSettings:
     timeout_s: float = 10.0
     role_names: dict[str, str] = field(default_factory=lambda: {r: f"diffkt3d-{r}" for r in ROLES})
     issuer: str = ""
-    audience: str = ""
+    audience: str = DEFAULT_AUDIENCE
+    verify_audience: bool = True
     jwks_uri: str = ""
     algorithms: tuple[str, ...] = ("RS256",)
     leeway_s: float = 30.0
@@ -184,6 +189,13 @@ class AuthSettings:
         if bad or not algorithms:
             raise ValueError(f"auth_algorithms {conf.get('auth_algorithms')!r}: only public-key algorithms "
                              "(RS*, PS*, ES*, EdDSA) can be verified with the provider's keys")
+        verify_text = conf.get("auth_verify_audience", "true").strip().lower()
+        if verify_text not in ("true", "false"):
+            raise ValueError(f"auth_verify_audience must be true or false, found {verify_text!r}")
+        audience = conf.get("auth_audience", DEFAULT_AUDIENCE).strip()
+        if verify_text == "true" and not audience:
+            raise ValueError("auth_audience is empty: name the audience the provider puts in access tokens for "
+                             "this server, or opt out explicitly with --conf auth_verify_audience false")
         return cls(enabled=bool(settings.MONAI_LABEL_AUTH_ENABLE),
                    realm_uri=settings.MONAI_LABEL_AUTH_REALM_URI.rstrip("/"),
                    username_claim=settings.MONAI_LABEL_AUTH_TOKEN_USERNAME,
@@ -191,7 +203,8 @@ class AuthSettings:
                    client_id=settings.MONAI_LABEL_AUTH_CLIENT_ID,
                    timeout_s=float(settings.MONAI_LABEL_AUTH_TIMEOUT),
                    role_names={r: conf.get(f"auth_role_{r}", f"diffkt3d-{r}") for r in ROLES},
-                   issuer=conf.get("auth_issuer", ""), audience=conf.get("auth_audience", ""),
+                   issuer=conf.get("auth_issuer", ""), audience=audience,
+                   verify_audience=verify_text == "true",
                    jwks_uri=conf.get("auth_jwks_uri", ""), algorithms=algorithms,
                    leeway_s=float(conf.get("auth_leeway_s", "30")),
                    jwks_cooldown_s=float(conf.get("auth_jwks_cooldown_s", "30")))
@@ -265,9 +278,11 @@ class TokenVerifier:
                 key: Any = self._jwks.get_signing_key_from_jwt(token).key
             else:
                 key = self._public_key
-            claims = jwt.decode(token, key, algorithms=list(s.algorithms), audience=s.audience or None,
+            claims = jwt.decode(token, key, algorithms=list(s.algorithms),
+                                audience=s.audience if s.verify_audience else None,
                                 issuer=self._issuer or None, leeway=s.leeway_s,
-                                options={"require": ["exp"], "verify_aud": bool(s.audience)})
+                                options={"require": ["exp", *(["aud"] if s.verify_audience else [])],
+                                         "verify_aud": s.verify_audience})
         except jwt.ExpiredSignatureError:
             raise AuthError(401, "token expired: log in again") from None
         except jwt.PyJWKClientConnectionError:

@@ -6,6 +6,9 @@ FOLDERS (ct + one mask per structure + plan.json), so this implements `Datastore
 * a case id is a sub-folder name of the studies dir (hidden folders are ignored);
 * the "image" URI of a case is its folder; the `final` label is its `dose.nii.gz` (when present),
   so `datalist()` gives exactly the cases usable for supervised training;
+* listings a client can read (`GET /datastore/?output=all|train`, `json()` and `datalist()`) carry
+  case ids, never server paths: where the studies live is nobody's business but the server's, and
+  the train tasks ask for a case's folder by id (`get_image_uri`);
 * server-side state (image info such as candidate Scorecard spreads, uploaded labels) lives in
   `<state_dir>` (default `<studies>/.diffkt3d/`), never inside a case folder, so the data a
   clinic hands us stays untouched.
@@ -131,9 +134,9 @@ class CaseFolderDatastore(Datastore):
         self._description = description
 
     def datalist(self) -> list[dict[str, Any]]:
-        """Cases with a reference dose: {"image": case folder, "label": dose file}."""
-        return [{"image": str(self.root / i), "label": str(self.root / i / DOSE_FILE)}
-                for i in self.get_labeled_images()]
+        """Cases with a reference dose: {"image": case id, "label": case id} (ids, not paths: this is
+        what `GET /datastore/?output=train` shows)."""
+        return [{"image": i, "label": i} for i in self.get_labeled_images()]
 
     def get_labels_by_image_id(self, image_id: str) -> dict[str, str]:
         tags = {}
@@ -268,7 +271,7 @@ class CaseFolderDatastore(Datastore):
                 "train": {"total": len(labelled)}}
 
     def json(self):
-        return {i: {"image": {"path": str(self.root / i)}, "info": self._read_info(i)}
+        return {i: {"image": {"id": i}, "labels": self.get_labels_by_image_id(i), "info": self._read_info(i)}
                 for i in self.list_images()}
 
     # -- info files ----------------------------------------------------------------------------

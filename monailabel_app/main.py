@@ -17,7 +17,7 @@ runs the PRDiT checkpoint `prdit_model` with sampler `prdit_sampler` and predict
 
 Authentication: off unless `MONAI_LABEL_AUTH_ENABLE=true` (environment, MONAI Label's setting);
 then `--conf auth_role_clinician|auth_role_physicist|auth_role_admin|auth_issuer|auth_audience|
-auth_jwks_uri|auth_algorithms|auth_leeway_s|auth_jwks_cooldown_s` tune it (monailabel_app/auth.py, docs/security.md).
+auth_verify_audience|auth_jwks_uri|auth_algorithms|auth_leeway_s|auth_jwks_cooldown_s` tune it (monailabel_app/auth.py, docs/security.md).
 The audit log is `<state_dir>/audit/audit.jsonl`.
 """
 
@@ -44,9 +44,16 @@ from diffkt3d.ids import check_id  # noqa: E402
 from diffkt3d.inference.ct_backbone import CTImputationConfig  # noqa: E402
 from diffkt3d.io.archive import ArchiveLimits  # noqa: E402
 from diffkt3d.io.image_guard import ImageLimits  # noqa: E402
-from diffkt3d.preferences import PreferenceStore  # noqa: E402
+from diffkt3d.preferences import PreferenceStore, ServedCandidates  # noqa: E402
 from diffkt3d.scorecard import list_templates  # noqa: E402
-from infer_tasks.common import CASE_ID_KEY, SOURCE_KEY, PRDiTModelProvider, TaskError, model_provider  # noqa: E402
+from infer_tasks.common import (  # noqa: E402
+    CASE_ID_KEY,
+    SOURCE_KEY,
+    PRDiTModelProvider,
+    TaskError,
+    check_param_keys,
+    model_provider,
+)
 from infer_tasks.dose import DoseTask  # noqa: E402
 from infer_tasks.impute import ImputeTask  # noqa: E402
 from monailabel_app.auth import AuthSettings, TokenVerifier  # noqa: E402
@@ -54,6 +61,7 @@ from monailabel_app.datastore import CaseFolderDatastore, UnknownCaseError  # no
 from monailabel_app.redact import install_log_redaction, redact  # noqa: E402
 from monailabel_app.strategy import PreferenceStrategy, record_candidates  # noqa: E402
 from monailabel_app.uploads import UploadLimits  # noqa: E402
+from train_tasks import any2any, scardnft  # noqa: E402
 from train_tasks.any2any import Any2AnyTrainTask  # noqa: E402
 from train_tasks.scardnft import NOT_AVAILABLE, ScardNFTTrainTask  # noqa: E402
 
@@ -72,6 +80,7 @@ class DiffKT3DApp(MONAILabelApp):
             raise ConfigError(str(exc)) from None
         self.state_dir = Path(conf.get("state_dir") or Path(studies) / ".diffkt3d")
         self.preferences = PreferenceStore(self.state_dir / "preferences")
+        self.served = ServedCandidates(self.state_dir / "preferences")  # next to the store it vouches for
         self.audit = AuditLog(self.state_dir / "audit")
         try:
             self.auth = AuthSettings.from_monailabel(conf)
@@ -123,15 +132,22 @@ class DiffKT3DApp(MONAILabelApp):
         super().on_init_complete()
         from monailabel.app import app as api  # the running server's FastAPI object
 
+        from monailabel_app.preference_routes import Provenance
         from monailabel_app.routes import install
 
         unavailable = {} if ScardNFTTrainTask.available() else {"scardnft": NOT_AVAILABLE}
         verifier = TokenVerifier(self.auth) if self.auth.enabled else None
         install(api, self.preferences, self.audit, self.max_upload_bytes, unavailable, verifier,
-                upload_limits=UploadLimits(self.max_upload_bytes, self.image_limits))
+                upload_limits=UploadLimits(self.max_upload_bytes, self.image_limits),
+                provenance=Provenance(self.served, self._datastore.has_case),  # type: ignore[attr-defined]
+                train_params={"any2any": any2any.PARAM_NAMES, "scardnft": scardnft.param_names()},
+                train_server_only=any2any.SERVER_ONLY | scardnft.SERVER_ONLY)
         install_log_redaction()
         log.info("authentication %s; audit log %s", "ON" if self.auth.enabled else "off (local demo)",
                  self.audit.path)
+        if self.auth.enabled and not self.auth.verify_audience:
+            log.warning("token audience NOT checked (auth_verify_audience false): any token of the provider is "
+                        "accepted, including tokens issued to other applications")
 
     # -- infer: check the request before MONAI Label touches the file system -------------------
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
@@ -139,6 +155,10 @@ class DiffKT3DApp(MONAILabelApp):
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(404, f"unknown infer task {model!r}; tasks: {sorted(self._infers)}")
+        try:  # before MONAI Label reads any of them (it reads e.g. `timeout` itself)
+            check_param_keys(request, getattr(self._infers[model], "param_names", frozenset()), model)
+        except TaskError as exc:
+            raise HTTPException(exc.status, redact(str(exc))) from None
         request = dict(request)
         if request.get("session"):
             request[SOURCE_KEY] = "session"
@@ -172,5 +192,17 @@ class DiffKT3DApp(MONAILabelApp):
             raise HTTPException(422, redact(f"{type(exc).__name__}: {exc}")) from None
 
     def _store_candidates(self, case_id: str, source: str, result: dict[str, Any]) -> None:
+        self.served.add(case_id, str(result.get("request_id")), [str(c["id"]) for c in result["candidates"]])
         if source == "datastore":
             record_candidates(self._datastore, case_id, result)
+
+    # -- active learning: a clear 404 and no server paths ------------------------------------
+    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        """MONAI Label's, minus its two faults: an unknown strategy (even its default "random",
+        which this app does not have) was a 500, and the answer carried the case's server path."""
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise HTTPException(404, f"unknown active-learning strategy {str(strategy)[:80]!r}; strategies: "
+                                     f"{sorted(self._strategies)}")
+        result = self._strategies[strategy](request, self.datastore())
+        return result if result and result.get("id") else {}

@@ -17,7 +17,6 @@ from typing import Annotated, Any
 from fastapi import (
     APIRouter,
     BackgroundTasks,
-    Body,
     Depends,
     FastAPI,
     File,
@@ -38,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from diffkt3d.audit import AuditLog
 from diffkt3d.errors import CaseError
 from diffkt3d.ids import check_id
-from diffkt3d.preferences import PreferenceRecord, PreferenceStore
+from diffkt3d.preferences import PreferenceStore
 from monailabel_app.auth import (
     ANONYMOUS,
     STATE_AUDIT,
@@ -48,12 +47,13 @@ from monailabel_app.auth import (
     Identity,
     TokenVerifier,
 )
+from monailabel_app.preference_routes import Provenance, preference_router
 from monailabel_app.redact import redact
+from monailabel_app.request_checks import check_infer_source, infer_params, train_endpoint
 from monailabel_app.uploads import UploadLimits, session_upload_endpoint
 
 log = logging.getLogger(__name__)
 
-PREFERENCES_PATH = "/diffkt3d/preferences"
 AUDIT_PATH = "/diffkt3d/audit"
 # MONAI Label's own role check (a no-op unless MONAI_LABEL_AUTH_ENABLE; with auth on it sees the
 # identity AuthMiddleware established, see `_current_user`); module level so FastAPI can resolve
@@ -122,45 +122,6 @@ class UploadLimitMiddleware:
 
 def _identity(request: Request) -> Identity | None:
     return getattr(request.state, STATE_IDENTITY, None)
-
-
-def preference_router(store: PreferenceStore, rater_from_token: bool) -> APIRouter:
-    """POST/GET /diffkt3d/preferences (format: docs/request-format.md §7).
-
-    Args:
-        store: the preference store.
-        rater_from_token: authentication is on: the rater is the logged-in user, whatever the body says.
-    """
-    router = APIRouter(prefix=PREFERENCES_PATH, tags=["DiffKT3D preferences"])
-
-    @router.post("", status_code=201, summary="Record a clinician's choice between candidate doses")
-    def add_preference(request: Request, payload: Annotated[Any, Body()], user: UserDep) -> dict[str, Any]:
-        audit = getattr(request.state, STATE_AUDIT, {})
-        identity = _identity(request)
-        if isinstance(payload, dict) and rater_from_token and identity is not None:
-            # A label is only worth learning from if we know who gave it: the token says who.
-            if payload.get("rater") not in (None, identity.username):
-                audit["ignored_body_rater"] = True
-            payload = {**payload, "rater": identity.username}
-        try:
-            record = PreferenceRecord.from_dict(payload, new=True)
-        except (ValueError, TypeError) as exc:
-            raise HTTPException(status_code=422, detail=f"invalid preference record: {exc}") from None
-        store.append(record)
-        audit.update(record_id=record.record_id, case_id=record.case_id, chosen_id=record.chosen_id)
-        log.info("preference %s stored (case %s, chosen %s)", record.record_id, record.case_id, record.chosen_id)
-        return {"record": record.to_dict()}
-
-    @router.get("", summary="List preference records")
-    def list_preferences(user: UserDep, case_id: Annotated[str | None, Query()] = None,
-                         rater: Annotated[str | None, Query()] = None) -> dict[str, Any]:
-        result = store.read()
-        records = [r.to_dict() for r in result.records
-                   if (case_id is None or r.case_id == case_id) and (rater is None or r.rater == rater)]
-        return {"records": records, "count": len(records),
-                "skipped_lines": [{"line": n, "reason": why} for n, why in result.skipped]}
-
-    return router
 
 
 def audit_router(audit: AuditLog) -> APIRouter:
@@ -233,10 +194,9 @@ def _threaded_infer_route(api: FastAPI) -> None:
               image: str = "", session_id: str = "", params: Annotated[str, Form()] = "{}",
               file: Annotated[UploadFile | None, File()] = None, label: Annotated[UploadFile | None, File()] = None,
               output: str | None = None):
-        try:  # MONAI Label's json.loads is unguarded (a 500); a malformed params field is the client's error
-            json.loads(params or "{}")
-        except json.JSONDecodeError as exc:
-            raise HTTPException(status_code=400, detail=f"form field 'params' is not valid JSON: {exc}") from None
+        # MONAI Label's json.loads is unguarded and an empty case is its 500: both are the client's error
+        infer_params(params)
+        check_infer_source(image, session_id, file is not None)
         kinds = [k.value for k in ResultType]
         if output is not None and output not in kinds:
             raise HTTPException(status_code=422, detail=f"output must be one of {kinds}, found {output!r}")
@@ -331,13 +291,18 @@ def _unavailable(reason: str):
 
 def install(api: FastAPI, store: PreferenceStore, audit: AuditLog, max_upload_bytes: int,
             unavailable_trainers: dict[str, str], verifier: TokenVerifier | None = None,
-            threaded_infer: bool = True, upload_limits: UploadLimits | None = None) -> None:
+            threaded_infer: bool = True, upload_limits: UploadLimits | None = None, *, provenance: Provenance,
+            train_params: dict[str, frozenset[str]] | None = None, train_server_only: frozenset[str] = frozenset()
+            ) -> None:
     """Add our routes and middleware to MONAI Label's FastAPI app (once, at server start-up).
 
     Args:
         api: `monailabel.app.app`.
         store: the preference store.
         audit: the audit log.
+        provenance: what a preference's case and candidates are checked against (preference_routes).
+        train_params: train task -> the body keys it accepts (POST /train/{task} refuses others, 422).
+        train_server_only: training keys that name server paths (refused with that reason).
         max_upload_bytes: request body limit.
         unavailable_trainers: train task name -> reason; POST /train/<name> answers 503 with it
             instead of starting a subprocess that could only fail.
@@ -349,9 +314,12 @@ def install(api: FastAPI, store: PreferenceStore, audit: AuditLog, max_upload_by
     """
     from monailabel.endpoints.user.auth import get_current_user
 
-    api.include_router(preference_router(store, rater_from_token=verifier is not None),
+    api.include_router(preference_router(store, provenance, rater_from_token=verifier is not None),
                        prefix=settings.MONAI_LABEL_API_STR)
     api.include_router(audit_router(audit), prefix=settings.MONAI_LABEL_API_STR)
+    if train_params:  # before the 503 routes below, which then come first (`_add_first`)
+        _add_first(api, f"{settings.MONAI_LABEL_API_STR}/train/{{model}}",
+                   train_endpoint(train_params, train_server_only), "POST")
     for name, reason in unavailable_trainers.items():
         _add_first(api, f"{settings.MONAI_LABEL_API_STR}/train/{name}", _unavailable(reason), "POST")
     if threaded_infer:

@@ -25,7 +25,7 @@ from diffkt3d.audit import AuditLog, model_published
 from diffkt3d.errors import DiffKT3DError
 from diffkt3d.training import TrainConfig, run_training
 from diffkt3d.training.recipe import load_recipe
-from train_tasks.request import CONFIGS, editable_fields, recipe_overrides
+from train_tasks.request import CONFIGS, editable_fields, param_names, recipe_overrides
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ RECIPE = CONFIGS / "cpu-default.yaml"
 # Recipe fields the server sets: the datastore's cases (no validation split, so no evaluation) and
 # the run folder under the app's model dir; log_every follows the shortest stage.
 SERVER_DECIDED = ("train_roots", "val_roots", "out_dir", "cache_dir", "eval_every", "log_every")
+SERVER_ONLY = frozenset(SERVER_DECIDED)
+PARAM_NAMES = param_names(RECIPE, SERVER_DECIDED)  # POST /train/any2any refuses other keys
+
 
 def train_config_from_request(request: dict[str, Any], case_dirs: list[str], run_dir: Path,
                               cache_dir: Path, recipe: Path = RECIPE) -> TrainConfig:

@@ -37,3 +37,17 @@ def editable_fields(recipe: Path, server_decided: Iterable[str]) -> dict[str, An
     """The recipe's fields a request may override, as dotted keys with the recipe's values (for `/info/`)."""
     decided = set(server_decided)
     return {k: v for k, v in flat_fields(read_recipe(recipe)).items() if k.split(".")[0] not in decided}
+
+
+def param_names(recipe: Path, server_decided: Iterable[str]) -> frozenset[str]:
+    """Every key a client may send to a train task: the recipe's editable fields, dotted or as the
+    nested mapping that holds them (`stages.dose.steps`, `stages`), and MONAI Label's own keys.
+
+    The HTTP layer refuses other keys before a training process starts; the recipe loader checks
+    the nested contents again when it applies them.
+    """
+    names: set[str] = set(MONAI_LABEL_KEYS)
+    for dotted in editable_fields(recipe, server_decided):
+        parts = dotted.split(".")
+        names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return frozenset(names)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffkt3d.cli.checks import require_at_least
 from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS, IMPUTABLE
 from diffkt3d.errors import ConfigError
 from diffkt3d.inference.ct_backbone import CT_BACKBONES, PRDIT_SAMPLERS, CTImputationConfig
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--device", default=None)
-    g = p.add_argument_group("CT backbone (issue 5)", "PRDiT as an alternative CT-imputation backbone")
+    g = p.add_argument_group("CT backbone", "PRDiT as an alternative CT-imputation backbone")
     g.add_argument("--ct-backbone", choices=CT_BACKBONES, default="any2any",
                    help="model that imputes the CT (default: the Any2Any DiT of --model)")
     g.add_argument("--prdit-model", default=None, help="PRDiT checkpoint (required with --ct-backbone prdit)")
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from diffkt3d.inference import Predictor
     from diffkt3d.inference.prdit_predictor import PRDiTCTPredictor
 
+    require_at_least(args, {"steps": 1, "seed": 0})
     ct_config = CTImputationConfig(backbone=args.ct_backbone, prdit_model=args.prdit_model,
                                    prdit_k=args.prdit_k, prdit_sampler=args.prdit_sampler)
     if ct_config.uses_prdit:

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from diffkt3d.cli.checks import require_at_least
 from diffkt3d.constants import (
     AGGREGATES,
     DEFAULT_AGGREGATE,
@@ -44,11 +45,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from diffkt3d.inference import Predictor
+    from diffkt3d.inference.predictor import DOSE_PREDICTION_INPUTS
 
+    require_at_least(args, {"steps": 1, "candidates": 1, "seed": 0})
     predictor = Predictor.load(args.model, device=args.device)
     out_root = Path(args.out)
     for folder in args.cases:
         case = load_case_folder(folder, with_dose=False)
+        case.validate(require=DOSE_PREDICTION_INPUTS)  # the server's policy too (infer_tasks/dose.py)
         for note in case.plan.inferred:
             log.info("%s: inferred %s", case.case_id, note)
         pred = predictor.predict_dose(case, steps=args.steps, candidates=args.candidates, seed=args.seed,

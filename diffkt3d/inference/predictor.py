@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,9 +43,17 @@ from diffkt3d.inference.result import Candidate, CaseInfo, DosePrediction, Imput
 from diffkt3d.metrics.dvh_table import dvh_table
 from diffkt3d.models.checkpoint import ModelBundle, load_checkpoint
 
+if TYPE_CHECKING:  # the Scorecard is imported lazily below; only its type is needed here
+    from diffkt3d.scorecard import ScorecardTemplate
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ENV = "DIFFKT3D_MODEL"
+# What a case must have for dose prediction, for the CLI and the server alike: a target with a
+# prescription. The CT is not required: the Any2Any model was trained with modalities dropped and
+# treats a missing CT as a missing condition (sample-data/pt_205 is such a case), so refusing it on
+# the server only while the CLI predicted it was two policies for one model.
+DOSE_PREDICTION_INPUTS = ("ptv",)
 
 
 def default_model_path() -> Path:
@@ -103,7 +112,7 @@ class Predictor:
     # -- dose ------------------------------------------------------------------------------
     def predict_dose(self, case: Case, steps: int = DEFAULT_STEPS, candidates: int = DEFAULT_CANDIDATES,
                      seed: int = DEFAULT_SEED, preview: bool = False, aggregate: str = DEFAULT_AGGREGATE,
-                     template: str | None = DEFAULT_TEMPLATE) -> DosePrediction:
+                     template: str | ScorecardTemplate | None = DEFAULT_TEMPLATE) -> DosePrediction:
         """Predict the dose of a case.
 
         Args:
@@ -111,7 +120,8 @@ class Predictor:
             candidates: independent samples from seeds seed, seed+1, ...
             aggregate: "best" = the candidate with the highest Scorecard total (best-of-n);
                 "mean" = the per-voxel mean of the candidates (scored as its own entry).
-            template: Scorecard template name/path (None: no Scorecard; "best" then means the first).
+            template: Scorecard template name/path or a parsed template (None: no Scorecard; "best"
+                then means the first).
         """
         if steps < 1 or candidates < 1:
             raise ValueError(f"steps and candidates must be >= 1 (got steps={steps}, candidates={candidates})")

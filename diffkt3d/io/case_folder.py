@@ -1,4 +1,4 @@
-"""Case folders (shared/docs/INTERFACES.md): one NIfTI per modality/structure plus optional plan.json.
+"""Case folders (format: docs/request-format.md §2): one NIfTI per modality/structure plus optional plan.json.
 
 The OpenKBP folders must load exactly as they are: `possible_dose_mask.nii.gz` is the body,
 structure roles and prescriptions come from names when plan.json is absent (PTV70 -> 70 Gy), and
@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import zlib
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,30 @@ log = logging.getLogger(__name__)
 _RESERVED = {CT_FILE, DOSE_FILE, BEAM_FILE, ANGLE_FILE, *BODY_FILES}
 # Files a case folder may hold that are outputs, not structures.
 _IGNORED_STEMS = {"scorecard", "dose_pred", "ct_imputed"}
+# Highest total prescription accepted (Gy). Curative courses stay below about 80 Gy and
+# brachytherapy-equivalent totals below 150; anything higher is a unit slip (cGy written as Gy)
+# or a hostile value, and must be refused before the model runs rather than scored after.
+MAX_PRESCRIPTION_GY = 150.0
+
+
+def check_prescription_gy(value: Any, where: str, case_id: str, file: str | None) -> float:
+    """A prescription as a finite number of Gy in (0, MAX_PRESCRIPTION_GY], else a CaseError
+    naming where it came from and what was found."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CaseError(f"{where}: prescription_gy must be a number of Gy, found {value!r}",
+                        case=case_id, file=file)
+    if not math.isfinite(value) or not 0 < value <= MAX_PRESCRIPTION_GY:
+        raise CaseError(f"{where}: prescription_gy must be finite and in (0, {MAX_PRESCRIPTION_GY:g}] Gy, "
+                        f"found {value!r}", case=case_id, file=file)
+    return float(value)
+
+
+def check_fractions(value: Any, case_id: str, file: str | None) -> int:
+    """Number of fractions as an integer >= 1 (a whole-valued float such as 30.0 is accepted)."""
+    whole = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+    if isinstance(value, bool) or not whole or value < 1:
+        raise CaseError(f"plan.json 'fractions' must be an integer >= 1, found {value!r}", case=case_id, file=file)
+    return int(value)
 
 
 def _stem(path: Path) -> str:
@@ -153,12 +178,20 @@ def load_case_folder(folder: str | Path, *, with_dose: bool = True, limits: Imag
             continue
         mask = read(path, bool)
         cfg = structures_cfg.get(name, {})
+        if not isinstance(cfg, dict):
+            raise CaseError(f"plan.json structure {name!r} must be an object with role and prescription_gy, "
+                            f"found {cfg!r}", case=case_id, file=PLAN_FILE)
         role_guess, rx_guess = infer_role(name)
         role = cfg.get("role", role_guess)
         if role not in ROLES:
             raise CaseError(f"structure {name}: unknown role {role!r} (expected one of {ROLES})",
                             case=case_id, file=str(folder / PLAN_FILE))
         rx = cfg.get("prescription_gy", rx_guess if role == "target" else None)
+        if rx is not None:
+            from_plan = "prescription_gy" in cfg
+            rx = check_prescription_gy(
+                rx, f"structure {name}" + (" in plan.json" if from_plan else " (prescription read from its name)"),
+                case_id, PLAN_FILE if from_plan else path.name)
         if "role" not in cfg:
             inferred.append(f"{name}: role '{role}' from its name"
                             + (f", prescription {rx:g} Gy" if rx is not None else ""))
@@ -214,6 +247,8 @@ def _plan_from_dict(plan: dict[str, Any], case: Case, inferred: list[str]) -> Pl
     else:
         beams = None
     fractions = plan.get("fractions")
+    if fractions is not None:
+        fractions = check_fractions(fractions, case.case_id, PLAN_FILE)
     if fractions is None and any(n.upper().startswith("PTV") for n in case.targets):
         fractions = OPENKBP_FRACTIONS
         inferred.append(f"fractions: {OPENKBP_FRACTIONS} (OpenKBP preset)")

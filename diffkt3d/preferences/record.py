@@ -1,7 +1,7 @@
 """Preference record: a clinician's choice between two or more candidate doses of one case.
 
-These records are the labels ScardNFT learns institution-specific Scorecard weights from (issue 6,
-item 2), so a record carries everything needed to reproduce the candidates (seed, model version,
+These records are the labels ScardNFT learns institution-specific Scorecard weights from, so a
+record carries everything needed to reproduce the candidates (seed, model version,
 checkpoint) and to learn from the choice without re-running the model (each candidate's Scorecard
 item scores, optional).
 
@@ -12,6 +12,7 @@ readers migrate old records instead of guessing.
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -22,6 +23,9 @@ from diffkt3d.ids import check_id
 SCHEMA_VERSION = 1
 
 _MAX_COMMENT = 2000
+# A client-generated record id (idempotency key): long enough to be unique when random (a uuid4 hex
+# is 32 characters), short enough to log.
+_RECORD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
 @dataclass
@@ -92,8 +96,11 @@ class PreferenceRecord:
         rater: who chose (user name; with auth on, the server sets it from the identity).
         comment: optional free text (at most 2000 characters).
         template: Scorecard template the rater saw (e.g. "openkbp_hn").
+        external: the candidates were not served by this server (another planning system, an older
+            server): the server then does not check them against what it served for the case.
         time_utc: ISO 8601 UTC time of the choice (set at creation).
-        record_id: unique id (uuid4 hex, set at creation).
+        record_id: unique id; a client may choose it (16-64 letters, digits, '_', '-', e.g. a uuid4
+            hex) so that a retried write is recognised instead of stored twice; else uuid4 hex.
         schema_version: format version of this record.
     """
 
@@ -103,6 +110,7 @@ class PreferenceRecord:
     rater: str
     comment: str | None = None
     template: str | None = None
+    external: bool = False
     time_utc: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
     record_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     schema_version: int = SCHEMA_VERSION
@@ -120,6 +128,18 @@ class PreferenceRecord:
             raise ValueError("rater must be a non-empty string of at most 128 characters")
         if self.comment is not None and (not isinstance(self.comment, str) or len(self.comment) > _MAX_COMMENT):
             raise ValueError(f"comment must be a string of at most {_MAX_COMMENT} characters")
+        if not isinstance(self.external, bool):
+            raise ValueError(f"external must be true or false, found {self.external!r}")
+        if not isinstance(self.record_id, str) or not _RECORD_ID_RE.match(self.record_id):
+            raise ValueError("record_id must be 16-64 letters, digits, '_' or '-' (e.g. a uuid4 hex), "
+                             f"found {str(self.record_id)[:80]!r}")
+
+    def same_choice(self, other: PreferenceRecord) -> bool:
+        """Same content apart from what the server assigns (time, schema): a retried write."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        for key in ("time_utc", "schema_version"):
+            mine.pop(key), theirs.pop(key)
+        return mine == theirs
 
     @property
     def rejected_ids(self) -> list[str]:
@@ -134,14 +154,14 @@ class PreferenceRecord:
 
         Args:
             d: the JSON object.
-            new: True for a record arriving from a client: `record_id`, `time_utc` and
-                `schema_version` are assigned here, whatever the client sent.
+            new: True for a record arriving from a client: `time_utc` and `schema_version` are
+                assigned here, whatever the client sent, and `record_id` when the client sent none.
         Raises:
             ValueError: naming the field and the problem.
         """
         if not isinstance(d, dict):
             raise ValueError("a preference record must be a JSON object")
-        allowed = {"case_id", "candidates", "chosen_id", "rater", "comment", "template", "time_utc",
+        allowed = {"case_id", "candidates", "chosen_id", "rater", "comment", "template", "external", "time_utc",
                    "record_id", "schema_version"}
         unknown = sorted(set(d) - allowed)
         if unknown:
@@ -159,7 +179,9 @@ class PreferenceRecord:
             case_id=d["case_id"],
             candidates=[CandidateRef.from_dict(c, f"candidates[{i}]") for i, c in enumerate(cands)],
             chosen_id=d["chosen_id"], rater=d["rater"], comment=d.get("comment"),
-            template=d.get("template"))
+            template=d.get("template"), external=d.get("external", False))
+        if new and d.get("record_id") is not None:
+            kwargs["record_id"] = d["record_id"]
         if not new:
             for key in ("time_utc", "record_id", "schema_version"):
                 if key in d:

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 STORE_FILE = "preferences.jsonl"
 
 
+class RecordIdConflict(ValueError):
+    """A record id reused for a different record (HTTP 409 on the server)."""
+
+
 @dataclass
 class ReadResult:
     """Records read from the store, plus the lines that were skipped and why.
@@ -70,6 +74,25 @@ class PreferenceStore:
         """Durably append one record; returns it once it is on disk (after fsync)."""
         append_json_line(self.path, self._lock, record.to_dict())
         return record
+
+    def add_once(self, record: PreferenceRecord) -> tuple[PreferenceRecord, bool]:
+        """Append `record` unless its `record_id` is stored: a client retrying after a timeout must
+        not label the same choice twice.
+
+        Returns:
+            (the stored record, True if it was appended now / False if it was already there).
+        Raises:
+            RecordIdConflict: the id is stored with a different content.
+        """
+        with self._lock:  # reentrant: the lookup and the append are one step for other writers
+            for stored in self.read().records:
+                if stored.record_id == record.record_id:
+                    if stored.same_choice(record):
+                        return stored, False
+                    raise RecordIdConflict(f"record_id {record.record_id!r} is already stored with a different "
+                                           "content; a new choice needs a new record_id")
+            self.append(record)
+        return record, True
 
     def read(self) -> ReadResult:
         """All complete, valid records in append order; torn or invalid lines are skipped and listed."""

@@ -171,6 +171,37 @@ def test_plan_json_overrides_inference(case_dir: Path) -> None:
     assert not any(n.startswith("PTV70:") for n in case.plan.inferred)
 
 
+@pytest.mark.parametrize("plan, problem", [
+    ({"structures": {"PTV70": {"role": "target", "prescription_gy": 1e6}}}, "in (0, 150] Gy, found 1000000.0"),
+    ({"structures": {"PTV70": {"role": "target", "prescription_gy": -70}}}, "in (0, 150] Gy, found -70"),
+    ({"structures": {"PTV70": {"role": "target", "prescription_gy": 0}}}, "in (0, 150] Gy, found 0"),
+    ({"structures": {"PTV70": {"role": "target", "prescription_gy": float("nan")}}}, "finite"),
+    ({"structures": {"PTV70": {"role": "target", "prescription_gy": "70"}}}, "must be a number of Gy, found '70'"),
+    ({"structures": {"PTV70": 70}}, "'PTV70' must be an object"),
+    ({"fractions": 0}, "'fractions' must be an integer >= 1, found 0"),
+    ({"fractions": 2.5}, "'fractions' must be an integer >= 1, found 2.5"),
+    ({"fractions": "35"}, "'fractions' must be an integer >= 1, found '35'"),
+])
+def test_plan_values_are_range_checked_while_loading(case_dir: Path, plan: dict, problem: str) -> None:
+    # json.dumps writes NaN as the literal NaN, which json.loads (and so the reader) accepts
+    (case_dir / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(CaseError) as err:
+        load_case_folder(case_dir)
+    assert problem in str(err.value) and err.value.case == "pt_201"
+    assert err.value.file == "plan.json"  # a bare name: the server passes it on without a path
+
+
+def test_prescription_from_a_name_is_range_checked_too(case_dir: Path) -> None:
+    (case_dir / "PTV70.nii.gz").rename(case_dir / "PTV_20000.nii.gz")  # 20000 cGy = 200 Gy
+    with pytest.raises(CaseError, match=r"structure PTV_20000 \(prescription read from its name\).*found 200.0"):
+        load_case_folder(case_dir)
+
+
+def test_whole_float_fractions_are_accepted(case_dir: Path) -> None:
+    (case_dir / "plan.json").write_text(json.dumps({"fractions": 30.0}))
+    assert load_case_folder(case_dir).plan.fractions == 30
+
+
 def test_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(CaseError, match="does not exist"):
         load_case_folder(tmp_path / "pt_404")

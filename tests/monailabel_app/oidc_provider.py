@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 REALM = "diffkt3d"
 CLIENT_ID = "diffkt3d-slicer"
+AUDIENCE = "diffkt3d"  # what the server checks by default (monailabel_app.auth.DEFAULT_AUDIENCE)
 
 
 def new_key() -> rsa.RSAPrivateKey:
@@ -56,7 +57,7 @@ class LocalOIDCProvider:
     def issue(self, username: str, roles: list[str], *, expires_in_s: float = 300,
               key: rsa.RSAPrivateKey | None = None, issuer: str | None = None, **extra: Any) -> str:
         now = int(time.time())
-        claims = {"iss": issuer or self.realm_uri, "sub": f"id-{username}", "aud": "account",
+        claims = {"iss": issuer or self.realm_uri, "sub": f"id-{username}", "aud": AUDIENCE,
                   "iat": now, "exp": now + int(expires_in_s), "preferred_username": username,
                   "realm_access": {"roles": roles}, "azp": CLIENT_ID, **extra}
         return jwt.encode(claims, key or self.key, algorithm="RS256", headers={"kid": self.kid})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -54,7 +55,11 @@ def test_datastore_lists_case_folders_and_labels(studies):
     assert ds.list_images() == ["case_a", "case_b", "case_c"]
     assert ds.get_labeled_images() == ["case_a", "case_c"]
     assert ds.get_unlabeled_images() == ["case_b"]
-    assert [Path(d["label"]).name for d in ds.datalist()] == ["dose.nii.gz", "dose.nii.gz"]
+    # listings clients can read carry ids, never where the studies live on the server
+    assert ds.datalist() == [{"image": "case_a", "label": "case_a"}, {"image": "case_c", "label": "case_c"}]
+    listing = ds.json()
+    assert listing["case_a"]["image"] == {"id": "case_a"} and listing["case_a"]["labels"] == {"final": "case_a"}
+    assert str(studies) not in json.dumps([listing, ds.datalist(), ds.get_image_info("case_a")])
     assert ds.status()["total"] == 3 and ds.status()["completed"] == 2
     assert Path(ds.get_image_uri("case_a")) == studies / "case_a"
 
@@ -119,6 +124,43 @@ def test_dose_params_parse_and_reject():
             DoseParams.from_request(bad)
 
 
+def test_dose_template_is_a_shipped_name_or_request_yaml_never_a_server_path(tmp_path):
+    from diffkt3d.scorecard import load_template
+
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("items: [{id: leaked-content}]\n")
+    for name in (str(secret), str(tmp_path / "missing.yaml"), "../../etc/passwd", "secret"):
+        with pytest.raises(TaskError) as err:
+            DoseParams.from_request({"template": name})
+        # the same answer whether the file exists or not, and never its content
+        assert err.value.status == 422 and "must name a shipped Scorecard template" in str(err.value)
+        assert "leaked-content" not in str(err.value) and "does not exist" not in str(err.value)
+    shipped = load_template("openkbp_hn")
+    yaml_text = Path(shipped.path).read_text()
+    p = DoseParams.from_request({"template_yaml": yaml_text})
+    assert p.scorecard is not None and p.scorecard.items == shipped.items and p.template == shipped.name
+    for bad, status, word in [({"template_yaml": "items: [1"}, 422, "not valid YAML"),
+                              ({"template_yaml": "items: []"}, 422, "'items' must be a non-empty list"),
+                              ({"template_yaml": 5}, 422, "YAML text"),
+                              ({"template_yaml": "#" * 70_000}, 413, "limit"),
+                              ({"template_yaml": yaml_text, "template": "openkbp_hn"}, 422, "not both")]:
+        with pytest.raises(TaskError, match=word) as err:
+            DoseParams.from_request(bad)
+        assert err.value.status == status
+
+
+def test_integer_parameters_refuse_odd_text_with_a_422():
+    from infer_tasks.common import check_param_keys, int_param
+
+    for value in ("²", "1" * 5000, "1.5", 2.5, True, None, [3]):
+        with pytest.raises(TaskError, match="'steps' must be an integer in") as err:
+            int_param({"steps": value}, "steps", 10, 1, 100)
+        assert len(str(err.value)) < 300  # the value is named, not echoed at length
+    assert int_param({"steps": " 7 "}, "steps", 10, 1, 100) == 7
+    with pytest.raises(TaskError, match=r"unknown parameter\(s\) \['step'\]; known parameters: \['seed', 'steps'\]"):
+        check_param_keys({"model": "impute_ct", "image": "x", "step": 3}, frozenset({"steps", "seed"}), "impute_ct")
+
+
 def test_candidate_cache_evicts_oldest_by_bytes():
     from diffkt3d.data.case import Grid
 
@@ -167,13 +209,17 @@ def test_routes_preferences_upload_limit_and_unavailable_trainer(tmp_path):
     from fastapi.testclient import TestClient
 
     from diffkt3d.audit import AuditLog
+    from diffkt3d.preferences import ServedCandidates
+    from monailabel_app.preference_routes import Provenance
     from monailabel_app.routes import install
 
     api = FastAPI()
     store = PreferenceStore(tmp_path / "prefs")
     audit = AuditLog(tmp_path / "audit")
+    served = ServedCandidates(tmp_path / "prefs")
+    served.add("case_a", "r1", ["c0", "c1"])
     install(api, store, audit, max_upload_bytes=4000, unavailable_trainers={"scardnft": "not in this build"},
-            threaded_infer=False)
+            threaded_infer=False, provenance=Provenance(served, has_case=lambda case_id: case_id == "case_a"))
     client = TestClient(api)
     rec = {"case_id": "case_a", "chosen_id": "c0", "rater": "r1",
            "candidates": [{"id": "c0", "seed": 0, "model_version": "m"}, {"id": "c1", "seed": 1, "model_version": "m"}]}

@@ -73,11 +73,16 @@ def test_roles_claim_paths_and_role_mapping(idp):
 
 
 def test_audience_and_username_are_checked(idp):
-    v = _verifier(idp, audience="diffkt3d")
+    v = _verifier(idp)  # the audience is checked by default
+    assert v.settings.audience == "diffkt3d" and v.settings.verify_audience
     with pytest.raises(AuthError) as err:
-        v.verify(idp.issue("u", []))  # aud "account"
+        v.verify(idp.issue("u", [], aud="account"))  # Keycloak's default audience: another application
     assert err.value.status == 401 and "audience" in err.value.detail.lower()
     assert v.verify(idp.issue("u", [], aud="diffkt3d")).username == "u"
+    with pytest.raises(AuthError, match="aud"):  # a token without any audience is refused too
+        v.verify(idp.issue("u", [], aud=None))
+    # opting out is explicit: then any audience passes
+    assert _verifier(idp, verify_audience=False).verify(idp.issue("u", [], aud="account")).username == "u"
     with pytest.raises(AuthError, match="user name"):
         _verifier(idp).verify(idp.issue("", []))
 
@@ -125,13 +130,16 @@ def _app_with_audit(tmp_path):
     from fastapi.testclient import TestClient
 
     from diffkt3d.audit import AuditLog
-    from diffkt3d.preferences import PreferenceStore
+    from diffkt3d.preferences import PreferenceStore, ServedCandidates
+    from monailabel_app.preference_routes import Provenance
     from monailabel_app.routes import install
 
     api = FastAPI()
     store, audit = PreferenceStore(tmp_path / "prefs"), AuditLog(tmp_path / "audit")
+    served = ServedCandidates(tmp_path / "prefs")
+    served.add("case_a", "r1", ["c0", "c1"])  # what the dose task writes when it serves candidates
     install(api, store, audit, max_upload_bytes=2**20, unavailable_trainers={"scardnft": "not in this build"},
-            threaded_infer=False)
+            threaded_infer=False, provenance=Provenance(served, has_case=lambda case_id: False))
     return TestClient(api), store, audit
 
 
@@ -185,3 +193,16 @@ def test_an_outcome_that_cannot_go_to_the_trail_is_kept_in_the_journal(tmp_path)
     assert [(e.action, e.status) for e in journal] == [("preference.record", 0), ("preference.record", 201)]
     assert journal[0].details["request"] == journal[1].details["request"]
     assert journal[1].details["case_id"] == "case_a"
+
+
+def test_audience_settings_from_conf():
+    from monailabel_app.auth import DEFAULT_AUDIENCE
+
+    assert AuthSettings.from_monailabel({}).audience == DEFAULT_AUDIENCE
+    assert AuthSettings.from_monailabel({}).verify_audience
+    assert AuthSettings.from_monailabel({"auth_audience": "dose-server"}).audience == "dose-server"
+    assert not AuthSettings.from_monailabel({"auth_verify_audience": "false"}).verify_audience
+    with pytest.raises(ValueError, match="auth_audience is empty"):
+        AuthSettings.from_monailabel({"auth_audience": " "})
+    with pytest.raises(ValueError, match="auth_verify_audience must be true or false"):
+        AuthSettings.from_monailabel({"auth_verify_audience": "no"})

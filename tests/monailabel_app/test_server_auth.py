@@ -73,7 +73,8 @@ def _h(idp, user: str) -> dict[str, str]:
 
 
 def _record(rater: str = "dr.smith", case_id: str = CASE) -> dict:
-    return {"case_id": case_id, "chosen_id": "c0", "rater": rater,
+    # external: these candidates were not served by this server (provenance is test_hostile_requests')
+    return {"case_id": case_id, "chosen_id": "c0", "rater": rater, "external": True,
             "candidates": [{"id": "c0", "seed": 0, "model_version": "m"}, {"id": "c1", "seed": 1, "model_version": "m"}]}
 
 

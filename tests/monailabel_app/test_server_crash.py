@@ -10,11 +10,13 @@ import pytest
 import requests
 from server_process import start_server, stop_server
 
+from diffkt3d.preferences import ServedCandidates  # noqa: E402
+
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
 def _record(i: int, writer: int) -> dict:
-    return {"case_id": "pt_201", "chosen_id": "b", "rater": f"w{writer}", "comment": f"{writer}:{i}",
+    return {"case_id": "session-1", "chosen_id": "b", "rater": f"w{writer}", "comment": f"{writer}:{i}",
             "candidates": [{"id": "a", "seed": 0, "model_version": "m"}, {"id": "b", "seed": 1, "model_version": "m"}]}
 
 
@@ -23,6 +25,8 @@ def test_kill_minus_nine_mid_write_then_restart(tmp_path):
     studies = tmp_path / "studies"
     studies.mkdir()
     conf = {"state_dir": str(tmp_path / "state"), "model_dir": str(tmp_path / "model")}
+    # the case of the records, as if the server had served its candidates in a session earlier
+    ServedCandidates(tmp_path / "state" / "preferences").add("session-1", "r0", ["a", "b"])
     proc, url = start_server(tmp_path, studies, conf)
     acked: list[str] = []  # comments of records the server confirmed with 201
     lock = threading.Lock()

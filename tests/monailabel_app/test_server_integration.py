@@ -204,10 +204,17 @@ def test_impute_ct_and_oar(server):
 
 
 # -- preferences and active learning ------------------------------------------------------------------
+# The candidates the dose requests above served: pt_201 two from seed 3, pt_202 two from seed 0 (a
+# preference must be about candidates the server served for the case, or say "external": true;
+# monailabel_app/preference_routes.py).
+SERVED_SEED = {"pt_201": 3, "pt_202": 0}
+
+
 def _pref(case: str, rater: str) -> dict:
-    return {"case_id": case, "chosen_id": "c1-seed1", "rater": rater, "comment": "parotid",
-            "candidates": [{"id": "c0-seed0", "seed": 0, "model_version": "m@1"},
-                           {"id": "c1-seed1", "seed": 1, "model_version": "m@1"}]}
+    s = SERVED_SEED[case]
+    return {"case_id": case, "chosen_id": f"c1-seed{s + 1}", "rater": rater, "comment": "parotid",
+            "candidates": [{"id": f"c0-seed{s}", "seed": s, "model_version": "m@1"},
+                           {"id": f"c1-seed{s + 1}", "seed": s + 1, "model_version": "m@1"}]}
 
 
 def test_preferences_write_read_and_strategy(server):
@@ -219,7 +226,9 @@ def test_preferences_write_read_and_strategy(server):
     assert r.status_code == 201, r.text
     rec = r.json()["record"]
     assert rec["record_id"] and rec["time_utc"] and rec["schema_version"] == 1
-    requests.post(f"{url}/diffkt3d/preferences", json=_pref("pt_202", "dr_y"), timeout=30).raise_for_status()
+    # pt_202's candidates were made elsewhere as far as this test knows: it says so
+    requests.post(f"{url}/diffkt3d/preferences", json={**_pref("pt_202", "dr_y"), "external": True},
+                  timeout=30).raise_for_status()
     got = requests.get(f"{url}/diffkt3d/preferences", params={"rater": "dr_x"}, timeout=30).json()
     assert got["count"] == 1 and got["records"][0]["record_id"] == rec["record_id"]
     assert requests.get(f"{url}/diffkt3d/preferences", timeout=30).json()["count"] == 2
@@ -322,9 +331,12 @@ def test_bad_inputs_get_clear_4xx_and_server_keeps_serving(server, small_case):
     arrays, affine = small_case
     good = {n: _volume_bytes(a, affine) for n, a in arrays.items()}
 
-    # missing CT
+    # missing CT: predicted as a missing condition, as by the CLI (DOSE_PREDICTION_INPUTS)
     sid = _session(server, {k: v for k, v in good.items() if k != "ct.nii.gz"})
-    _check_4xx(_infer(server, "dose", session_id=sid), 422, "ct")
+    assert _infer(server, "dose", {"preview": True}, session_id=sid).status_code == 200
+    # no target with a prescription
+    sid = _session(server, {k: v for k, v in good.items() if not k.startswith("PTV")})
+    _check_4xx(_infer(server, "dose", session_id=sid), 422, "target")
     # grid mismatch (one mask with another shape)
     sid = _session(server, {**good, "Brainstem.nii.gz": _volume_bytes(arrays["Brainstem.nii.gz"][:20], affine)})
     _check_4xx(_infer(server, "dose", session_id=sid), 422, "grid mismatch", "Brainstem")

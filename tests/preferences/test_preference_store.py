@@ -23,9 +23,11 @@ def _payload(case_id: str = "pt_201", chosen: str = "c1-seed1", rater: str = "dr
 
 # -- record --------------------------------------------------------------------------------------
 def test_record_roundtrip_and_server_fields():
-    rec = PreferenceRecord.from_dict({**_payload(comment="ok"), "record_id": "forged", "schema_version": 99},
-                                     new=True)
-    assert rec.record_id != "forged" and rec.schema_version == SCHEMA_VERSION
+    rec = PreferenceRecord.from_dict({**_payload(comment="ok"), "time_utc": "1999", "schema_version": 99}, new=True)
+    assert rec.time_utc != "1999" and rec.schema_version == SCHEMA_VERSION and len(rec.record_id) == 32
+    # the client may choose the record id (its idempotency key), which is kept
+    key = "a" * 16 + "-retry_1"
+    assert PreferenceRecord.from_dict({**_payload(), "record_id": key}, new=True).record_id == key
     back = PreferenceRecord.from_dict(json.loads(json.dumps(rec.to_dict())))
     assert back == rec
     assert back.rejected_ids == ["c0-seed0"]
@@ -41,6 +43,9 @@ def test_record_roundtrip_and_server_fields():
     ({"candidates": [{"id": "c0", "seed": -1, "model_version": "m"}, {"id": "c1", "seed": 1, "model_version": "m"}],
       "chosen_id": "c0"}, "seed"),
     ({"colour": "red"}, "unknown fields"),
+    ({"record_id": "short"}, "record_id must be 16-64"),
+    ({"record_id": "../../" + "a" * 20}, "record_id must be 16-64"),
+    ({"external": "yes"}, "external must be true or false"),
 ])
 def test_record_rejects_bad_input(change, message):
     with pytest.raises(ValueError, match=message):

@@ -387,8 +387,14 @@ class DiffKT3DClient:
 
     # -- preferences and active learning -----------------------------------------------------------
     def record_preference(self, record: dict[str, Any]) -> dict[str, Any]:
-        """`POST /diffkt3d/preferences`; returns the stored record (with record_id, time)."""
-        resp = self._call("POST", "/diffkt3d/preferences", json_body=record)
+        """`POST /diffkt3d/preferences`; returns the stored record. A client-made `record_id` lets a write
+        whose answer timed out be sent again: the server answers with what it stored, not a copy."""
+        record = {**record, "record_id": record.get("record_id") or uuid.uuid4().hex}
+        try:
+            resp = self._call("POST", "/diffkt3d/preferences", json_body=record)
+        except ServerTimeout:
+            logger.info("preference %s: no answer in time, sending it again with the same id", record["record_id"])
+            resp = self._call("POST", "/diffkt3d/preferences", json_body=record)
         body = self._json(resp, "/diffkt3d/preferences")
         return (body or {}).get("record", body)
 
