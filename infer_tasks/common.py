@@ -1,6 +1,6 @@
 """What every DiffKT3D infer task shares: the model provider, case loading from a request, errors.
 
-Kept thin (house style rule 11): a request is parsed once into a small dataclass and a core `Case`;
+Kept thin, so the core stays the one truth: a request is parsed once into a small dataclass and a core `Case`;
 the model work is `diffkt3d.inference.Predictor`.
 """
 
@@ -129,7 +129,7 @@ class ModelProvider(_ReloadingModel):
 
 
 class PRDiTModelProvider(_ReloadingModel):
-    """Serves the PRDiT CT-imputation checkpoint of ``--conf ct_backbone prdit`` (issue 5).
+    """Serves the PRDiT CT-imputation checkpoint of ``--conf ct_backbone prdit``.
 
     Same ``get()`` / ``run_lock`` / ``version()`` surface as :class:`ModelProvider`, so the
     ``impute_ct`` task does not know which backbone it runs. The checkpoint is loaded at the first

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
-    g = p.add_argument_group("CT backbone (issue 5)", "PRDiT as an alternative CT-imputation backbone")
+    g = p.add_argument_group("CT backbone", "PRDiT as an alternative CT-imputation backbone")
     g.add_argument("--ct-backbone", choices=CT_BACKBONES, default="any2any",
                    help="model that imputes the CT (default: the Any2Any DiT of --model)")
     g.add_argument("--prdit-model", default=None, help="PRDiT checkpoint (required with --ct-backbone prdit)")

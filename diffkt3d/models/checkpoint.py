@@ -1,6 +1,6 @@
 """Model checkpoints: weights + architecture + preprocessing constants in one file.
 
-Loading rebuilds everything from the file alone (house style rule 4): the DiT config, the
+Loading rebuilds everything from the file alone: the DiT config, the
 encoding (working grid, OAR channel order, HU window, dose scale) and the flow shift. Files are
 read with `torch.load(weights_only=True)`, so a checkpoint cannot execute code.
 """

@@ -1,7 +1,7 @@
-"""Configuration and named size presets of the Any2Any DiT (house style rule 3).
+"""Configuration and named size presets of the Any2Any DiT.
 
 A :class:`DiTConfig` fully describes the architecture; checkpoints store ``config.to_dict()`` and
-loading rebuilds the model with ``DiTConfig.from_dict(...)`` (house style rule 4). CLIs and apps
+loading rebuilds the model with ``DiTConfig.from_dict(...)``, so a file alone rebuilds its model. CLIs and apps
 pick a preset with :func:`get_config` and override single fields.
 """
 
@@ -104,7 +104,7 @@ class DiTConfig:
             channels per voxel, and a small convolutional network at working-grid resolution
             reads them together with the noised dose, every condition volume (zeros when
             absent) and the prior basis maps, and adds a correction to the head's dose
-            channels (residual and prior weights). Not in the paper; the PRDiT idea (seed 004)
+            channels (residual and prior weights). Not in the paper; the PRDiT idea (docs/method.md)
             of a pixel-level network under a patch-level DiT: a linear patch head decodes 512
             voxels from one token and cannot tie the dose to voxel-level anatomy (an OAR
             boundary, the body edge, the beam plate). Zero-initialised output, so a fresh

@@ -1,7 +1,7 @@
 """Preference record: a clinician's choice between two or more candidate doses of one case.
 
-These records are the labels ScardNFT learns institution-specific Scorecard weights from (issue 6,
-item 2), so a record carries everything needed to reproduce the candidates (seed, model version,
+These records are the labels ScardNFT learns institution-specific Scorecard weights from,
+so a record carries everything needed to reproduce the candidates (seed, model version,
 checkpoint) and to learn from the choice without re-running the model (each candidate's Scorecard
 item scores, optional).
 

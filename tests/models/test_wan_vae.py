@@ -1,4 +1,4 @@
-"""Frozen Wan VAE latent path on a tiny random AutoencoderKLWan (issue 4 item 3)."""
+"""Frozen Wan VAE latent path on a tiny random AutoencoderKLWan."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""torchrun + gloo with 2 CPU processes on a tiny config (issue 4 item 4): ranks stay in sync, the
+"""torchrun + gloo with 2 CPU processes on a tiny config: ranks stay in sync, the
 loss decreases, rank 0 alone writes the checkpoints; plus the launcher command and config errors."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every constant of the Slicer logic, defined once (house style rule 5).
+"""Every constant of the Slicer logic, defined once, so the panel, scene and client agree.
 
 Slicer's Python does not have the `diffkt3d` package, so the Lib cannot import
 `diffkt3d.constants`. The few values shared with the core are copied here and a test
@@ -15,7 +15,7 @@ CONNECT_TIMEOUT_S = 5.0
 SMALL_CALL_TIMEOUT_S = 30.0
 INFER_TIMEOUT_S = 900.0
 PREVIEW_TIMEOUT_S = 120.0
-# Names of the server's tasks (issue 7; listed by /info/).
+# Names of the server's tasks (listed by /info/).
 DOSE_TASK = "dose"
 IMPUTE_TASKS: dict[str, str] = {"ct": "impute_ct", "ptv": "impute_ptv", "oar": "impute_oar"}
 # Request folders (exported case + results) kept in the work dir; older ones are deleted.
@@ -33,7 +33,7 @@ ROLES: tuple[str, ...] = ("target", "oar", "body", "other")
 # The panel also lets the user leave a segment out of the request.
 IGNORE_ROLE = "ignore"
 
-# -- dose display (SlicerRT conventions, shared/docs/SLICER.md) -------------------------------
+# -- dose display (SlicerRT conventions) -------------------------------------------------------
 DOSE_VOLUME_ATTRIBUTE = "DicomRtImport.DoseVolume"  # value "1" marks a dose volume
 DOSE_COLOR_TABLE_NAME = "Dose_ColorTable"
 # Window of the dose display as a share of the prescription (0-110 % Rx).

@@ -4,7 +4,7 @@ Everything here works on a `vtkMRMLScene` passed in (Slicer's `slicer.mrmlScene`
 scene from the `slicer-core` wheel in tests) and uses only MRML / segmentation-logic calls that
 both provide; nothing needs `slicer.app`, Qt or SlicerRT. Runs on the main thread only.
 
-Conventions (shared/docs/SLICER.md, SlicerRT):
+Conventions (SlicerRT's, and what its users ask for):
 * the dose is a float32 vtkMRMLScalarVolumeNode in Gy with attribute DicomRtImport.DoseVolume="1",
   colour node Dose_ColorTable and a window of 0-110 % of the prescription;
 * isodose levels are % of the prescription (80/90/100/105/110 %) with Eclipse-like colours, shown
