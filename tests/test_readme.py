@@ -123,8 +123,8 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/cli/test_evaluate.py::test_evaluate_figures_and_json_match_printed_table",
             "tests/cli/test_evaluate.py::test_allow_missing_skips_and_lists",
             f"{CLI}::test_evaluate_predictions_against_sample_data"),
-        "nice -n 15 diffkt3d evaluate --pred /work/shared/datasets/openkbp/validation "
-        "--ref /work/shared/datasets/openkbp/validation --json ref_vs_ref.json": (
+        "nice -n 15 diffkt3d evaluate --pred $DIFFKT3D_DATA_ROOT/openkbp/validation "
+        "--ref $DIFFKT3D_DATA_ROOT/openkbp/validation --json ref_vs_ref.json": (
             "tests/cli/test_evaluate.py::test_reference_against_itself_on_real_validation_cases",),
     },
     "docs/security.md": {
