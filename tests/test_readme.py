@@ -58,7 +58,6 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
         "diffkt3d impute --target ct|ptv|oar CASE... --out ROOT [--steps 10] [--seed S]": (
             f"{CLI}::test_impute_ptv_writes_masks_on_the_case_grid",
             "tests/cli/test_impute_cmd.py::test_prdit_backbone_writes_ct_on_the_case_grid"),
-        "diffkt3d impute": (f"{CLI}::test_impute_ptv_writes_masks_on_the_case_grid",),
         "diffkt3d evaluate --pred ROOT --ref ROOT [--json FILE] [--template openkbp_hn]": (
             f"{CLI}::test_evaluate_predictions_against_sample_data",),
         "diffkt3d train --config configs/cpu-default.yaml [--out-dir D] [--max-steps N] [--max-cases N]": (
@@ -70,11 +69,17 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
             f"{CLI}::test_export_then_import_dicom_round_trip"),
         "diffkt3d export dicom CASE... --out ROOT": (f"{CLI}::test_export_then_import_dicom_round_trip",),
         "monailabel start_server --app monailabel_app --studies sample-data": (SERVER,),
+        "diffkt3d import openkbp open-kbp/provided-data/train-pats --out data/openkbp/train": (
+            "tests/cli/test_import_cmd.py::test_import_openkbp_and_refuse_overwrite",),
+        "diffkt3d import openkbp open-kbp/provided-data/validation-pats --out data/openkbp/validation": (
+            "tests/cli/test_import_cmd.py::test_import_openkbp_and_refuse_overwrite",),
+        "pip install -e '.[transfer]'": (TRANSFER, ".ci/run"),
+    },
+    "docs/benchmarks.md": {
         "python benchmarks/dose_benchmark.py": ("tests/benchmarks/test_dose_benchmark_cmd.py::"
                                                "test_dose_benchmark_one_case_preview",),
         "python benchmarks/fit_gap.py": ("tests/benchmarks/test_fit_gap.py::"
                                          "test_validation_figure_is_the_one_the_trainer_selected_on",),
-        "pip install -e '.[transfer]'": (TRANSFER, ".ci/run"),
     },
     "docs/server.md": {
         "python3.11 -m venv .venv && source .venv/bin/activate": (INSTALL, ".ci/run"),
