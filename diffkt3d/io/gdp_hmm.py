@@ -162,7 +162,7 @@ def _spacing_zyx(spacing: np.ndarray, inferred: list[str]) -> np.ndarray:
     clear_zyx = np.isclose(b, c) and not np.isclose(a, b)
     isotropic = np.isclose(a, b) and np.isclose(b, c)
     if not (clear_zyx or isotropic):
-        inferred.append(f"spacing {spacing.tolist()} read as z-y-x (the documented GDP-HMM order; order ambiguous)")
+        inferred.append(f"spacing {spacing.tolist()} read as z-y-x (GDP-HMM docs order; order ambiguous)")
     return spacing.copy()
 
 

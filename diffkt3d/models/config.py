@@ -1,7 +1,7 @@
 """Configuration and named size presets of the Any2Any DiT.
 
 A :class:`DiTConfig` fully describes the architecture; checkpoints store ``config.to_dict()`` and
-loading rebuilds the model with ``DiTConfig.from_dict(...)``, so a file alone rebuilds its model. CLIs and apps
+loading rebuilds the model with ``DiTConfig.from_dict(...)``, from the file alone. CLIs and apps
 pick a preset with :func:`get_config` and override single fields.
 """
 
