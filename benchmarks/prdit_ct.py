@@ -1,4 +1,4 @@
-"""Small CPU benchmark of PRDiT for CT imputation on OpenKBP (issue 5, item 6).
+"""Small CPU benchmark of PRDiT for CT imputation on OpenKBP.
 
 One run trains and evaluates, on the same machine:
 - PRDiT (preset ``cpu-small`` unless overridden: patch 6 / stride 4 / padding 1, global DiT depth
@@ -332,7 +332,7 @@ def write_report(args, argv, rows, train_info, train_cpu_min, data_cpu, total_cp
         return "—" if not np.isfinite(v) else format(v, fmt)
 
     lines = [
-        "# PRDiT CT imputation — small CPU benchmark (issue 5, item 6)",
+        "# PRDiT CT imputation — small CPU benchmark",
         "",
         f"Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; torch {torch.__version__}, "
         f"{args.threads} thread(s).",

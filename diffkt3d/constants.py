@@ -39,7 +39,7 @@ OPENKBP_GANTRY_ANGLES_DEG: tuple[float, ...] = tuple(float(a) for a in range(0, 
 # Source-axis distance of a linac (mm), used to rasterise the beam plate.
 SAD_MM: float = 1000.0
 
-# File names inside a case folder (docs/request-format.md lists what a case holds).
+# File names inside a case folder (docs/case-format.md).
 CT_FILE = "ct.nii.gz"
 DOSE_FILE = "dose.nii.gz"
 BODY_FILES: tuple[str, ...] = ("possible_dose_mask.nii.gz", "body.nii.gz")
@@ -47,7 +47,7 @@ PLAN_FILE = "plan.json"
 BEAM_FILE = "beam_plate.nii.gz"
 ANGLE_FILE = "angle_plate.nii.gz"
 
-# The one default of the PRDiT predictor multiplier k (Algorithm 1) for CT imputation: the
+# The one default of the predictor multiplier k of PRDiT's Algorithm 1 (docs/method.md) for CT imputation: the
 # CLI (--prdit-k), the server (prdit_k), ``diffkt3d.models.prdit.impute.impute_ct`` /
 # ``PRDiTImputer.impute_case`` and ``sample_predictor_corrector`` all default to it. 1 = the cold
 # deterministic sampler. Why 1 and not the paper's best k = 2: a single imputed CT is judged

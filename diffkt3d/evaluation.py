@@ -1,6 +1,6 @@
 """Evaluate predicted doses against reference case folders (`diffkt3d evaluate`).
 
-Layout (shared/docs/INTERFACES.md): the prediction root holds ``<case>/dose.nii.gz`` (Gy), the
+Layout (docs/case-format.md): the prediction root holds ``<case>/dose.nii.gz`` (Gy), the
 reference root holds case folders (OpenKBP layout, with ``dose.nii.gz``). For every reference
 case the report gives:
 

@@ -14,7 +14,7 @@ import numpy as np
 from diffkt3d.data.case import Case
 from diffkt3d.metrics.dvh import cumulative_dvh
 
-# Eclipse-like isodose colours as % of the prescription (shared/docs/SLICER.md).
+# Eclipse-like isodose colours as % of the prescription (what Slicer users of SlicerRT ask for).
 ISODOSE_LEVELS_PCT: tuple[tuple[float, str], ...] = (
     (50.0, "#00a000"), (80.0, "#0050ff"), (90.0, "#00d0ff"), (95.0, "#00ff80"),
     (100.0, "#ffff00"), (105.0, "#ff9900"), (110.0, "#ff0000"),

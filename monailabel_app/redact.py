@@ -10,7 +10,7 @@ which relay the output of training, scoring and batch-inference subprocesses), r
 before a record is written anywhere; the app passes its error messages through `redact` too.
 
 Names from the case-folder vocabulary (ct, dose, body, plates, plan and the OpenKBP structure
-names, shared/docs/INTERFACES.md) are kept, because they say which input is wrong and cannot
+names, docs/case-format.md) are kept, because they say which input is wrong and cannot
 identify anyone; any other name becomes "<name withheld>" + its extension. Directories are always
 dropped (they would show server paths).
 """

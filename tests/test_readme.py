@@ -58,7 +58,6 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
         "diffkt3d impute --target ct|ptv|oar CASE... --out ROOT [--steps 10] [--seed S]": (
             f"{CLI}::test_impute_ptv_writes_masks_on_the_case_grid",
             "tests/cli/test_impute_cmd.py::test_prdit_backbone_writes_ct_on_the_case_grid"),
-        "diffkt3d impute": (f"{CLI}::test_impute_ptv_writes_masks_on_the_case_grid",),
         "diffkt3d evaluate --pred ROOT --ref ROOT [--json FILE] [--template openkbp_hn]": (
             f"{CLI}::test_evaluate_predictions_against_sample_data",),
         "diffkt3d train --config configs/cpu-default.yaml --data-root DIR [--set KEY=VALUE] [--out-dir D] "
@@ -71,11 +70,17 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
             f"{CLI}::test_export_then_import_dicom_round_trip"),
         "diffkt3d export dicom CASE... --out ROOT": (f"{CLI}::test_export_then_import_dicom_round_trip",),
         "monailabel start_server --app monailabel_app --studies sample-data": (SERVER,),
+        "diffkt3d import openkbp open-kbp/provided-data/train-pats --out data/openkbp/train": (
+            "tests/cli/test_import_cmd.py::test_import_openkbp_and_refuse_overwrite",),
+        "diffkt3d import openkbp open-kbp/provided-data/validation-pats --out data/openkbp/validation": (
+            "tests/cli/test_import_cmd.py::test_import_openkbp_and_refuse_overwrite",),
+        "pip install -e '.[transfer]'": (TRANSFER, ".ci/run"),
+    },
+    "docs/benchmarks.md": {
         "python benchmarks/dose_benchmark.py": ("tests/benchmarks/test_dose_benchmark_cmd.py::"
                                                "test_dose_benchmark_one_case_preview",),
         "python benchmarks/fit_gap.py": ("tests/benchmarks/test_fit_gap.py::"
                                          "test_validation_figure_is_the_one_the_trainer_selected_on",),
-        "pip install -e '.[transfer]'": (TRANSFER, ".ci/run"),
     },
     "docs/server.md": {
         "python3.11 -m venv .venv && source .venv/bin/activate": (INSTALL, ".ci/run"),
@@ -124,8 +129,8 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/cli/test_evaluate.py::test_evaluate_figures_and_json_match_printed_table",
             "tests/cli/test_evaluate.py::test_allow_missing_skips_and_lists",
             f"{CLI}::test_evaluate_predictions_against_sample_data"),
-        "nice -n 15 diffkt3d evaluate --pred /work/shared/datasets/openkbp/validation "
-        "--ref /work/shared/datasets/openkbp/validation --json ref_vs_ref.json": (
+        "nice -n 15 diffkt3d evaluate --pred $DIFFKT3D_DATA_ROOT/openkbp/validation "
+        "--ref $DIFFKT3D_DATA_ROOT/openkbp/validation --json ref_vs_ref.json": (
             "tests/cli/test_evaluate.py::test_reference_against_itself_on_real_validation_cases",),
     },
     "docs/security.md": {

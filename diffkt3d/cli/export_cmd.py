@@ -1,7 +1,7 @@
 """`diffkt3d export dicom|cases CASE... --out ROOT [--anonymise]`: case folders -> DICOM RT, or
 copies of the case folders (e.g. a training set to hand on).
 
-dicom: each case folder (shared/docs/INTERFACES.md) becomes ROOT/<case id>/ with CT_0001.dcm...,
+dicom: each case folder (docs/case-format.md) becomes ROOT/<case id>/ with CT_0001.dcm...,
 RS.dcm (structures and body), RP.dcm (beam geometry, when known) and RD.dcm (dose, when present).
 cases: ROOT/<case id>/ gets the case's NIfTI files and plan.json (nothing else).
 

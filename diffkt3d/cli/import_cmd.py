@@ -1,6 +1,6 @@
 """`diffkt3d import openkbp|gdp-hmm|dicom SRC... --out ROOT`: other formats -> case folders.
 
-Every imported case becomes ROOT/<case id>/ in the case-folder layout (shared/docs/INTERFACES.md:
+Every imported case becomes ROOT/<case id>/ in the case-folder layout (docs/case-format.md:
 one NIfTI per modality / structure plus plan.json with roles, prescriptions and beams). An
 existing ROOT/<case id>/ is never overwritten unless --overwrite is given; the check runs for all
 cases before anything is written, so a refused run writes nothing.

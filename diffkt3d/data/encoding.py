@@ -42,7 +42,7 @@ PTV_RESAMPLING = ("max", "area")
 
 @dataclass
 class EncodingConfig:
-    """How cases become model inputs. Stored in every checkpoint (house style rule 4).
+    """How cases become model inputs. Stored in every checkpoint, so a model is always fed as it was trained.
 
     Args:
         grid: working grid (D, H, W) voxels every modality is resampled to.

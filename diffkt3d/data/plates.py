@@ -1,7 +1,7 @@
 """Beam plate and angle plate: the two geometry modalities of GDP-HMM / DiffKT3D.
 
 Both are rasterised from `case.plan.beams` (gantry angles, isocentre, technique) on the case grid,
-following the GDP-HMM construction (shared/docs/REFERENCES.md; GDP-HMM challenge toolkit
+following the GDP-HMM construction (GDP-HMM challenge toolkit
 `get_allbeam_plate` / `PlotGantry`), but computed in world millimetres through `case.grid` so that
 anisotropic voxels (OpenKBP: ~3.9 x 3.9 x 2.5 mm) are handled correctly.
 

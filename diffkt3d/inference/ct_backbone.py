@@ -1,6 +1,6 @@
-"""Which backbone imputes the CT: the Any2Any DiT (default) or a PRDiT checkpoint (issue 5, item 5).
+"""Which backbone imputes the CT: the Any2Any DiT (default) or a PRDiT checkpoint.
 
-PRDiT (seed 004) generates the CT at voxel level without an autoencoder; in our product it is an
+PRDiT (docs/method.md) generates the CT at voxel level without an autoencoder; in our product it is an
 alternative CT-imputation backbone selected by config. One :class:`CTImputationConfig` is parsed
 once from the CLI flags (``diffkt3d impute --target ct --ct-backbone prdit --prdit-model F``) or the
 server's ``--conf`` strings (``ct_backbone``, ``prdit_model``, ``prdit_k``, ``prdit_sampler``) and

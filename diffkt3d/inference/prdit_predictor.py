@@ -1,4 +1,4 @@
-"""PRDiT CT imputation behind the ``Predictor.impute`` interface (issue 5, item 5).
+"""PRDiT CT imputation behind the ``Predictor.impute`` interface.
 
 Selected by :class:`~diffkt3d.inference.ct_backbone.CTImputationConfig`; returns the same
 :class:`~diffkt3d.inference.result.ImputationResult` as the Any2Any ``Predictor`` so the CLI and

@@ -1,4 +1,4 @@
-"""Case folders (format: docs/request-format.md §2): one NIfTI per modality/structure plus optional plan.json.
+"""Case folders (docs/case-format.md): one NIfTI per modality/structure plus optional plan.json.
 
 The OpenKBP folders must load exactly as they are: `possible_dose_mask.nii.gz` is the body,
 structure roles and prescriptions come from names when plan.json is absent (PTV70 -> 70 Gy), and

@@ -1,6 +1,6 @@
 """GDP-HMM npz cases (AAPM 2025 challenge; the DiffKT3D paper's data): read and write.
 
-File layout (shared/docs/REFERENCES.md; GDP-HMM `DICOM2NPZ.py` / `data_loader.py`): the npz holds
+File layout (GDP-HMM challenge documentation; GDP-HMM `DICOM2NPZ.py` / `data_loader.py`): the npz holds
 one pickled dict, `np.load(p, allow_pickle=True)['arr_0'].item()`, with
 
 - one 3D mask per structure name (`Body`, `PTV70OPT`, `PTV_Total`, OARs ...), uint8 0/1;
@@ -10,12 +10,12 @@ one pickled dict, `np.load(p, allow_pickle=True)['arr_0'].item()`, with
 - geometry of the CT as SimpleITK reports it: `origin` (LPS mm, x-y-z), `direction` (9 numbers,
   row-major 3x3, columns = index axes x, y, z), `size` (DICOM2NPZ.py's uncropped dict holds
   `GetSize()`, x-y-z; its released, cropped files hold `Body.shape`, z-y-x: the reader accepts
-  either, the writer writes z-y-x), and `spacing`: REFERENCES.md
+  either, the writer writes z-y-x), and `spacing`: the challenge
   documents it in z-y-x order ([2, 2.5, 2.5] mm) while the upstream DICOM2NPZ.py stores
   `CT.GetSpacing()` (x-y-z, [2.5, 2.5, 2]). The reader tells the two apart by which pair of
   values is equal (in-plane spacings are equal in practice: [a, a, b] -> x-y-z, [b, a, a] ->
-  z-y-x) and otherwise follows REFERENCES.md (z-y-x), recording the choice in
-  `case.plan.inferred`. The writer writes z-y-x, as REFERENCES.md says.
+  z-y-x) and otherwise follows the documented order (z-y-x), recording the choice in
+  `case.plan.inferred`. The writer writes z-y-x, the documented order.
 
 Array conventions. Arrays are SimpleITK arrays, index order (z, y, x) = (slice, row, column),
 and our Case keeps that order (array axis 0 = z). The affine maps (z, y, x) to world RAS+ mm:
@@ -162,7 +162,7 @@ def _spacing_zyx(spacing: np.ndarray, inferred: list[str]) -> np.ndarray:
     clear_zyx = np.isclose(b, c) and not np.isclose(a, b)
     isotropic = np.isclose(a, b) and np.isclose(b, c)
     if not (clear_zyx or isotropic):
-        inferred.append(f"spacing {spacing.tolist()} read as z-y-x (REFERENCES.md order; order ambiguous)")
+        inferred.append(f"spacing {spacing.tolist()} read as z-y-x (GDP-HMM docs order; order ambiguous)")
     return spacing.copy()
 
 

@@ -1,7 +1,7 @@
 """Reader for the original OpenKBP sparse-CSV case layout.
 
 The OpenKBP challenge published each patient as a folder of CSV files
-(`provided-data/{train,validation}-pats/pt_N/`), see shared/datasets/README.md:
+(`provided-data/{train,validation}-pats/pt_N/`):
 
 - every CSV starts with the header line ``,data``;
 - column 0 is a flat C-order index into the 128 x 128 x 128 grid, column 1 the value (empty for
@@ -11,7 +11,7 @@ The OpenKBP challenge published each patient as a folder of CSV files
 - ``possible_dose_mask.csv`` is the body / possible-dose region;
 - ``voxel_dimensions.csv`` holds three spacings in mm, one per line, in array-axis order.
 
-The result follows the conventions of the NIfTI copies in shared/datasets/openkbp: array axes are
+The result follows the conventions of the NIfTI case folders `diffkt3d import openkbp` writes: array axes are
 the original C-order axes (no transpose), affine = diag(spacing) with the origin at 0, CT in HU,
 dose in Gy, masks boolean. Roles, prescriptions and beam geometry are inferred exactly as for a
 NIfTI case folder without plan.json (same helper), and every guess is listed in

@@ -1,7 +1,7 @@
 """Any2Any DiT: Wan 2.1 blocks without cross-attention over the tokens of all given modalities.
 
 One model predicts the flow velocity of any modality (dose, CT, PTV, OAR ...) from any subset of
-the others (DiffKT3D): each modality has its own Conv3d patch embedding and a
+the others (DiffKT3D paper, docs/method.md): each modality has its own Conv3d patch embedding and a
 domain embedding; clean condition tokens and the noised target tokens are concatenated and
 processed with full self-attention; a binary role embedding (target / condition) is added to the
 timestep embedding, so the AdaLN modulation differs per token; a 4D RoPE (slot = modality, D, H,

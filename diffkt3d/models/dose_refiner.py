@@ -3,7 +3,7 @@
 Why: the cpu-default DiT decodes each 8^3 patch from one token with a linear map, so its dose is
 smooth within a patch and blind to voxel-level anatomy: where an OAR boundary, the body contour
 or the beam plate cuts through a patch, the head cannot follow it (the geometric prior of
-``models.dose_prior`` fixes the PTV edge only). PRDiT (``models.prdit``) pairs a patch-level global DiT
+``models.dose_prior`` fixes the PTV edge only). PRDiT (docs/method.md) pairs a patch-level global DiT
 with a pixel-level local network for the same reason. Here the network is a few 3D convolutions
 at working-grid resolution that read, per voxel, the feature channels the dose head emits, the
 noised dose x_t, every condition volume and the prior basis maps, and add a correction to the

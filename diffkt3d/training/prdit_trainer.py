@@ -1,4 +1,4 @@
-"""Two-stage PRDiT training (seed 004, section 3.2 and A.9.2).
+"""Two-stage PRDiT training (PRDiT paper, section 3.2 and A.9.2; docs/method.md).
 
 Stage 1 ("local") trains the local MLP denoiser alone. Stage 2 ("global") freezes it and trains the
 global residual DiT on the refined predictions. An optional stage ("highres") trains the

@@ -1,6 +1,6 @@
 """ScardNFT reward: Scorecard points, hinge penalties of hard constraints, MAE anchor to the plan.
 
-Raw reward of one candidate dose y of case C (DiffKT3D, seed 001 and supplement B.5):
+Raw reward of one candidate dose y of case C (DiffKT3D paper and supplement B.5; docs/method.md):
 
     R(y) = w_score · 100 · Σ_s w_s·score_s(φ_s(y; C)) / Σ_s w_s·max_s     (Scorecard, % of max)
          − w_hinge · Σ_h penalty_h(y; C)                                  (hard constraints)

@@ -1,4 +1,4 @@
-"""`diffkt3d import openkbp|gdp-hmm|dicom` (issue 2 item 2): writes case folders, never overwrites
+"""`diffkt3d import openkbp|gdp-hmm|dicom`: writes case folders, never overwrites
 unless --overwrite, bad input -> exit 2 with one line."""
 
 from __future__ import annotations

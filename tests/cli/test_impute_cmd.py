@@ -1,4 +1,4 @@
-"""`diffkt3d impute --target ct --ct-backbone prdit` (issue 5, item 5): the PRDiT CT path of the CLI."""
+"""`diffkt3d impute --target ct --ct-backbone prdit`: the PRDiT CT path of the CLI."""
 
 from __future__ import annotations
 

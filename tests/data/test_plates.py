@@ -1,4 +1,4 @@
-"""Beam / angle plates (issue 2 item 3): geometry checked against analytic beam cones and IEC angles.
+"""Beam / angle plates: geometry checked against analytic beam cones and IEC angles.
 
 Independent references: the IEC 61217 source position written out by hand in RAS+
 (gantry theta -> source at iso + SAD * (-sin theta, cos theta, 0): left is -x, anterior +y), the

@@ -1,4 +1,4 @@
-"""CT-backbone selection (issue 5, item 5): config parsing and the PRDiT predictor on a real case object."""
+"""CT-backbone selection: config parsing and the PRDiT predictor on a real case object."""
 
 from __future__ import annotations
 

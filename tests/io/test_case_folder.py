@@ -1,4 +1,4 @@
-"""NIfTI case-folder reader (issue 2 items 2 and 7): OpenKBP folders load as they are; each kind of
+"""NIfTI case-folder reader: OpenKBP folders load as they are; each kind of
 bad input gives one CaseError naming the case, the file and the problem.
 
 Bad cases are made by copying a real OpenKBP case (validation pt_201) into tmp_path and breaking it.

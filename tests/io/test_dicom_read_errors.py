@@ -1,5 +1,5 @@
 """DICOM reader checked against hand-made RT objects (answers computed analytically, not by our
-writer) and the bad-input errors of issue 2 item 7 (non-DICOM file in a series, truncated file,
+writer) and the bad-input errors (non-DICOM file in a series, truncated file,
 mixed series, other frame of reference, missing CT ...): one CaseError naming case and file."""
 
 from __future__ import annotations

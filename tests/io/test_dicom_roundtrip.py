@@ -1,4 +1,4 @@
-"""DICOM RT round trip (issue 2 item 2): case -> DICOM RT -> case keeps CT, masks and dose.
+"""DICOM RT round trip: case -> DICOM RT -> case keeps CT, masks and dose.
 
 Promises checked: CT exact, Dice >= 0.95 per structure, dose max error <= 0.01 Gy (and
 <= DoseGridScaling / 2), beams/prescriptions/fractions kept, world geometry (LPS <-> RAS) right.
@@ -258,7 +258,7 @@ def test_openkbp_dvh_by_dicompyler(cropped_export: tuple[Case, Path]) -> None:
 @needs_openkbp
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason="sample-data/dicom/pt_201 not present")
 def test_sample_data_reimports() -> None:
-    """sample-data/dicom/pt_201 (issue 9 sample) is pt_201 exported by this writer: re-importing
+    """sample-data/dicom/pt_201 (the shipped DICOM sample) is pt_201 exported by this writer: re-importing
     it must give the validation case back."""
     original = load_case_folder(PT_201)
     back = read_dicom_case(SAMPLE)

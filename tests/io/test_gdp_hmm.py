@@ -1,4 +1,4 @@
-"""GDP-HMM npz reader/writer (issue 2 item 2) on small files built with the GDP-HMM keys.
+"""GDP-HMM npz reader/writer on small files built with the GDP-HMM keys.
 
 The geometry is checked against SimpleITK (the library GDP-HMM's DICOM2NPZ.py used to make the
 files): the world position of a voxel computed by SimpleITK from origin/spacing/direction must
@@ -102,7 +102,7 @@ def test_read_known_values(tmp_path: Path) -> None:
 
 
 def test_spacing_order_detected(tmp_path: Path) -> None:
-    """REFERENCES.md documents z-y-x ([2, 2.5, 2.5]); DICOM2NPZ.py stores SimpleITK x-y-z."""
+    """The GDP-HMM documentation gives z-y-x ([2, 2.5, 2.5]); DICOM2NPZ.py stores SimpleITK x-y-z."""
     a = read_gdp_hmm(write_raw(tmp_path / "a.npz", gdp_dict(spacing=(2.5, 2.5, 2.0))))
     b = read_gdp_hmm(write_raw(tmp_path / "b.npz", gdp_dict(spacing=(2.0, 2.5, 2.5))))
     np.testing.assert_allclose(a.grid.affine, b.grid.affine)
@@ -114,7 +114,7 @@ def test_roundtrip_and_numpy_layout(tmp_path: Path) -> None:
     out = write_gdp_hmm(first, tmp_path / "out" / "pat01.npz", dose_scale_gy=0.001)
     raw = np.load(out, allow_pickle=True)["arr_0"].item()  # how GDP-HMM code reads it
     assert raw["dose"].dtype.kind == "i" and raw["dose_scale"] == 0.001
-    assert tuple(raw["spacing"]) == (2.0, 2.5, 2.5)  # z-y-x as REFERENCES.md
+    assert tuple(raw["spacing"]) == (2.0, 2.5, 2.5)  # z-y-x, the documented order
     assert tuple(raw["size"]) == (14, 8, 10) and raw["angle_plate"].shape == (8, 10)  # z-y-x like Body.shape
     np.testing.assert_allclose(raw["origin"], ORIGIN_LPS)
     np.testing.assert_allclose(raw["direction"], DIRECTION, atol=1e-12)

@@ -1,4 +1,4 @@
-"""OpenKBP sparse-CSV reader (issue 2 item 2): arrays equal the NIfTI copies; bad files -> CaseError."""
+"""OpenKBP sparse-CSV reader: arrays equal the NIfTI copies; bad files -> CaseError."""
 
 from __future__ import annotations
 

@@ -181,7 +181,7 @@ def test_sampling_k_defaults_come_from_the_one_product_default():
 
 
 def test_local_denoiser_follows_equation_2():
-    # Re-implement seed 004 eq. 2 with plain tensor ops and slicing, using the module's weights.
+    # Re-implement PRDiT paper eq. 2 with plain tensor ops and slicing, using the module's weights.
     import torch.nn.functional as F
 
     model = _tiny(conditions={"body": 1})

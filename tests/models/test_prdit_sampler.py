@@ -35,7 +35,7 @@ def _oracle(x0):
 def test_k1_equals_cold_deterministic_update():
     x_T = torch.randn(2, 1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     steps = 5
-    # Independent cold update (seed 004 eq. 5 with k = 1, step dt = T / L timesteps):
+    # Independent cold update (PRDiT paper eq. 5 with k = 1, step dt = T / L timesteps):
     # x_{t-dt} = x_t - dt * d/dt (cos(b_t) x0_hat + sin(b_t) eps_hat),  b_t = pi t / 2T.
     x = x_T.clone()
     for i in range(steps, 0, -1):

@@ -1,5 +1,5 @@
 """Wan 2.1 transfer: a tiny random diffusers WanTransformer3DModel, saved in both key layouts, loaded
-into the Any2Any DiT, must give the same forward (issue 4 items 1-2)."""
+into the Any2Any DiT, must give the same forward."""
 
 from __future__ import annotations
 

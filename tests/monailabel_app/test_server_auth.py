@@ -2,7 +2,7 @@
 
 The provider (oidc_provider.py) serves RS256 keys, discovery, JWKS and a password grant like a
 Keycloak realm; the server is started with `MONAI_LABEL_AUTH_ENABLE=true` and its realm URI, as a
-clinic would. Covers issue 10 items 2-6: 401/403/expired, forged rater, audit trail, no patient
+clinic would. Covers: 401/403/expired, forged rater, audit trail, no patient
 names in the log or error messages, path traversal, upload limit. Model: a random `tiny`
 checkpoint (dose values are meaningless here, only access matters).
 """

@@ -1,4 +1,4 @@
-"""A REAL MONAI Label server configured with `--conf ct_backbone prdit` (issue 5, item 5).
+"""A REAL MONAI Label server configured with `--conf ct_backbone prdit`.
 
 `impute_ct` must run the PRDiT checkpoint given by `--conf prdit_model`, while dose and the other
 imputations keep the Any2Any model. Random tiny checkpoints (shapes, grids and routing are what is

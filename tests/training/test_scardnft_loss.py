@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 
 def _reference_loss(v_theta, v_old, x_t, x0, t, r, beta, v_ref, kl_weight):
-    """The REFERENCES.md formula written out per sample in float64 numpy."""
+    """The DiffusionNFT formula (docs/method.md) written out per sample in float64 numpy."""
     v_theta, v_old, x_t, x0, v_ref = (a.detach().double().numpy() for a in (v_theta, v_old, x_t, x0, v_ref))
     per_sample = []
     for b in range(x0.shape[0]):

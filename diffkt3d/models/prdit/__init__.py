@@ -1,4 +1,4 @@
-"""PRDiT: pixel-level residual diffusion transformer (seed 004) as an alternative CT backbone.
+"""PRDiT: pixel-level residual diffusion transformer (docs/method.md) as an alternative CT backbone.
 
 Local MLP denoiser on overlapping 3D patches (stage 1) + global residual DiT (stage 2),
 predictor-corrector sampling with multiplier k, low -> high resolution refinement, CT imputation.

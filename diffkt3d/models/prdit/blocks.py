@@ -1,7 +1,7 @@
 """Small layers of PRDiT that the shared ``diffkt3d.models.layers`` does not provide.
 
 The sinusoidal timestep features and the AdaLN ``modulate`` come from ``diffkt3d.models.layers``
-(fp32 numerics, house style rule 9); here: the shared base time embedding, SwiGLU and the fixed 3D
+(in fp32, where the numerics need it); here: the shared base time embedding, SwiGLU and the fixed 3D
 sin/cos positions of the global DiT.
 """
 

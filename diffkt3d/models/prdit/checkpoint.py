@@ -1,4 +1,4 @@
-"""PRDiT checkpoints that rebuild the model from the file alone (house style rule 4).
+"""PRDiT checkpoints that rebuild the model from the file alone.
 
 A checkpoint is a ``torch.save`` dict of plain types and tensors (loadable with
 ``weights_only=True``): format tag and version, kind ("prdit" or "prdit-highres"), the

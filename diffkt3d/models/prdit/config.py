@@ -1,11 +1,11 @@
-"""Configuration and named size presets of PRDiT (house style rule 3).
+"""Configuration and named size presets of PRDiT.
 
 A :class:`PRDiTConfig` fully describes the architecture of :class:`~diffkt3d.models.prdit.model.PRDiT`;
 checkpoints store ``config.to_dict()`` and loading rebuilds the model with
-``PRDiTConfig.from_dict(...)`` (house style rule 4). Pick a preset with :func:`get_config` and
+``PRDiTConfig.from_dict(...)``, from the file alone. Pick a preset with :func:`get_config` and
 override single fields.
 
-Paper values (seed 004, appendix A.9 tables 9-10): patch 12, stride 8, padding 2, local MLP ratio 1.0
+Paper values (PRDiT A.9 tables 9-10, docs/method.md): patch 12, stride 8, padding 2, local MLP ratio 1.0
 (hidden = C * 12^3 = 1728), global DiT depth 4 / 8 / 12 with hidden 768 or 1152 and 12 or 16 heads,
 MLP ratio 4, T = 1000 training timesteps. The paper does not say which width goes with which depth;
 the ``paper-*`` presets below pair 768 / 12 heads with depth 4 and 1152 / 16 heads with depths 8 and

@@ -1,4 +1,4 @@
-"""PRDiT stage 2: the global residual DiT (seed 004, section 3.2, A.9 table 10).
+"""PRDiT stage 2: the global residual DiT (PRDiT paper, section 3.2, A.9 table 10).
 
 The local denoiser sees one patch at a time; this transformer sees all patches at once and predicts
 residuals that correct the local estimates across patch boundaries:

@@ -1,4 +1,4 @@
-"""PRDiT stage 1: the local MLP denoiser on overlapping 3D patches (seed 004, section 3.1, A.5).
+"""PRDiT stage 1: the local MLP denoiser on overlapping 3D patches (PRDiT paper, section 3.1, A.5).
 
 Each overlapping p^3 patch of the noisy volume is flattened to v_i^t in R^d (d = C p^3) and denoised
 on its own, with no knowledge of where it lies:

@@ -1,6 +1,6 @@
 """PRDiT: local MLP denoiser + global residual DiT, the cos/sin forward process and the loss.
 
-Forward process (seed 004, eq. 1, after Zhang et al. 2023), t in {1, ..., T}:
+Forward process (PRDiT paper, eq. 1, after Zhang et al. 2023), t in {1, ..., T}:
 
     theta(t) = pi t / (2 T),     x_t = cos(theta) x + sin(theta) eps,     eps ~ N(0, I)
 
@@ -127,7 +127,7 @@ class PRDiTOutput:
 
 
 class PRDiT(nn.Module):
-    """Pixel-level residual diffusion transformer (seed 004).
+    """Pixel-level residual diffusion transformer (PRDiT paper; docs/method.md).
 
     Args:
         config: architecture; ``global_depth == 0`` builds the local denoiser alone.

@@ -1,4 +1,4 @@
-"""Low -> high resolution PRDiT (seed 004, section 3.4, A.8): a frozen low-resolution model plus a
+"""Low -> high resolution PRDiT (paper section 3.4, A.8): a frozen low-resolution model plus a
 high-resolution local refinement module, used inside the sampling loop.
 
 At every call on a high-resolution noisy volume x_t (B, C, fD, fH, fW):

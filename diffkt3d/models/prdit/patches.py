@@ -1,6 +1,6 @@
 """Overlapping 3D patch extraction and reassembly on the non-overlapping stride grid.
 
-PRDiT (seed 004, section 3.1) reads overlapping p^3 patches with stride s < p and predicts, for
+PRDiT (paper section 3.1) reads overlapping p^3 patches with stride s < p and predicts, for
 each patch, only its central s^3 voxels. With p = s + 2 * padding and the volume padded by
 ``padding`` voxels on every side, patch i starts at i * s in padded coordinates and its centre
 cell covers exactly voxels [i * s, (i + 1) * s) of the unpadded volume. The predictions therefore

@@ -1,4 +1,4 @@
-"""Samplers for the cos/sin process: predictor-corrector (seed 004, Algorithm 1) and ancestral.
+"""Samplers for the cos/sin process: predictor-corrector (PRDiT paper, Algorithm 1) and ancestral.
 
 Notation: theta(t) = pi t / (2T); x_t = cos(theta) x0 + sin(theta) eps. Along this path
 d x_t / d theta = -(sin(theta) x0 - cos(theta) eps) = -g_t.
@@ -168,7 +168,7 @@ def sample_predictor_corrector(
     generator: torch.Generator | None = None,
     keep_trajectory: bool = False,
 ) -> SampleResult:
-    """Algorithm 1 of seed 004 over ``steps`` uniform steps from t = T to 0.
+    """Algorithm 1 of the PRDiT paper over ``steps`` uniform steps from t = T to 0.
 
     Args:
         denoise: ``(x_t, t) -> (x0_hat, eps_hat)``, e.g. ``PRDiT.denoiser(cond)``.
