@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine_info import describe_machine, write_results  # noqa: E402
+from machine_info import describe_machine, openkbp_dir, write_results  # noqa: E402
 
 from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TEMPLATE, PREVIEW_STEPS  # noqa: E402
 from diffkt3d.io.case_folder import load_case_folder  # noqa: E402
@@ -204,7 +204,7 @@ def summarise(rows: list[dict]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default=str(ROOT.parent / "shared/datasets/openkbp/validation"))
+    p.add_argument("--cases", default=openkbp_dir("validation"))
     p.add_argument("--model", default=None, help="DiT checkpoint (default: shipped)")
     p.add_argument("--peer", default=str(ROOT / "runs/peer/basicunet.pt"))
     p.add_argument("--template", default=DEFAULT_TEMPLATE)

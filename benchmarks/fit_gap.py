@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from machine_info import describe_machine, write_results  # noqa: E402
+from machine_info import describe_machine, openkbp_dir, write_results  # noqa: E402
 
 from diffkt3d.models.checkpoint import load_checkpoint  # noqa: E402
 from diffkt3d.training.dataset import EncodedCaseSet, build_cache, list_case_dirs  # noqa: E402
@@ -51,8 +51,8 @@ def case_sets(encoding, args: argparse.Namespace) -> dict[str, EncodedCaseSet]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=[str(ROOT / "diffkt3d/weights/cpu-default.pt")])
-    p.add_argument("--train-roots", nargs="+", default=[str(ROOT.parent / "shared/datasets/openkbp/train")])
-    p.add_argument("--val-roots", nargs="+", default=[str(ROOT.parent / "shared/datasets/openkbp/validation")])
+    p.add_argument("--train-roots", nargs="+", default=[openkbp_dir("train")])
+    p.add_argument("--val-roots", nargs="+", default=[openkbp_dir("validation")])
     p.add_argument("--cache-dir", default=str(ROOT / "runs/cache"))
     p.add_argument("--cases", type=int, default=40, help="cases per split")
     p.add_argument("--seed", type=int, default=0, help="choice of the training cases")

@@ -31,3 +31,16 @@ def write_results(out: str | Path, lines: list[str], started: dt.datetime, **pay
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     blob = {"machine": describe_machine(), "date": started.isoformat(), **payload}
     out.with_suffix(".json").write_text(json.dumps(blob, indent=1))
+
+
+def openkbp_dir(split: str = "") -> str:
+    """Where the benchmarks find OpenKBP by default: ``$DIFFKT3D_DATA_ROOT/openkbp/<split>``.
+
+    The data are not part of the repository (README: how to get and import them); with the
+    variable unset the default stays a readable ``$DIFFKT3D_DATA_ROOT/...`` path, so the "not
+    found" error a benchmark gives names the variable to set.
+    """
+    from diffkt3d.training.recipe import DATA_ROOT_ENV
+
+    root = os.environ.get(DATA_ROOT_ENV) or f"${DATA_ROOT_ENV}"
+    return str(Path(root) / "openkbp" / split) if split else str(Path(root) / "openkbp")

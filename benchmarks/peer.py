@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine_info import openkbp_dir
 from monai.networks.nets import BasicUNet
 
 from diffkt3d.data.encoding import PTV_RESAMPLING, EncodingConfig
@@ -142,7 +143,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
-    t.add_argument("--train-roots", nargs="+", default=["../shared/datasets/openkbp/train"])
+    t.add_argument("--train-roots", nargs="+", default=[openkbp_dir("train")])
     t.add_argument("--cache-dir", default="runs/cache")
     t.add_argument("--grid", nargs=3, type=int, default=[64, 64, 64])
     t.add_argument("--ptv-resampling", choices=PTV_RESAMPLING, default="max",

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine_info import describe_machine  # noqa: E402
+from machine_info import describe_machine, openkbp_dir  # noqa: E402
 
 from diffkt3d.constants import CT_WINDOW_HU, DEFAULT_STEPS
 from diffkt3d.data.encoding import EncodingConfig, decode_ct
@@ -58,7 +58,7 @@ from diffkt3d.training.prdit_trainer import (
 )
 
 log = logging.getLogger("prdit_ct")
-DATA = (Path(__file__).resolve().parents[1].parent / "shared" / "datasets/openkbp")
+DATA = Path(openkbp_dir())
 
 
 def case_dirs(root: Path, n: int) -> list[Path]:

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from dose_benchmark import dose_figures, prior_dose_from  # noqa: E402
-from machine_info import describe_machine, write_results  # noqa: E402
+from machine_info import describe_machine, openkbp_dir, write_results  # noqa: E402
 
 from diffkt3d.constants import DEFAULT_TEMPLATE  # noqa: E402
 from diffkt3d.data.encoding import encode_case  # noqa: E402
@@ -49,7 +49,7 @@ def prior_doses(predictor: Predictor, folder: Path) -> dict[str, np.ndarray]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default=str(ROOT.parent / "shared/datasets/openkbp/validation"))
+    p.add_argument("--cases", default=openkbp_dir("validation"))
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/prior_pooling"))
     args = p.parse_args()

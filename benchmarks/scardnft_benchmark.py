@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine_info import describe_machine
+from machine_info import describe_machine, openkbp_dir
 
 from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets" / "openkbp"
+DATA = Path(openkbp_dir())
 OUT = ROOT / "runs" / "scardnft-bench"
 RESULTS = ROOT / "benchmarks" / "results"
 N_VALUES = (10, 25, 50, 100, 200)

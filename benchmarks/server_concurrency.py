@@ -39,7 +39,7 @@ import requests
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CASE = (Path(__file__).resolve().parents[1].parent / "shared" / "datasets/openkbp/validation/pt_201")
+DEFAULT_CASE = REPO / "sample-data" / "pt_201"  # an OpenKBP validation case, shipped
 log = logging.getLogger("server_concurrency")
 # A second-half RSS slope above this counts as a leak. 2 MB/min is ~120 MB/h: small against the
 # ~1.3 GB working set, but it would exhaust a 16 GB node within days of continuous use.

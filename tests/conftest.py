@@ -22,6 +22,9 @@ from diffkt3d.models.config import get_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+# The product finds OpenKBP through $DIFFKT3D_DATA_ROOT (README); tests and the commands they run
+# (benchmarks, recipes) use the copy beside the repository unless the caller set one.
+os.environ.setdefault("DIFFKT3D_DATA_ROOT", str(SHARED / "datasets"))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
