@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from diffkt3d.errors import ConfigError, reject_unknown_fields
 from diffkt3d.training.reward import RewardConfig
 
@@ -118,14 +116,7 @@ class ScardNFTConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> ScardNFTConfig:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"ScardNFT config not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"ScardNFT config {path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"ScardNFT config {path}: expected a mapping at the top level")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(data)
+        """The recipe at `path` with top-level `overrides` (None values skipped); see recipe.load_scardnft_recipe."""
+        from diffkt3d.training.recipe import load_scardnft_recipe
+
+        return load_scardnft_recipe(path, {k: v for k, v in overrides.items() if v is not None})
