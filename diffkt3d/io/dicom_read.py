@@ -32,6 +32,7 @@ from diffkt3d.io.case_folder import default_isocenter_mm
 from diffkt3d.io.dicom_common import LPS_FROM_RAS, lps_affine
 from diffkt3d.io.dicom_read_files import DicomFile, dicom_floats, dicom_pixels, malformed, read_dicom_file
 from diffkt3d.io.dicom_read_rt import read_rtdose, read_rtplan, read_rtstruct, roi_role
+from diffkt3d.io.image_guard import ImageLimits, check_dicom_volume
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def _single(files: list[DicomFile], modality: str, case_id: str) -> DicomFile | 
 
 
 # -- 3. CT series --------------------------------------------------------------------------------
-def _read_ct(files: list[DicomFile], case_id: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_ct(files: list[DicomFile], case_id: str, limits: ImageLimits) -> tuple[np.ndarray, np.ndarray]:
     """Returns (ct_hu (columns, rows, slices) float32, 4x4 LPS affine)."""
     series = {str(f.ds.get("SeriesInstanceUID", "")) for f in files}
     if len(series) > 1:
@@ -139,6 +140,9 @@ def _read_ct(files: list[DicomFile], case_id: str) -> tuple[np.ndarray, np.ndarr
         log.warning("case %s: CT has a single slice; slice step taken from SliceThickness (%g mm)",
                     case_id, step)
 
+    with malformed(first, case_id, "CT image (SamplesPerPixel)"):
+        samples = int(first.ds.get("SamplesPerPixel", 1) or 1)
+    check_dicom_volume((size[1], size[0], len(files)), 4, samples, limits, case_id, first.path, "CT series")
     volume = np.empty((size[1], size[0], len(files)), dtype=np.float32)
     for k, f in enumerate(files):
         with malformed(f, case_id, "CT image (RescaleSlope/RescaleIntercept)"):
@@ -155,7 +159,8 @@ def _read_ct(files: list[DicomFile], case_id: str) -> tuple[np.ndarray, np.ndarr
 
 
 # -- public ----------------------------------------------------------------------------------------
-def read_dicom_case(folder: str | Path, *, with_dose: bool = True, case_id: str | None = None) -> Case:
+def read_dicom_case(folder: str | Path, *, with_dose: bool = True, case_id: str | None = None,
+                    limits: ImageLimits | None = None) -> Case:
     """Read a DICOM RT case folder into a Case on the CT grid.
 
     Args:
@@ -164,6 +169,8 @@ def read_dicom_case(folder: str | Path, *, with_dose: bool = True, case_id: str 
             (names starting with ".") and a DICOMDIR, which are skipped.
         with_dose: read RTDOSE (False for prediction input).
         case_id: case id (default: the folder name).
+        limits: size limits checked from the headers before pixel data are decoded (default:
+            ImageLimits.from_env(), as for NIfTI).
 
     Returns:
         Case with grid (columns, rows, slices) in RAS+, ct_hu, body (EXTERNAL / body-named ROI),
@@ -198,7 +205,8 @@ def read_dicom_case(folder: str | Path, *, with_dose: bool = True, case_id: str 
         if ct_frame is not None:
             _check_frame(f, ct_frame, ct_files[0].path, case_id)
 
-    ct_hu, affine_lps = _read_ct(ct_files, case_id)
+    limits = limits or ImageLimits.from_env()
+    ct_hu, affine_lps = _read_ct(ct_files, case_id, limits)
     grid = Grid(shape=tuple(int(s) for s in ct_hu.shape), affine=LPS_FROM_RAS @ affine_lps)  # RAS+
     inferred: list[str] = []
 
@@ -238,6 +246,12 @@ def read_dicom_case(folder: str | Path, *, with_dose: bool = True, case_id: str 
                         plan_doses[0].path.name)
         dose = np.zeros(grid.shape, dtype=np.float32)
         for f in use:
+            with malformed(f, case_id, "RTDOSE"):
+                frames = int(f.ds.get("NumberOfFrames", 1) or 1)
+                dose_shape = (frames, int(f.ds.Rows), int(f.ds.Columns))
+                samples = int(f.ds.get("SamplesPerPixel", 1) or 1)
+            # read_rtdose scales the pixels in float64: 8 bytes per voxel
+            check_dicom_volume(dose_shape, 8, samples, limits, case_id, f.path, "RTDOSE grid")
             with malformed(f, case_id, "RTDOSE"):
                 dose += read_rtdose(f, affine_lps, grid.shape, case_id)
         if len(use) > 1:

@@ -183,3 +183,25 @@ def _bare(exc: Exception, path: Path) -> str:
 
 def _describe(dtype: np.dtype) -> str:
     return f"{dtype.name}" if dtype.fields is None else f"compound {[n for n in dtype.names or ()]}"
+
+
+def check_dicom_volume(shape: tuple[int, ...], bytes_per_voxel: int, samples_per_pixel: int,
+                       limits: ImageLimits, case: str | None = None, file: str | Path | None = None,
+                       what: str = "image") -> None:
+    """Refuse a DICOM volume from its header values (Rows, Columns, slices or frames,
+    SamplesPerPixel) before any pixel data are decoded: a compressed or lying header can claim
+    far more voxels than the file holds, and the reader allocates what the header claims.
+
+    Raises:
+        CaseError: RGB / multi-sample pixels, an axis outside 1..max_dim, or a volume over the limit.
+    """
+    where = {"case": case, "file": str(file) if file is not None else None}
+    if samples_per_pixel != 1:
+        raise CaseError(f"{what} has SamplesPerPixel {samples_per_pixel}: images must hold one real "
+                        "number per voxel (greyscale), not RGB or other multi-sample pixels", **where)
+    if min(shape) < 1 or max(shape) > limits.max_dim:
+        raise CaseError(f"{what} shape {shape} is outside 1..{limits.max_dim} voxels per axis", **where)
+    loaded = math.prod(shape) * bytes_per_voxel
+    if loaded > limits.max_bytes:
+        raise CaseError(f"{what} of shape {shape} would take {loaded / 2**20:.0f} MiB in memory, the limit "
+                        f"is {limits.max_image_mb:g} MiB (max_image_mb)", **where)

@@ -16,6 +16,7 @@ from pydicom.sequence import Sequence
 from diffkt3d.data.case import BeamGeometry, Case, Grid, Plan, Structure
 from diffkt3d.errors import CaseError
 from diffkt3d.io.dicom import read_dicom_case, write_dicom_case
+from diffkt3d.io.image_guard import ImageLimits
 
 SHAPE = (24, 20, 10)
 # RAS affine: 2 x 2.5 x 3 mm, origin (-20, 10, -12) -> LPS origin (20, -10, -12)
@@ -266,3 +267,35 @@ def test_malformed_rtplan_attribute(exported: Path) -> None:
         tag, "DS", 4, b"abc ", 0, False, True)
     plan.save_as(str(exported / "RP.dcm"))
     _expect(exported, "RP.dcm", "RTPLAN")
+
+
+# -- header guard: sizes and pixel types checked before pixel data are decoded ------------------------
+def _rewrite(path: Path, **values) -> None:
+    ds = pydicom.dcmread(str(path))
+    for key, value in values.items():
+        setattr(ds, key, value)
+    ds.save_as(str(path))
+
+
+def test_ct_header_claiming_a_huge_image_is_refused_before_decoding(exported: Path) -> None:
+    for path in sorted(exported.glob("CT_*.dcm")):
+        _rewrite(path, Rows=4000, Columns=4000)  # 10 slices x 4000^2 x float32 = 610 MiB
+    with pytest.raises(CaseError) as info:
+        read_dicom_case(exported, limits=ImageLimits(max_image_mb=256))
+    assert "CT series" in str(info.value) and "256 MiB" in str(info.value) and info.value.case == exported.name
+    with pytest.raises(CaseError, match="outside 1..1000 voxels per axis"):
+        read_dicom_case(exported, limits=ImageLimits(max_dim=1000))
+
+
+def test_rgb_ct_is_refused(exported: Path) -> None:
+    for path in sorted(exported.glob("CT_*.dcm")):
+        _rewrite(path, SamplesPerPixel=3)
+    _expect(exported, "CT_", "SamplesPerPixel 3", "RGB")
+
+
+def test_rtdose_header_claiming_too_many_frames_is_refused(exported: Path) -> None:
+    _rewrite(exported / "RD.dcm", NumberOfFrames=100000)
+    with pytest.raises(CaseError) as info:
+        read_dicom_case(exported, limits=ImageLimits(max_image_mb=64))
+    assert "RTDOSE grid" in str(info.value) and "RD.dcm" in info.value.file
+    read_dicom_case(exported, with_dose=False, limits=ImageLimits(max_image_mb=64))  # the dose is not read
