@@ -264,7 +264,10 @@ def test_short_scardnft_run_publishes_a_model_or_says_unavailable(server):
         return
     before = requests.get(f"{url}/info/", timeout=30).json()["diffkt3d"]["model_version"]
     params = {"iterations": 1, "group_size": 2, "sample_steps": 1, "inner_steps": 1, "lora_rank": 4,
-              "lora_alpha": 4.0, "max_cpu_minutes": 10, "base_model": "/etc/passwd"}  # base_model is ignored
+              "lora_alpha": 4.0, "max_cpu_minutes": 10}
+    # The server decides the base model (the served one): a client naming one is refused before training.
+    r = requests.post(f"{url}/train/scardnft", json={**params, "base_model": "/etc/passwd"}, timeout=60)
+    assert r.status_code == 422 and "base_model" in r.json()["detail"], r.text
     r = requests.post(f"{url}/train/scardnft", json=params, timeout=60)
     assert r.status_code == 200, r.text
     status = _wait_training(url)
