@@ -9,13 +9,14 @@ run starts in a subprocess, where a refused parameter would only show up in its 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, HTTPException
 from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC, User
 
+from diffkt3d.errors import DiffKT3DError
 from infer_tasks.common import SERVER_KEYS
 
 UserDep = Annotated[User, Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))]
@@ -50,7 +51,8 @@ def check_infer_source(image: str, session_id: str, has_file: bool) -> None:
 
 
 def check_train_params(task: str, params: Any, known: Mapping[str, frozenset[str]],
-                       server_only: frozenset[str] = frozenset()) -> None:
+                       server_only: frozenset[str] = frozenset(),
+                       validators: Mapping[str, Callable[[dict[str, Any]], None]] | None = None) -> None:
     """Refuse a training body that is not an object, or has keys the task does not know.
 
     Args:
@@ -58,6 +60,9 @@ def check_train_params(task: str, params: Any, known: Mapping[str, frozenset[str
         params: the JSON body.
         known: train task -> the parameter names it accepts (tasks not listed are MONAI Label's to refuse).
         server_only: names the server decides (paths); refused with that reason.
+        validators: train task -> a dry run that builds the task's configuration from the body and
+            raises ConfigError / ValueError on a bad value, so a mistyped value is a 422 now
+            instead of a training job that fails in the background.
     """
     if task not in known or params is None:
         return
@@ -72,15 +77,21 @@ def check_train_params(task: str, params: Any, known: Mapping[str, frozenset[str
     if unknown:
         raise HTTPException(status_code=422, detail=f"train task {task!r}: unknown parameter(s) {unknown[:20]}; "
                                                     f"known parameters: {sorted(known[task])}")
+    if validators and task in validators:
+        try:
+            validators[task](params)
+        except (DiffKT3DError, ValueError, TypeError) as exc:
+            raise HTTPException(status_code=422, detail=f"train task {task!r}: {exc}") from None
 
 
-def train_endpoint(known: Mapping[str, frozenset[str]], server_only: frozenset[str] = frozenset()):
+def train_endpoint(known: Mapping[str, frozenset[str]], server_only: frozenset[str] = frozenset(),
+                   validators: Mapping[str, Callable[[dict[str, Any]], None]] | None = None):
     """POST /train/{model}: `check_train_params`, then MONAI Label's own `run_model` (routes.install)."""
     from monailabel.endpoints.train import run_model
 
     def train(model: str, user: UserDep, params: Annotated[Any, Body()] = None, run_sync: bool = False,
               enqueue: bool = False) -> Any:
-        check_train_params(model, params, known, server_only)
+        check_train_params(model, params, known, server_only, validators)
         return run_model(model, params, run_sync, enqueue)
 
     return train

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import (
@@ -292,7 +293,8 @@ def _unavailable(reason: str):
 def install(api: FastAPI, store: PreferenceStore, audit: AuditLog, max_upload_bytes: int,
             unavailable_trainers: dict[str, str], verifier: TokenVerifier | None = None,
             threaded_infer: bool = True, upload_limits: UploadLimits | None = None, *, provenance: Provenance,
-            train_params: dict[str, frozenset[str]] | None = None, train_server_only: frozenset[str] = frozenset()
+            train_params: dict[str, frozenset[str]] | None = None, train_server_only: frozenset[str] = frozenset(),
+            train_validators: dict[str, Callable[[dict[str, Any]], None]] | None = None
             ) -> None:
     """Add our routes and middleware to MONAI Label's FastAPI app (once, at server start-up).
 
@@ -303,6 +305,7 @@ def install(api: FastAPI, store: PreferenceStore, audit: AuditLog, max_upload_by
         provenance: what a preference's case and candidates are checked against (preference_routes).
         train_params: train task -> the body keys it accepts (POST /train/{task} refuses others, 422).
         train_server_only: training keys that name server paths (refused with that reason).
+        train_validators: train task -> a dry run of its configuration (bad values refused, 422).
         max_upload_bytes: request body limit.
         unavailable_trainers: train task name -> reason; POST /train/<name> answers 503 with it
             instead of starting a subprocess that could only fail.
@@ -319,7 +322,7 @@ def install(api: FastAPI, store: PreferenceStore, audit: AuditLog, max_upload_by
     api.include_router(audit_router(audit), prefix=settings.MONAI_LABEL_API_STR)
     if train_params:  # before the 503 routes below, which then come first (`_add_first`)
         _add_first(api, f"{settings.MONAI_LABEL_API_STR}/train/{{model}}",
-                   train_endpoint(train_params, train_server_only), "POST")
+                   train_endpoint(train_params, train_server_only, train_validators), "POST")
     for name, reason in unavailable_trainers.items():
         _add_first(api, f"{settings.MONAI_LABEL_API_STR}/train/{name}", _unavailable(reason), "POST")
     if threaded_infer:

@@ -25,7 +25,7 @@ from diffkt3d.audit import AuditLog, model_published
 from diffkt3d.errors import DiffKT3DError
 from diffkt3d.training import TrainConfig, run_training
 from diffkt3d.training.recipe import load_recipe
-from train_tasks.request import CONFIGS, editable_fields, param_names, recipe_overrides
+from train_tasks.request import CONFIGS, dry_run, editable_fields, param_names, recipe_overrides
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,11 @@ def train_config_from_request(request: dict[str, Any], case_dirs: list[str], run
     # A short request run still shows progress lines in GET /train/.
     cfg.log_every = max(1, min([cfg.log_every, *(s.steps for s in cfg.stages)]))
     return cfg
+
+
+def check_request(request: dict[str, Any]) -> None:
+    """The request's overrides applied to the recipe without training (ConfigError on a bad value)."""
+    dry_run(lambda: train_config_from_request(request, [], Path("run"), Path("cache")), RECIPE)
 
 
 def processes_for_gpus(gpus: Any) -> tuple[int, str | None]:

@@ -9,10 +9,11 @@ field: the keys MONAI Label adds itself and the fields the server decides (the d
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from diffkt3d.errors import ConfigError
 from diffkt3d.training.recipe import flat_fields, read_recipe
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,18 @@ def editable_fields(recipe: Path, server_decided: Iterable[str]) -> dict[str, An
     """The recipe's fields a request may override, as dotted keys with the recipe's values (for `/info/`)."""
     decided = set(server_decided)
     return {k: v for k, v in flat_fields(read_recipe(recipe)).items() if k.split(".")[0] not in decided}
+
+
+def dry_run(build: Callable[[], Any], recipe: Path) -> None:
+    """Build a task's configuration from a request without training, for the HTTP layer's check.
+
+    A bad value then answers 422 at once instead of failing the training job in the background;
+    the message names the recipe by file name, not by its server path.
+    """
+    try:
+        build()
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace(str(recipe), recipe.name)) from None
 
 
 def param_names(recipe: Path, server_decided: Iterable[str]) -> frozenset[str]:

@@ -33,7 +33,7 @@ from diffkt3d.errors import DiffKT3DError
 from diffkt3d.preferences import PreferenceStore
 from diffkt3d.training import ScardNFTConfig, run_scardnft
 from diffkt3d.training.recipe import load_scardnft_recipe
-from train_tasks.request import CONFIGS, editable_fields, recipe_overrides
+from train_tasks.request import CONFIGS, dry_run, editable_fields, recipe_overrides
 from train_tasks.request import param_names as request_param_names
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,14 @@ def scardnft_config_from_request(request: dict[str, Any], case_dirs: list[str], 
     server = {"base_model": str(base_model), "train_roots": [], "case_dirs": [str(d) for d in case_dirs],
               "out_dir": str(run_dir), "preferences": str(preferences)}
     return load_scardnft_recipe(recipe, {**recipe_overrides(request, SERVER_DECIDED), **server})
+
+
+def check_request(request: dict[str, Any]) -> None:
+    """The request's overrides applied to the recipe without training (ConfigError on a bad value)."""
+    if not ScardNFTTrainTask.available():  # the route answers 503 before this runs
+        return
+    dry_run(lambda: scardnft_config_from_request(request, [], Path("model.pt"), Path("run"), Path("preferences")),
+            RECIPE)
 
 
 class ScardNFTTrainTask(TrainTask):

@@ -220,6 +220,15 @@ ROWS = [
         422, ("unknown parameter", "'config'", "known parameters")),
     Row("train: body is a list",
         lambda s: requests.post(f"{s['url']}/train/any2any", json=[1], timeout=30), 422, ("json object",)),
+    Row("train: a value of the wrong type",
+        lambda s: requests.post(f"{s['url']}/train/any2any", json={"stages.dose.steps": "many"}, timeout=30),
+        422, ("stages.dose.steps", "expected int", "'many'", "cpu-default.yaml")),
+    Row("train: unknown key inside a stage",
+        lambda s: requests.post(f"{s['url']}/train/any2any", json={"stages": {"dose": {"stepz": 5}}}, timeout=30),
+        422, ("stages.dose.stepz", "known stage keys")),
+    Row("train: a server-decided key",
+        lambda s: requests.post(f"{s['url']}/train/any2any", json={"out_dir": "/tmp/elsewhere"}, timeout=30),
+        422, ("out_dir", "decided by the server")),
 ]
 
 
