@@ -98,7 +98,7 @@ def run_child(args: argparse.Namespace) -> None:
             inp = load_case_folder(folder, with_dose=False)
             t0 = time.perf_counter()
             pred = predictor.predict_dose(inp, steps=DEFAULT_STEPS if args.child == "dit10" else PREVIEW_STEPS,
-                                          seed=DEFAULT_SEED, template=None)
+                                          seed=DEFAULT_SEED, template=None, with_dvh=False)
             row["seconds"] = time.perf_counter() - t0
             row.update({k: v for k, v in dose_figures(ref, pred.dose_gy, template).items() if k != "_score"})
             from diffkt3d.scorecard import score_case

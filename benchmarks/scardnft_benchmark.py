@@ -168,7 +168,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for d in dirs:
         t0 = time.process_time()
         case = load_case_folder(d)
-        dose = pred.predict_dose(case, steps=DEFAULT_STEPS, candidates=1, seed=DEFAULT_SEED, template=None).dose_gy
+        dose = pred.predict_dose(case, steps=DEFAULT_STEPS, candidates=1, seed=DEFAULT_SEED, template=None,
+                                 with_dvh=False).dose_gy
         sc = score_case(dose, case, shipped)
         sl = score_case(dose, case, learned_tpl)
         ok = score_case_object(case, dose)

@@ -35,10 +35,13 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import jwt
 import requests
+from fastapi import Depends
+from monailabel.config import settings
+from monailabel.endpoints.user.auth import RBAC, User
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -52,6 +55,10 @@ ANONYMOUS = "anonymous"
 DEFAULT_AUDIENCE = "diffkt3d"  # the `aud` access tokens must carry unless `auth_audience` says otherwise
 STATE_IDENTITY = "diffkt3d_identity"  # request.state key of the Identity
 STATE_AUDIT = "diffkt3d_audit_details"  # request.state key routes fill with ids for the audit entry
+# MONAI Label's own role check as a route dependency (a no-op unless MONAI_LABEL_AUTH_ENABLE; with
+# auth on it sees the identity AuthMiddleware established). Module level so FastAPI can resolve the
+# annotation in modules that use postponed annotations; every app route takes it from here.
+UserDep = Annotated[User, Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))]
 JOURNAL_DIR = "journal"  # write-ahead journal of audited actions, under the audit log's directory
 AUDIT_UNAVAILABLE = ("audit trail unavailable: the server could not record this action in its audit log, so it "
                      "was not carried out (nothing was changed); ask the server's administrator to check the "

@@ -140,8 +140,8 @@ class DiffKT3DApp(MONAILabelApp):
         install(api, self.preferences, self.audit, self.max_upload_bytes, unavailable, verifier,
                 upload_limits=UploadLimits(self.max_upload_bytes, self.image_limits),
                 provenance=Provenance(self.served, self._datastore.has_case),  # type: ignore[attr-defined]
-                train_params={"any2any": any2any.PARAM_NAMES, "scardnft": scardnft.param_names()},
-                train_server_only=any2any.SERVER_ONLY | scardnft.SERVER_ONLY,
+                train_params={"any2any": any2any.PARAM_NAMES, "scardnft": scardnft.PARAM_NAMES},
+                train_server_only=any2any.SERVER_DECIDED | scardnft.SERVER_DECIDED,
                 train_validators={"any2any": any2any.check_request, "scardnft": scardnft.check_request})
         install_log_redaction()
         log.info("authentication %s; audit log %s", "ON" if self.auth.enabled else "off (local demo)",

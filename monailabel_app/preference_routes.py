@@ -15,9 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response
-from monailabel.config import settings
-from monailabel.endpoints.user.auth import RBAC, User
+from fastapi import APIRouter, Body, HTTPException, Query, Request, Response
 
 from diffkt3d.preferences import (
     PreferenceRecord,
@@ -27,13 +25,11 @@ from diffkt3d.preferences import (
     UnknownCaseError,
     UnservedCandidatesError,
 )
-from monailabel_app.auth import STATE_AUDIT, STATE_IDENTITY, Identity
+from monailabel_app.auth import STATE_AUDIT, STATE_IDENTITY, Identity, UserDep
 
 log = logging.getLogger(__name__)
 
 PREFERENCES_PATH = "/diffkt3d/preferences"
-# Module level so FastAPI can resolve the annotation (postponed annotations); see routes.UserDep.
-UserDep = Annotated[User, Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))]
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,12 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
-from fastapi import Body, Depends, HTTPException
-from monailabel.config import settings
-from monailabel.endpoints.user.auth import RBAC, User
+from fastapi import Body, HTTPException
 
 from diffkt3d.errors import DiffKT3DError
 from infer_tasks.common import SERVER_KEYS
+from monailabel_app.auth import UserDep
 
-UserDep = Annotated[User, Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))]
 NO_CASE = ("no case given: pass image=<case id> (a datastore case) or session_id=<id> (an uploaded session); "
            "see docs/request-format.md")
 

@@ -18,7 +18,6 @@ from typing import Annotated, Any
 from fastapi import (
     APIRouter,
     BackgroundTasks,
-    Depends,
     FastAPI,
     File,
     Form,
@@ -30,7 +29,7 @@ from fastapi import (
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from monailabel.config import settings
-from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.endpoints.user.auth import User
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,6 +46,7 @@ from monailabel_app.auth import (
     AuthMiddleware,
     Identity,
     TokenVerifier,
+    UserDep,
 )
 from monailabel_app.preference_routes import Provenance, preference_router
 from monailabel_app.redact import redact
@@ -56,10 +56,6 @@ from monailabel_app.uploads import UploadLimits, session_upload_endpoint
 log = logging.getLogger(__name__)
 
 AUDIT_PATH = "/diffkt3d/audit"
-# MONAI Label's own role check (a no-op unless MONAI_LABEL_AUTH_ENABLE; with auth on it sees the
-# identity AuthMiddleware established, see `_current_user`); module level so FastAPI can resolve
-# the annotation (this module uses postponed annotations).
-UserDep = Annotated[User, Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))]
 
 
 class UploadTooLarge(StarletteHTTPException):

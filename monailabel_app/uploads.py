@@ -33,19 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
 
-from fastapi import Depends, File, HTTPException, Request, UploadFile
-from monailabel.config import settings
-from monailabel.endpoints.user.auth import RBAC, User
+from fastapi import File, HTTPException, Request, UploadFile
 
 from diffkt3d.errors import CaseError
 from diffkt3d.io.archive import ArchiveError, ArchiveLimits, archive_format, unpack_archive
 from diffkt3d.io.image_guard import ImageLimits, check_nifti_complete, check_nifti_header
-from monailabel_app.auth import STATE_AUDIT
+from monailabel_app.auth import STATE_AUDIT, UserDep
 from monailabel_app.redact import redact
 
 log = logging.getLogger(__name__)
 
-UserDep = Annotated[User, Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))]
 _CHUNK = 1 << 20
 _ARCHIVE_STATUS = {"too_large": 413, "too_many_members": 413, "not_archive": 415}
 
@@ -161,9 +158,9 @@ def session_upload_endpoint(limits: UploadLimits) -> Callable[..., dict[str, Any
             raise HTTPException(status_code=exc.status, detail=exc.detail) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        stored = Path(info.image)
-        audit.update(session_id=session_id, files=sum(1 for p in _files(stored)),
-                     bytes=sum(p.stat().st_size for p in _files(stored)), unpacked=image.name == "case")
+        stored = _files(Path(info.image))
+        audit.update(session_id=session_id, files=len(stored), bytes=sum(p.stat().st_size for p in stored),
+                     unpacked=image.name == "case")
         return {"session_id": session_id, "session_info": info.to_json()}
 
     return create_session

@@ -32,8 +32,7 @@ log = logging.getLogger(__name__)
 RECIPE = CONFIGS / "cpu-default.yaml"
 # Recipe fields the server sets: the datastore's cases (no validation split, so no evaluation) and
 # the run folder under the app's model dir; log_every follows the shortest stage.
-SERVER_DECIDED = ("train_roots", "val_roots", "out_dir", "cache_dir", "eval_every", "log_every")
-SERVER_ONLY = frozenset(SERVER_DECIDED)
+SERVER_DECIDED = frozenset({"train_roots", "val_roots", "out_dir", "cache_dir", "eval_every", "log_every"})
 PARAM_NAMES = param_names(RECIPE, SERVER_DECIDED)  # POST /train/any2any refuses other keys
 
 

@@ -33,8 +33,7 @@ from diffkt3d.errors import DiffKT3DError
 from diffkt3d.preferences import PreferenceStore
 from diffkt3d.training import ScardNFTConfig, run_scardnft
 from diffkt3d.training.recipe import load_scardnft_recipe
-from train_tasks.request import CONFIGS, dry_run, editable_fields, recipe_overrides
-from train_tasks.request import param_names as request_param_names
+from train_tasks.request import CONFIGS, dry_run, editable_fields, param_names, recipe_overrides
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +42,8 @@ NOT_AVAILABLE = ("ScardNFT is not available on this server: it needs the 'peft' 
                  "lean server install (requirements-server.txt) leaves out; pip install -e '.[transfer]' on the server")
 # Recipe fields the server sets (they name server-side paths and resources): the served model,
 # the datastore's cases, the run folder, the preference store, the thread count of the recipe.
-SERVER_DECIDED = ("base_model", "train_roots", "case_dirs", "out_dir", "preferences", "threads")
-SERVER_ONLY = frozenset(SERVER_DECIDED)
-
-
-def param_names() -> frozenset[str]:
-    """Keys a client may send to POST /train/scardnft (the recipe's editable fields)."""
-    return request_param_names(RECIPE, SERVER_DECIDED)
+SERVER_DECIDED = frozenset({"base_model", "train_roots", "case_dirs", "out_dir", "preferences", "threads"})
+PARAM_NAMES = param_names(RECIPE, SERVER_DECIDED)  # POST /train/scardnft refuses other keys
 
 
 def scardnft_config_from_request(request: dict[str, Any], case_dirs: list[str], base_model: Path, run_dir: Path,

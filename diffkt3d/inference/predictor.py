@@ -112,7 +112,8 @@ class Predictor:
     # -- dose ------------------------------------------------------------------------------
     def predict_dose(self, case: Case, steps: int = DEFAULT_STEPS, candidates: int = DEFAULT_CANDIDATES,
                      seed: int = DEFAULT_SEED, preview: bool = False, aggregate: str = DEFAULT_AGGREGATE,
-                     template: str | ScorecardTemplate | None = DEFAULT_TEMPLATE) -> DosePrediction:
+                     template: str | ScorecardTemplate | None = DEFAULT_TEMPLATE,
+                     with_dvh: bool = True) -> DosePrediction:
         """Predict the dose of a case.
 
         Args:
@@ -122,12 +123,15 @@ class Predictor:
                 "mean" = the per-voxel mean of the candidates (scored as its own entry).
             template: Scorecard template name/path or a parsed template (None: no Scorecard; "best"
                 then means the first).
+            with_dvh: build the DVH table of the returned dose (what a planner reads; False for
+                callers that score the dose themselves, such as the benchmarks, so their timings
+                stay the model's).
         """
         if steps < 1 or candidates < 1:
             raise ValueError(f"steps and candidates must be >= 1 (got steps={steps}, candidates={candidates})")
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-        case.validate(require=("ptv",))
+        case.validate(require=DOSE_PREDICTION_INPUTS)
         steps = PREVIEW_STEPS if preview else int(steps)
         t0 = time.perf_counter()
         conditions = self.encode_conditions(case, exclude={"dose"})  # a stored dose is never an input
@@ -156,7 +160,7 @@ class Predictor:
             chosen = max(cands, key=lambda c: c.total_score)
         else:
             chosen = cands[0]
-        dvh = dvh_table(chosen.dose_gy, case)
+        dvh = dvh_table(chosen.dose_gy, case) if with_dvh else {}
         t5 = time.perf_counter()
         timings = {"encode_s": t1 - t0, "sample_s": t2 - t1, "decode_s": t3 - t2, "scorecard_s": t4 - t3,
                    "dvh_s": t5 - t4, "total_s": t5 - t0}

@@ -78,3 +78,12 @@ def test_unknown_imputation_target_and_missing_model(predictor, synthetic_case, 
         predictor.impute(synthetic_case, "dose")
     with pytest.raises(ConfigError, match="model not found"):
         Predictor.load(tmp_path / "nope.pt")
+
+
+def test_dvh_table_is_built_unless_the_caller_scores_the_dose_itself(predictor, synthetic_case):
+    synthetic_case.dose_gy = None
+    full = predictor.predict_dose(synthetic_case, steps=1, template=None)
+    bare = predictor.predict_dose(synthetic_case, steps=1, template=None, with_dvh=False)
+    assert set(full.dvh) == {n for n, s in synthetic_case.structures.items() if s.mask.any()} and full.dvh
+    assert bare.dvh == {} and bare.to_dict()["dvh"] == {}
+    np.testing.assert_array_equal(full.dose_gy, bare.dose_gy)
