@@ -30,8 +30,16 @@ from diffkt3d.flow.matching import FlowConfig, add_noise, predict_x0, sample_tim
 from diffkt3d.models.any2any_dit import Any2AnyDiT
 from diffkt3d.models.checkpoint import read_checkpoint, save_checkpoint
 from diffkt3d.models.config import DiTConfig, get_config
+from diffkt3d.training.augment import augment_case
 from diffkt3d.training.config import StageConfig, TrainConfig
-from diffkt3d.training.dataset import EncodedCaseSet, build_cache, list_case_dirs, modality_counts
+from diffkt3d.training.dataset import (
+    EncodedCase,
+    EncodedCaseSet,
+    build_cache,
+    list_case_dirs,
+    modality_counts,
+)
+from diffkt3d.training.dvh_loss import moment_loss
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +134,18 @@ class Trainer:
         else:
             target = "dose"
             conditions, cases = self.train_set.sample_target(self.rng, stage.batch_size, target)
-        volumes = self.train_set.batch(cases, [target, *conditions])
+        modalities = [target, *conditions]
+        aug = stage.augmentation
+        if aug.active:
+            cases = [EncodedCase(c.case_id, augment_case({m: c.tensors[m] for m in modalities}, aug, self.rng,
+                                                         self.encoding.oar_channels)) for c in cases]
+        volumes = self.train_set.batch(cases, modalities)
         return Batch(target, conditions, {k: v.to(self.device) for k, v in volumes.items()})
 
-    def loss(self, model: torch.nn.Module, batch: Batch, norm: str = "l2", region: str = "all") -> torch.Tensor:
-        """Flow-matching loss of one batch in the run's `loss_space`; `norm` and `region` are the
-        stage's loss_norm and loss_region."""
+    def loss(self, model: torch.nn.Module, batch: Batch, norm: str = "l2", region: str = "all",
+             dvh_weight: float = 0.0) -> torch.Tensor:
+        """Flow-matching loss of one batch in the run's `loss_space`; `norm`, `region` and
+        `dvh_weight` are the stage's loss_norm, loss_region and dvh_loss_weight."""
         x0 = batch.volumes[batch.target]
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
         t = sample_timesteps(x0.shape[0], self.flow, generator=self.generator).to(self.device)
@@ -139,14 +153,20 @@ class Trainer:
         inputs[batch.target] = add_noise(x0, noise, t)  # only the target is noised
         with autocast_context(self.device):
             v_hat = model(inputs, batch.target, t)
+        x0_hat = predict_x0(inputs[batch.target], v_hat.float(), t)
         if self.cfg.loss_space == "x0":
-            error = predict_x0(inputs[batch.target], v_hat.float(), t) - x0
+            error = x0_hat - x0
         else:
             error = v_hat.float() - velocity_target(x0, noise)
         per_voxel = error.abs() if norm == "l1" else error**2
         if region == "body" and "body" in batch.conditions:
-            return body_mean(per_voxel, batch.volumes["body"])
-        return torch.mean(per_voxel)
+            loss = body_mean(per_voxel, batch.volumes["body"])
+        else:
+            loss = torch.mean(per_voxel)
+        if dvh_weight > 0 and batch.target == "dose":
+            conditions = {m: batch.volumes[m] for m in batch.conditions}
+            loss = loss + dvh_weight * moment_loss(x0_hat, x0, conditions, self.encoding.dose_scale_gy)
+        return loss
 
     def set_lr(self, stage: StageConfig) -> float:
         lr = stage.lr_at(self.stage_step, self.stage_seconds, self.stage_cpu_seconds)
@@ -261,7 +281,7 @@ class Trainer:
             c0 = time.process_time()
             lr = self.set_lr(stage)
             batch = self.next_batch(stage)
-            loss = self.loss(self.model, batch, stage.loss_norm, stage.loss_region)
+            loss = self.loss(self.model, batch, stage.loss_norm, stage.loss_region, stage.dvh_loss_weight)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {self.global_step} (target {batch.target})")
             self.optimizer.zero_grad(set_to_none=True)
