@@ -21,12 +21,14 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from diffkt3d.data.encoding import EncodingConfig
 from diffkt3d.flow.matching import FlowConfig, add_noise, predict_x0, sample_timesteps, velocity_target
+from diffkt3d.machine import describe_machine
 from diffkt3d.models.any2any_dit import Any2AnyDiT
 from diffkt3d.models.checkpoint import read_checkpoint, save_checkpoint
 from diffkt3d.models.config import DiTConfig, get_config
@@ -106,6 +108,9 @@ class Trainer:
         self.stage_cpu_seconds = 0.0
         self.best_val: float | None = None
         self.history: list[dict] = []
+        # One record per invocation of run(): a budgeted recipe may be trained in several pieces
+        # (sessions, machines); the checkpoint says where each piece ran and what it cost.
+        self.pieces: list[dict] = []
         self.train_set: EncodedCaseSet | None = None
         self.val_set: EncodedCaseSet | None = None
 
@@ -196,6 +201,8 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------
     def meta(self) -> dict:
         return {"name": Path(self.cfg.out_dir).name, "global_step": self.global_step,
+                "pieces": list(self.pieces),
+                "total_cpu_minutes": round(sum(p["cpu_minutes"] for p in self.pieces), 2),
                 "stage": self.cfg.stages[self.stage_index].name if self.stage_index < len(self.cfg.stages) else "done",
                 "best_val_dose_mae_gy": self.best_val, "train_config": self.cfg.to_dict()}
 
@@ -207,7 +214,8 @@ class Trainer:
                      "global_step": self.global_step, "stage_seconds": self.stage_seconds,
                      "stage_cpu_seconds": self.stage_cpu_seconds,
                      "best_val": self.best_val, "rng": json.dumps(self.rng.getstate()),
-                     "generator": self.generator.get_state(), "history": json.dumps(self.history)}
+                     "generator": self.generator.get_state(), "history": json.dumps(self.history),
+                     "pieces": json.dumps(self.pieces)}
         return save_checkpoint(self.out_dir / name, self.ema, self.model_config, self.encoding,
                                self.flow.shift, meta=self.meta(), train_state=state)
 
@@ -232,6 +240,7 @@ class Trainer:
         self.rng.setstate((state[0], tuple(state[1]), state[2]))
         self.generator.set_state(st["generator"])
         self.history = json.loads(st["history"])
+        self.pieces = json.loads(st.get("pieces", "[]"))  # runs from before pieces were recorded: none
         log.info("resumed from %s at stage %d step %d (global %d)", path, self.stage_index,
                  self.stage_step, self.global_step)
         return True
@@ -248,6 +257,9 @@ class Trainer:
             self.load_data()
         if resume:
             self.try_resume()
+        self.pieces.append({"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            "machine": describe_machine(), "from_step": self.global_step,
+                            "to_step": self.global_step, "cpu_minutes": 0.0})
         self.model.train()
         while self.stage_index < len(self.cfg.stages):
             stage = self.cfg.stages[self.stage_index]
@@ -293,7 +305,12 @@ class Trainer:
             self.global_step += 1
             steps_since += 1
             self.stage_seconds += time.monotonic() - t0
-            self.stage_cpu_seconds += time.process_time() - c0
+            step_cpu = time.process_time() - c0
+            self.stage_cpu_seconds += step_cpu
+            if self.pieces:  # (a stage driven without run() records no piece)
+                piece = self.pieces[-1]
+                piece["cpu_minutes"] = round(piece["cpu_minutes"] + step_cpu / 60, 4)
+                piece["to_step"] = self.global_step
             loss_value = loss.item()
             smooth = loss_value if smooth is None else 0.95 * smooth + 0.05 * loss_value
             if self.stage_step % self.cfg.log_every == 0 or self.stage_step == stage.steps:

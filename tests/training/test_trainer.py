@@ -236,3 +236,24 @@ def test_stage_augmentation_changes_the_batch_but_not_its_shapes(tmp_path, data_
     again = Trainer(cfg, device="cpu")
     again.train_set = plain.train_set
     assert torch.equal(again.next_batch(cfg.stages[1]).volumes["dose"], a.volumes["dose"])
+
+
+def test_each_run_is_recorded_as_a_piece_with_its_machine_and_cost(tmp_path, data_root):
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path, data_root, steps_a=2, steps_b=2)
+    first = Trainer(cfg, device="cpu")
+    first.load_data()
+    first._run_stage(cfg.stages[0])  # a run stopped after Stage A (as a budgeted session would)
+    first.save("last.pt", with_state=True)
+    run_training(cfg, device="cpu")  # resumes: a second piece
+    meta = read_checkpoint(tmp_path / "run" / "final.pt")["meta"]
+    # the first trainer never went through run(): its steps are not a recorded piece
+    assert len(meta["pieces"]) == 1
+    piece = meta["pieces"][0]
+    assert piece["from_step"] == 2 and piece["to_step"] == 4 and piece["cpu_minutes"] > 0
+    assert "cores" in piece["machine"] and piece["started"].endswith("+00:00")
+    assert meta["total_cpu_minutes"] == pytest.approx(piece["cpu_minutes"], abs=0.01)
+    # a third invocation adds a piece with no steps; the record keeps both
+    Trainer(cfg, device="cpu").run()
+    meta = read_checkpoint(tmp_path / "run" / "final.pt")["meta"]
+    assert [p["from_step"] for p in meta["pieces"]] == [2, 4] and meta["pieces"][1]["to_step"] == 4
