@@ -84,13 +84,13 @@ def store_result(datastore: PacsDatastore, case_id: str, task: str, result_file:
     description = f"{prefix} v{version} (model {model_version})"
     if task == "dose":
         dose, _ = load_nifti(_path(result_file), case_id, np.float32, datastore.image_limits)
-        comment = (f"PREDICTED by DiffKT3D (model {model_version}): a dose prediction for plan review, not a planned "
+        details = (f"PREDICTED by DiffKT3D (model {model_version}): a dose prediction for plan review, not a planned "
                    f"or delivered dose. Computed from RTSTRUCT {ref.rtstruct_uid}"
                    + (f" and RTPLAN {ref.rtplan_uid}" if ref.rtplan_uid else " (no RTPLAN: preset beams)")
                    + f"; steps {result.get('steps')}, seed {result.get('seed')}, "
                      f"{len(result.get('candidates', []))} candidate(s).")
         d = derived_rtdose(dose, ref, model_version=model_version, identity=ident,
-                           series_number=series_base + version, description=description, comment=comment)
+                           series_number=series_base + version, description=description, details=details)
     else:
         labels = {str(k): int(v) for k, v in (result.get("labels") or {}).items()}
         label_map, _ = load_nifti(_path(result_file), case_id, np.uint8, datastore.image_limits)

@@ -208,7 +208,7 @@ def _into_study(d: Dataset, ref: StudyRef, description: str, series_number: int)
 
 
 def derived_rtdose(dose_gy: np.ndarray, ref: StudyRef, *, model_version: str, identity: str,
-                   series_number: int, description: str, comment: str) -> Dataset:
+                   series_number: int, description: str, details: str) -> Dataset:
     """An RTDOSE of the predicted dose on the study's CT grid, marked as a prediction.
 
     Args:
@@ -216,7 +216,8 @@ def derived_rtdose(dose_gy: np.ndarray, ref: StudyRef, *, model_version: str, id
         identity: what makes this result what it is (inputs, model, parameters): UIDs are derived
             from it, so storing the same result twice gives the same SOP instance.
         description: SeriesDescription (must start with `PREDICTED_PREFIX`).
-        comment: DoseComment.
+        details: ImageComments (free text: inputs, parameters). DoseComment (64 characters at
+            most) says "PREDICTED by DiffKT3D, model <version>".
 
     Raises:
         CaseError: the dose is not on the CT grid.
@@ -231,7 +232,8 @@ def derived_rtdose(dose_gy: np.ndarray, ref: StudyRef, *, model_version: str, id
                             16, ref.rtplan_uid is not None, ref.ct_series_uid)
         d = pydicom.dcmread(str(path))
     _into_study(d, ref, description, series_number)
-    d.DoseComment = comment[:10240]
+    d.DoseComment = f"PREDICTED by DiffKT3D, model {model_version}"[:64]
+    d.ImageComments = details[:10240]  # General Image module (grid-based RT Dose), LT
     rs = Dataset()
     rs.ReferencedSOPClassUID = RT_STRUCTURE_SET_STORAGE
     rs.ReferencedSOPInstanceUID = ref.rtstruct_uid
