@@ -43,7 +43,7 @@ from diffkt3d.ids import check_id
 from diffkt3d.io.case_folder import save_case_folder
 from diffkt3d.io.dicom import read_dicom_case
 from diffkt3d.io.dicom_study import StudyRef, is_derived, select_case_objects
-from diffkt3d.io.image_guard import ImageLimits
+from diffkt3d.io.image_guard import ImageLimits, check_dicom_volume
 from monailabel_app.datastore import InvalidIdError, RefusedChange, UnknownCaseError
 
 log = logging.getLogger(__name__)
@@ -123,12 +123,15 @@ class PacsDatastore(Datastore):
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except requests.HTTPError as exc:
+        except requests.RequestException as exc:
+            raise self._pacs_error(what, exc) from None
+
+    def _pacs_error(self, what: str, exc: requests.RequestException) -> PacsError:
+        if isinstance(exc, requests.HTTPError):
             code = exc.response.status_code if exc.response is not None else "?"
             hint = " (check MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD)" if code in (401, 403) else ""
-            raise PacsError(f"the PACS refused {what}: HTTP {code}{hint}", file=self.url) from None
-        except requests.RequestException as exc:
-            raise PacsError(f"the PACS did not answer {what} ({type(exc).__name__})", file=self.url) from None
+            return PacsError(f"the PACS refused {what}: HTTP {code}{hint}", file=self.url)
+        return PacsError(f"the PACS did not answer {what} ({type(exc).__name__})", file=self.url)
 
     def _ct_series(self) -> dict[str, str]:
         with self._list_lock:
@@ -217,8 +220,17 @@ class PacsDatastore(Datastore):
             ct = self._call("the CT series (WADO-RS)", self.client.retrieve_series_metadata, study, image_id)
             if len(ct) > MAX_CT_INSTANCES:
                 raise CaseError(f"the CT series has {len(ct)} instances, more than {MAX_CT_INSTANCES}", case=image_id)
-            for d in self._call("the CT series (WADO-RS)", self.client.retrieve_series, study, image_id):
-                d.save_as(str(dicom / f"CT_{d.SOPInstanceUID}.dcm"))
+            ct_headers = [Dataset.from_json(m, bulk_data_uri_handler=lambda *a: b"") for m in ct]
+            # the size the headers promise is checked before anything is downloaded
+            first = ct_headers[0]
+            check_dicom_volume((int(first.get("Columns", 0) or 0), int(first.get("Rows", 0) or 0), len(ct)), 4,
+                               int(first.get("SamplesPerPixel", 1) or 1), self.image_limits or ImageLimits.from_env(),
+                               image_id, None, "CT series")
+            try:  # one instance at a time: a long series never sits in memory whole
+                for d in self.client.iter_series(study, image_id):
+                    d.save_as(str(dicom / f"CT_{d.SOPInstanceUID}.dcm"))
+            except requests.RequestException as exc:
+                raise self._pacs_error("the CT series (WADO-RS)", exc) from None
             for modality, header in (("RTSTRUCT", selection.rtstruct), ("RTPLAN", selection.rtplan),
                                      ("RTDOSE", selection.rtdose)):
                 if header is None:
@@ -229,7 +241,6 @@ class PacsDatastore(Datastore):
             case = read_dicom_case(dicom, with_dose=selection.rtdose is not None, case_id=image_id,
                                    limits=self.image_limits)
             save_case_folder(case, tmp / CASE_SUBDIR)
-            ct_headers = [Dataset.from_json(m, bulk_data_uri_handler=lambda *a: b"") for m in ct]
             ref = StudyRef.of(ct_headers, selection, case.grid)
             notes = [*selection.notes, *case.plan.inferred]
             (tmp / REF_FILE).write_text(json.dumps({"ref": ref.to_dict(), "notes": notes,

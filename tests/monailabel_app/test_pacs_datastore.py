@@ -9,7 +9,9 @@ import pytest
 from orthanc_process import Orthanc
 from pydicom.uid import generate_uid
 
+from diffkt3d.errors import CaseError
 from diffkt3d.io.case_folder import load_case_folder
+from diffkt3d.io.image_guard import ImageLimits
 from monailabel_app.pacs_datastore import PacsDatastore, PacsError
 
 SAMPLE = __import__("pathlib").Path(__file__).resolve().parents[2] / "sample-data" / "dicom" / "pt_201"
@@ -66,3 +68,13 @@ def test_case_is_cached_and_follows_a_new_structure_set(orthanc, tmp_path):
     # the sample's plan references the first structure set only: now no plan, and the answer says so
     assert ref.rtplan_uid is None and any("RTPLAN: none references" in n for n in notes)
     assert (second / "Larynx_rev.nii.gz").is_file()
+
+
+def test_a_ct_series_over_the_image_limit_is_refused_before_it_is_downloaded(orthanc, tmp_path):
+    server, sample = orthanc
+    store = PacsDatastore(_client(server.dicomweb, *next(iter(USERS.items()))), server.dicomweb, tmp_path / "state",
+                          image_limits=ImageLimits.from_setting("1"))
+    ct_series = str(next(d for d in sample if d.Modality == "CT").SeriesInstanceUID)
+    with pytest.raises(CaseError, match=r"CT series of shape \(128, 128, 128\) would take 8 MiB"):
+        store.case_dir(ct_series)
+    assert not list((tmp_path / "state" / "dicomweb-cache").rglob("*.dcm"))

@@ -135,6 +135,9 @@ def test_repeats_do_not_pile_up_and_new_requests_are_versioned(pacs):
     assert other["status"] == "stored" and other["version"] == 2 and other["earlier"] == [first["series"]]
     assert other["series"] != first["series"]
     assert len([s for s in _series(pacs, "RTDOSE") if s.SeriesDescription.startswith("DiffKT3D predicted")]) == 2
+    preview = _multipart(_infer(pacs, "dose", pacs["ct"], {"preview": True}))[0]["stored"]
+    assert preview["status"] == "not stored" and "preview" in preview["reason"]
+    assert len([s for s in _series(pacs, "RTDOSE") if s.SeriesDescription.startswith("DiffKT3D predicted")]) == 2
 
 
 def test_impute_oar_is_stored_as_rtstruct_and_not_used_as_input(pacs):
