@@ -48,7 +48,7 @@ from diffkt3d.training.dataset import list_case_dirs  # noqa: E402
 log = logging.getLogger("dose_benchmark")
 
 # Variants whose seconds per case are checked against targets: run alone, with all threads.
-TIMED = ("dit10", "dit1")
+TIMED = ("dit10", "dit1", "dit10flip")
 
 
 def dose_figures(case, dose_gy: np.ndarray, template) -> dict:
@@ -78,7 +78,7 @@ def run_child(args: argparse.Namespace) -> None:
     template = load_template(args.template)
     cases = list_case_dirs([args.cases])[: args.limit or None]
     rows = []
-    if args.child in ("dit10", "dit1", "impute", "prior", "grid"):
+    if args.child in ("dit10", "dit1", "dit10flip", "impute", "prior", "grid"):
         from diffkt3d.inference import Predictor
 
         predictor = Predictor.load(args.model)
@@ -94,11 +94,12 @@ def run_child(args: argparse.Namespace) -> None:
         if ref.dose_gy is None:
             continue
         row: dict = {"case": ref.case_id}
-        if args.child in ("dit10", "dit1"):
+        if args.child in ("dit10", "dit1", "dit10flip"):
             inp = load_case_folder(folder, with_dose=False)
             t0 = time.perf_counter()
-            pred = predictor.predict_dose(inp, steps=DEFAULT_STEPS if args.child == "dit10" else PREVIEW_STEPS,
-                                          seed=DEFAULT_SEED, template=None, with_dvh=False)
+            pred = predictor.predict_dose(inp, steps=PREVIEW_STEPS if args.child == "dit1" else DEFAULT_STEPS,
+                                          seed=DEFAULT_SEED, template=None, with_dvh=False,
+                                          flip_average=args.child == "dit10flip")
             row["seconds"] = time.perf_counter() - t0
             row.update({k: v for k, v in dose_figures(ref, pred.dose_gy, template).items() if k != "_score"})
             from diffkt3d.scorecard import score_case
@@ -329,6 +330,7 @@ def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     names = {"dit10": "DiffKT3D cpu-default, 10 steps", "dit1": "DiffKT3D cpu-default, 1-step preview",
+             "dit10flip": "DiffKT3D cpu-default, 10 steps, test-time flip average",
              "peer": "MONAI BasicUNet peer (L1 regression)",
              "prior": "geometric dose prior alone (no network; what the DiT starts from)",
              "grid": "reference dose through the working grid (encode, then decode: the floor for any prediction made on this grid)"}
@@ -349,7 +351,8 @@ def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) 
         lines.append(f"| reference plans (for scale) | {len(ref_scores)} | 0 | 0 | inf | 1 | "
                      f"{np.mean(ref_scores):.2f} | | | |")
     lines += scorecard_item_lines(results, names)
-    pairs = [(a, b) for a, b in (("dit10", "peer"), ("dit10", "prior"), ("dit1", "peer"), ("dit1", "prior")) if a in results and b in results]
+    pairs = [(a, b) for a, b in (("dit10", "peer"), ("dit10", "prior"), ("dit1", "peer"), ("dit1", "prior"),
+                                                 ("dit10flip", "dit10"), ("dit10flip", "peer")) if a in results and b in results]
     if pairs:
         lines += ["", "## Paired per-case comparison (dose score, Gy; Wilcoxon signed-rank, two-sided)", "",
                   "| A vs B | cases | mean A - B (Gy) | cases A better | p |", "|---|---|---|---|---|"]

@@ -62,6 +62,23 @@ def mirrored_channels(names: tuple[str, ...]) -> list[int]:
     return order
 
 
+def mirror_volumes(volumes: dict[str, torch.Tensor], oar_channels: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Left-right mirror of encoded volumes {modality: (..., C, D, H, W)}, Left/Right OAR channels swapped.
+
+    Applying it twice gives the input back. Used by test-time flip averaging
+    (``Predictor.predict_dose(flip_average=True)``); the channel swap is what keeps the mirrored
+    case a plausible patient rather than one with its parotids named the wrong way round.
+    """
+    axis = LEFT_RIGHT_AXIS - 3  # the same spatial axis, counted from the end
+    out = {}
+    for m, v in volumes.items():
+        v = v.flip(axis)
+        if m == "oar" and oar_channels:
+            v = v[..., mirrored_channels(tuple(oar_channels)), :, :, :]
+        out[m] = v
+    return out
+
+
 def augment_case(tensors: dict[str, torch.Tensor], aug: Augmentation, rng: random.Random,
                  oar_channels: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """One random draw of ``aug`` applied to every modality of one case.
@@ -118,4 +135,4 @@ def _rotate_shift(x: torch.Tensor, angle: float, shift: list[float]) -> torch.Te
     return moved[0] - 1.0
 
 
-__all__ = ["Augmentation", "LEFT_RIGHT_AXIS", "augment_case", "mirrored_channels"]
+__all__ = ["Augmentation", "LEFT_RIGHT_AXIS", "augment_case", "mirror_volumes", "mirrored_channels"]

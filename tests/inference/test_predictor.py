@@ -87,3 +87,24 @@ def test_dvh_table_is_built_unless_the_caller_scores_the_dose_itself(predictor, 
     assert set(full.dvh) == {n for n, s in synthetic_case.structures.items() if s.mask.any()} and full.dvh
     assert bare.dvh == {} and bare.to_dict()["dvh"] == {}
     np.testing.assert_array_equal(full.dose_gy, bare.dose_gy)
+
+
+def test_flip_average_is_the_mean_of_the_sample_and_the_mirrored_sample(tiny_checkpoint, synthetic_case):
+    import torch
+
+    from diffkt3d.training.augment import mirror_volumes
+
+    predictor = Predictor.load(tiny_checkpoint, device="cpu")
+    plain = predictor.predict_dose(synthetic_case, steps=2, template=None, with_dvh=False)
+    tta = predictor.predict_dose(synthetic_case, steps=2, template=None, with_dvh=False, flip_average=True)
+    conditions = predictor.encode_conditions(synthetic_case, exclude={"dose"})
+    a = predictor._sample(conditions, "dose", [plain.candidates[0].seed], 2)
+    b = predictor._sample(mirror_volumes(conditions, predictor.encoding.oar_channels), "dose",
+                          [plain.candidates[0].seed], 2)
+    from diffkt3d.data.encoding import decode_dose
+
+    expected = decode_dose((0.5 * (a + mirror_volumes({"dose": b})["dose"]))[0], synthetic_case.grid,
+                           predictor.encoding, synthetic_case.body)
+    assert np.allclose(tta.dose_gy, expected, atol=1e-5)
+    assert not np.allclose(tta.dose_gy, plain.dose_gy)
+    assert torch.is_tensor(a)

@@ -82,3 +82,14 @@ def test_random_draws_keep_shapes_range_and_dose_inside_the_grid():
 def test_stage_refuses_out_of_range_settings(field, value):
     with pytest.raises(ConfigError, match=field):
         StageConfig("dose", **{field: value})
+
+
+def test_mirror_volumes_is_its_own_inverse_and_matches_the_augmentation_flip():
+    from diffkt3d.training.augment import mirror_volumes
+
+    case = blob_case()
+    batched = {m: v[None] for m, v in case.items()}
+    once = mirror_volumes(batched, OARS)
+    assert all(torch.equal(mirror_volumes(once, OARS)[m], batched[m]) for m in batched)
+    flipped = augment_case(case, Augmentation(flip_lr=1.0), random.Random(0), OARS)
+    assert all(torch.equal(once[m][0], flipped[m]) for m in case)
