@@ -101,6 +101,8 @@ class DosePrediction:
         case: the case the dose belongs to.
         dvh: DVH table of the returned dose, structure name -> metrics.
         timings: seconds per stage (encode, sample, decode, scorecard, dvh, total).
+        latent: for a latent-space model, its VAE and crop and which conditions were VAE-encoded
+            for this request or taken from the per-case cache (None for a voxel-space model).
     """
 
     candidates: list[Candidate]
@@ -114,6 +116,7 @@ class DosePrediction:
     case: CaseInfo
     dvh: dict[str, StructureDvh] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    latent: dict[str, Any] | None = None
 
     @property
     def chosen(self) -> Candidate:
@@ -149,12 +152,17 @@ class DosePrediction:
             "dvh": dvh_table_dict(self.dvh),
             "candidates": [c.to_dict() for c in self.candidates],
             "timings": dict(self.timings),
+            # only for latent-space models, so a voxel model's description is unchanged
+            **({"latent": dict(self.latent)} if self.latent is not None else {}),
         }
 
 
 @dataclass
 class ImputationResult:
-    """A generated modality: `ct_hu` (HU, case grid) for "ct", else `masks` (name -> bool mask)."""
+    """A generated modality: `ct_hu` (HU, case grid) for "ct", else `masks` (name -> bool mask).
+
+    `latent` as in :class:`DosePrediction` (None for voxel-space and PRDiT models).
+    """
 
     target: str
     ct_hu: np.ndarray | None = None
@@ -163,6 +171,7 @@ class ImputationResult:
     seed: int = DEFAULT_SEED
     model_version: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    latent: dict[str, Any] | None = None
 
 
 __all__ = ["DOSE_RESULT_SCHEMA", "Candidate", "CaseInfo", "DosePrediction", "ImputationResult"]
