@@ -13,55 +13,23 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from diffkt3d.data.encoding import EncodingConfig  # noqa: E402
+from tiny_latent import save_tiny_vae  # noqa: E402
+
 from diffkt3d.data.synthetic import make_synthetic_case  # noqa: E402
 from diffkt3d.errors import ConfigError  # noqa: E402
 from diffkt3d.inference import Predictor  # noqa: E402
 from diffkt3d.inference.latent_predictor import LatentPredictor  # noqa: E402
-from diffkt3d.models.any2any_dit import Any2AnyDiT  # noqa: E402
-from diffkt3d.models.checkpoint import save_checkpoint  # noqa: E402
-from diffkt3d.models.config import get_config  # noqa: E402
 from diffkt3d.models.wan_vae import WanLatentCodec  # noqa: E402
 
-Z = 4
-GRID = (32, 24, 20)  # (I, J, K) working grid of the synthetic case
-CROP = (9, 16, 16)  # clip order (slices, y, x)
+GRID = (32, 24, 20)  # (I, J, K) working grid of the synthetic case and of `tiny_latent_checkpoint`
+CROP = (9, 16, 16)  # its crop, clip order (slices, y, x)
 CONDITIONS = ["angle", "beam", "body", "ct", "oar", "ptv"]
 
 
-def _save_vae(path, seed: int = 0):
-    torch.manual_seed(seed)
-    diffusers.AutoencoderKLWan(base_dim=4, z_dim=Z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
-                               latents_std=[1.5, 0.5, 2.0, 1.0]).save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    return _save_vae(tmp_path_factory.mktemp("vae"))
-
-
-@pytest.fixture(scope="module")
-def latent_checkpoint(tmp_path_factory, vae_dir):
+def predictor(tiny_latent_checkpoint, tiny_vae_dir):
     torch.set_num_threads(1)
-    codec = WanLatentCodec.from_pretrained(vae_dir)
-    enc = EncodingConfig(grid=GRID)
-    cfg = get_config("tiny", in_channels={m: c * Z for m, c in enc.channels().items()},
-                     modalities=list(enc.modalities), patch=(1, 2, 2), dim=24, heads=2, ffn_dim=32,
-                     rope_slot_stride=4, zero_init_modulation=False)
-    torch.manual_seed(0)
-    model = Any2AnyDiT(cfg).eval()
-    with torch.no_grad():  # non-zero heads so the sample depends on the DiT and its conditions
-        for head in model.head.head.values():
-            head.weight.normal_(0, 0.1)
-    meta = {"name": "tiny-latent", "latent": {"vae_fingerprint": codec.fingerprint(), "crop": list(CROP), "z_dim": Z}}
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "latent.pt", model, cfg, enc, flow_shift=3.0, meta=meta)
-
-
-@pytest.fixture(scope="module")
-def predictor(latent_checkpoint, vae_dir):
-    return Predictor.load(latent_checkpoint, device="cpu", vae_dir=vae_dir)
+    return Predictor.load(tiny_latent_checkpoint, device="cpu", vae_dir=tiny_vae_dir)
 
 
 def test_checkpoint_picks_the_latent_path(predictor):
@@ -111,19 +79,20 @@ def test_impute_runs_in_latent_space(predictor):
     assert "dose" in res.latent["conditions_encoded"] + res.latent["conditions_cached"]  # dose conditions imputation
 
 
-def test_wrong_or_missing_vae_is_refused(latent_checkpoint, tmp_path):
+def test_wrong_or_missing_vae_is_refused(tiny_latent_checkpoint, tmp_path):
+    latent_checkpoint = tiny_latent_checkpoint
     with pytest.raises(ConfigError, match=r"latent space of a Wan VAE .*--vae-dir"):
         Predictor.load(latent_checkpoint, device="cpu")
-    other = _save_vae(tmp_path / "other-vae", seed=1)  # same config, other weights
+    other = save_tiny_vae(tmp_path / "other-vae", seed=1)  # same config, other weights
     with pytest.raises(ConfigError, match=r"fingerprint .* is not the one checkpoint latent.pt was trained with"):
         Predictor.load(latent_checkpoint, device="cpu", vae_dir=other)
     with pytest.raises(ConfigError, match="no AutoencoderKLWan config.json"):
         Predictor.load(latent_checkpoint, device="cpu", vae_dir=tmp_path)
 
 
-def test_vae_runs_in_fp32_inside_a_bf16_autocast_region(vae_dir):
+def test_vae_runs_in_fp32_inside_a_bf16_autocast_region(tiny_vae_dir):
     """The sampler's bf16 region must not reach the VAE (an fp32 island, as Wan runs its VAE)."""
-    codec = WanLatentCodec.from_pretrained(vae_dir)
+    codec = WanLatentCodec.from_pretrained(tiny_vae_dir)
     x = torch.rand(1, 1, 9, 16, 16) * 2 - 1
     z = codec.encode(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
