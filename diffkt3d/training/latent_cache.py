@@ -53,7 +53,7 @@ def build_latent_cache(case_dirs: list[Path], encoding: EncodingConfig, codec: W
 
     Each file holds ``{"case_id", "tensors": {m: latent}, "voxel": {"dose", "body"} crops, "start"}``
     so ``EncodedCaseSet.from_cache`` trains on latents and validation can score decoded doses.
-    The folder is keyed by the encoding, the crop and the VAE config.
+    The folder is keyed by the encoding, the crop and the VAE fingerprint (config and weights).
     """
     from diffkt3d.training.dataset import prepare_case
 
