@@ -142,6 +142,45 @@ def run_child(args: argparse.Namespace) -> None:
     Path(args.child_out).write_text(json.dumps({"rows": rows, "peak_rss_mb": peak_mb}))
 
 
+def quality_figures(rows: list[dict]) -> dict[str, dict]:
+    """The quality gate's record per imputation target from the ``impute`` rows (inference.quality).
+
+    OAR: mean over cases and OARs of the Dice, and each OAR's mean; CT: MAE inside the body; PTV:
+    Dice of each case's highest-prescription PTV (the name's number: PTV70 over PTV56).
+    """
+    out: dict[str, dict] = {}
+    ct = [r["ct_mae_hu"] for r in rows if "ct_mae_hu" in r]
+    if ct:
+        out["ct"] = {"figures": {"mae_hu": round(float(np.mean(ct)), 2)}, "cases": len(ct)}
+    oar_rows = [r["oar_dice"] for r in rows if r.get("oar_dice")]
+    if oar_rows:
+        names = sorted({n for r in oar_rows for n in r})
+        per = {n: round(float(np.mean([r[n] for r in oar_rows if n in r])), 4) for n in names}
+        mean = float(np.mean([d for r in oar_rows for d in r.values()]))
+        out["oar"] = {"figures": {"mean_dice": round(mean, 4), "dice": per}, "cases": len(oar_rows)}
+    high = []
+    for r in rows:
+        named = {n: d for n, d in (r.get("ptv_dice") or {}).items() if any(ch.isdigit() for ch in n)}
+        if named:
+            top = max(named, key=lambda n: float("".join(ch for ch in n if ch.isdigit() or ch == ".") or 0))
+            high.append(named[top])
+    if high:
+        out["ptv"] = {"figures": {"dice_high": round(float(np.mean(high)), 4)}, "cases": len(high)}
+    return out
+
+
+def record_quality(model: str, rows: list[dict], report: str, date: str) -> dict[str, dict]:
+    """Write the imputation figures into the checkpoint's ``meta["quality"]`` (its digest changes)."""
+    from diffkt3d.inference.quality import quality_record
+    from diffkt3d.models.checkpoint import read_checkpoint, update_meta
+
+    quality = dict(read_checkpoint(model).get("meta", {}).get("quality") or {})
+    for target, rec in quality_figures(rows).items():
+        quality[target] = quality_record(target, rec["figures"], rec["cases"], report, date)
+    update_meta(model, {"quality": quality})
+    return quality
+
+
 def prior_dose(predictor, folder: Path) -> np.ndarray:
     """The shipped model's dose prior alone, decoded to the case grid like a prediction (Gy)."""
     from diffkt3d.data.encoding import encode_case
@@ -212,9 +251,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=["dit10", "dit1", "peer", "prior", "grid", "impute"])
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/dose_benchmark"))
+    p.add_argument("--record-quality", action="store_true",
+                   help="write the imputation figures into --model's metadata (the quality gate's record; "
+                        "the file's digest and model version change)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.record_quality and (not args.model or "impute" not in args.variants):
+        p.error("--record-quality needs --model CKPT and the impute variant")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.child:
         run_child(args)
@@ -246,6 +290,12 @@ def main() -> None:
     for item in running:
         collect(*item)
     write_report(args, results, started)
+    if args.record_quality:
+        report = str(Path(args.out).with_suffix(".md").relative_to(ROOT)) if Path(args.out).is_relative_to(ROOT) \
+            else Path(args.out).name + ".md"
+        quality = record_quality(args.model, results["impute"]["rows"], report, started.date().isoformat())
+        log.info("quality record written to %s: %s", args.model,
+                 {t: q["passes"] for t, q in quality.items()})
 
 
 def scorecard_item_lines(results: dict, names: dict[str, str]) -> list[str]:

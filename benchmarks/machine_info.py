@@ -5,24 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
-import torch
-
-
-def describe_machine() -> str:
-    """CPU model, core count, torch version and its thread count."""
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+from diffkt3d.machine import describe_machine
 
 
 def write_results(out: str | Path, lines: list[str], started: dt.datetime, **payload: Any) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS, IMPUTABLE
+from diffkt3d.inference.quality import VALIDATED
 from diffkt3d.io.case_folder import save_nifti
 from diffkt3d.io.image_guard import ImageLimits
 from infer_tasks.common import (
@@ -55,6 +56,23 @@ class ImputeTask(InferTask):
     def is_valid(self) -> bool:
         return True
 
+    def info(self) -> dict[str, Any]:
+        """MONAI Label's task info plus the served model's quality-gate verdict on this target.
+
+        A target without a passing benchmark stays callable but is marked experimental here (and
+        in the description a stock client shows), so no client mistakes its output for contours
+        or a CT a planner can rely on.
+        """
+        out = super().info()
+        try:
+            verdict = self.models.get().quality().get(self.target)
+        except Exception as exc:  # noqa: BLE001 - /info must answer even when the model cannot load
+            verdict = {"target": self.target, "status": "unknown", "reason": f"model not loaded: {exc}"}
+        out["quality"] = verdict
+        if not verdict or verdict.get("status") != VALIDATED:
+            out["description"] = f"{out['description']} (experimental: no passing benchmark)"
+        return out
+
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         t0 = time.perf_counter()
         steps = int_param(request, "steps", DEFAULT_STEPS, 1, MAX_STEPS)
@@ -66,7 +84,9 @@ class ImputeTask(InferTask):
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix=f"impute-{self.target}-", delete=False).name
         result: dict[str, Any] = {"task": f"impute_{self.target}", "target": self.target,
                                   "case": case_summary(case, str(request.get(SOURCE_KEY))),
-                                  "model_version": res.model_version, "steps": res.steps, "seed": res.seed}
+                                  "model_version": res.model_version, "steps": res.steps, "seed": res.seed,
+                                  "quality": res.quality.to_dict() if res.quality else None,
+                                  "warnings": list(res.warnings)}
         if self.target == "ct":
             assert res.ct_hu is not None
             save_nifti(res.ct_hu.astype(np.float32), case.grid, out, np.float32)

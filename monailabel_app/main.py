@@ -25,6 +25,7 @@ The audit log is `<state_dir>/audit/audit.jsonl`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -60,6 +61,8 @@ from infer_tasks.dose import DoseTask  # noqa: E402
 from infer_tasks.impute import ImputeTask  # noqa: E402
 from monailabel_app.auth import AuthSettings, TokenVerifier  # noqa: E402
 from monailabel_app.datastore import CaseFolderDatastore, UnknownCaseError  # noqa: E402
+from monailabel_app.pacs_datastore import PacsDatastore, dicomweb_client  # noqa: E402
+from monailabel_app.pacs_store import answer_from_pacs  # noqa: E402
 from monailabel_app.redact import install_log_redaction, redact  # noqa: E402
 from monailabel_app.strategy import PreferenceStrategy, record_candidates  # noqa: E402
 from monailabel_app.uploads import UploadLimits  # noqa: E402
@@ -80,7 +83,10 @@ class DiffKT3DApp(MONAILabelApp):
             self.image_limits = ImageLimits.from_setting(conf.get("max_image_mb"))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        self.state_dir = Path(conf.get("state_dir") or Path(studies) / ".diffkt3d")
+        self.pacs_url = studies.strip().rstrip("/") if studies.strip().startswith(("http://", "https://")) else None
+        self.state_dir = Path(conf.get("state_dir") or (
+            Path(app_dir) / "state" / f"pacs-{hashlib.sha256(self.pacs_url.encode()).hexdigest()[:12]}"
+            if self.pacs_url else Path(studies) / ".diffkt3d"))
         self.preferences = PreferenceStore(self.state_dir / "preferences")
         self.served = ServedCandidates(self.state_dir / "preferences")  # next to the store it vouches for
         self.audit = AuditLog(self.state_dir / "audit")
@@ -99,6 +105,9 @@ class DiffKT3DApp(MONAILabelApp):
 
     # -- MONAI Label hooks ---------------------------------------------------------------------
     def init_datastore(self) -> Datastore:
+        if self.pacs_url:  # not MONAI Label's DICOMweb datastore: RT objects, nothing downloaded at start
+            return PacsDatastore(dicomweb_client(self.pacs_url), self.pacs_url, self.state_dir,
+                                 image_limits=self.image_limits)
         return CaseFolderDatastore(self.studies, state_dir=self.state_dir,
                                    archive_limits=ArchiveLimits(self.max_upload_bytes))
 
@@ -183,10 +192,16 @@ class DiffKT3DApp(MONAILabelApp):
                 raise HTTPException(400, str(exc)) from None
             except UnknownCaseError as exc:
                 raise HTTPException(404, str(exc)) from None
+            except CaseError as exc:  # a PACS study that makes no case (422) or a PACS that fails (502)
+                raise HTTPException(getattr(exc, "status", 422), redact(str(exc))) from None
             request[SOURCE_KEY] = "datastore"
             request[CASE_ID_KEY] = image
         try:
-            return super().infer(request, datastore)
+            answer = super().infer(request, datastore)
+            if isinstance(self._datastore, PacsDatastore) and request[SOURCE_KEY] == "datastore":
+                answer_from_pacs(self._datastore, request[CASE_ID_KEY], model, request, answer,
+                                 getattr(self._infers[model], "param_names", frozenset()))
+            return answer
         # Error texts go through `redact`: an uploaded file named after the patient stays out of them.
         except TaskError as exc:
             raise HTTPException(exc.status, redact(str(exc))) from None

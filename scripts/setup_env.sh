@@ -17,6 +17,26 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extras=""
 [ "$profile" = "test" ] && extras="[dev,transfer]"
+# The PACS tests start their own Orthanc (Debian packages orthanc + orthanc-dicomweb; docs/pacs.md).
+orthanc_missing() {
+  if { command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ]; } \
+      && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1; then
+    return 1
+  fi
+  return 0
+}
+if [ "$profile" = "test" ] && orthanc_missing; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing Orthanc and its DICOMweb plugin (apt-get) for the PACS tests"
+    # the package's own service is not used (tests start Orthanc on free ports); no restart in containers
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends orthanc orthanc-dicomweb >/dev/null \
+      || { apt-get update >/dev/null && apt-get install -y --no-install-recommends orthanc orthanc-dicomweb >/dev/null; }
+  else
+    echo "[setup] Orthanc is not installed and this is not root: the PACS tests will be skipped" \
+         "(sudo apt-get install orthanc orthanc-dicomweb)"
+  fi
+fi
 stamp=".venv/.diffkt3d-setup-$profile"
 digest=$(cat pyproject.toml requirements-server.txt requirements-server-nodeps.txt | sha1sum | cut -c1-12)
 for done_stamp in "$stamp" .venv/.diffkt3d-setup-test; do   # the test profile includes demo

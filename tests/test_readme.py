@@ -39,6 +39,8 @@ DISTRIBUTED = ("tests/training/test_distributed.py::test_torchrun_gloo_two_ranks
                "tests/training/test_distributed.py::test_torchrun_command_shapes")
 AUTH = "tests/monailabel_app/test_server_auth.py"
 AUTH_LOGIN = f"{AUTH}::test_login_through_the_server_gives_a_working_token"
+PACS = "tests/monailabel_app/test_server_pacs.py"
+PACS_SERVER = f"{PACS}::test_orthanc_needs_credentials_and_the_server_lists_its_ct_series"
 GPU_NOTE = ("not run: needs 8 GPUs; the same entry point runs under torchrun with gloo on 2 CPU ranks in "
             "tests/training/test_distributed.py::test_torchrun_gloo_two_ranks")
 LATENT_GPU_NOTE = ("not run: needs a GPU and a trained Wan checkpoint; the same entry point serves a tiny latent "
@@ -156,6 +158,26 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
         "MONAI_LABEL_AUTH_CLIENT_ID=diffkt3d-slicer monailabel start_server --app monailabel_app --studies "
         "/data/cases --host 127.0.0.1 --port 8000 --conf max_upload_mb 512 --conf auth_audience diffkt3d": (
             AUTH_LOGIN, f"{AUTH}::test_upload_size_limit_holds_with_auth_on"),
+    },
+    "docs/pacs.md": {
+        # the PACS fixture starts Orthanc (basic auth) and the server with these settings
+        "export MONAI_LABEL_DICOMWEB_USERNAME=diffkt3d MONAI_LABEL_DICOMWEB_PASSWORD='…'": (PACS_SERVER,),
+        "monailabel start_server --app monailabel_app --studies http://127.0.0.1:8042/dicom-web --conf state_dir "
+        "/srv/diffkt3d/state --port 8000": (PACS_SERVER, f"{PACS}::test_next_strategy_and_state_folder_over_the_pacs"),
+        "sudo apt-get install orthanc orthanc-dicomweb": (
+            "not run: system packages; scripts/setup_env.sh test (CI, as root) installs the same two and "
+            f"{PACS_SERVER} uses them",),
+        "sudo systemctl restart orthanc": (
+            "not run: the system service; tests start their own Orthanc (tests/monailabel_app/orthanc_process.py) "
+            f"as in {PACS_SERVER}",),
+        "curl -u diffkt3d:… http://127.0.0.1:8042/dicom-web/studies": (PACS_SERVER,),
+        "curl -u diffkt3d:… -X POST http://127.0.0.1:8042/modalities/pacs/move -d '{\"Level\": \"Study\", "
+        "\"Resources\": [{\"StudyInstanceUID\": \"1.2.…\"}], \"TargetAet\": \"DIFFKT3D\"}'": (
+            "not run: needs a DIMSE PACS peer; the study it would bring is uploaded over STOW-RS in "
+            f"{PACS_SERVER}",),
+        "curl -u diffkt3d:… -X POST http://127.0.0.1:8042/modalities/pacs/store -d '<Orthanc series id>'": (
+            "not run: needs a DIMSE PACS peer; the series it forwards is read back over DICOMweb in "
+            f"{PACS}::test_dose_is_stored_as_a_predicted_rtdose_and_reads_back",),
     },
     "docs/scardnft.md": {
         "diffkt3d train --stage scardnft --config configs/scardnft-cpu.yaml --data-root DIR [--set KEY=VALUE] "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
         (out / f"impute_{args.target}.json").write_text(json.dumps(
             {"case": case.case_id, "target": args.target, "steps": res.steps, "seed": res.seed,
              "model_version": res.model_version, "timings": res.timings,
+             "quality": res.quality.to_dict() if res.quality else None, "warnings": res.warnings,
              "files": [p.name for p in written], **({"latent": res.latent} if res.latent else {})}, indent=2))
+        for warning in res.warnings:
+            print(f"{case.case_id}: WARNING: {warning}", file=sys.stderr)
         print(f"{case.case_id}: imputed {args.target} -> {', '.join(p.name for p in written)}")
     return 0

@@ -15,7 +15,9 @@ from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS
 from diffkt3d.data.case import Case
 from diffkt3d.errors import ConfigError
 from diffkt3d.inference.ct_backbone import CTImputationConfig
+from diffkt3d.inference.quality import target_quality
 from diffkt3d.inference.result import ImputationResult
+from diffkt3d.models.prdit.checkpoint import read_checkpoint
 from diffkt3d.models.prdit.impute import PRDiTImputer
 
 __all__ = ["PRDiTCTPredictor"]
@@ -32,10 +34,12 @@ class PRDiTCTPredictor:
         model_version: reported with every result (``prdit:<file>@<sha256[:12]>``).
     """
 
-    def __init__(self, imputer: PRDiTImputer, config: CTImputationConfig, model_version: str):
+    def __init__(self, imputer: PRDiTImputer, config: CTImputationConfig, model_version: str,
+                 meta: dict | None = None):
         self.imputer = imputer
         self.config = config
         self.model_version = model_version
+        self.meta = meta or {}  # the checkpoint's metadata: its quality record gates the CT target
 
     @classmethod
     def load(cls, config: CTImputationConfig) -> PRDiTCTPredictor:
@@ -52,7 +56,8 @@ class PRDiTCTPredictor:
         version = f"prdit:{path.stem}@{digest}"
         log.info("loaded PRDiT CT model %s (%s parameters, grid %s)", version,
                  f"{sum(p.numel() for p in imputer.model.parameters()):,}", imputer.encoding.grid)
-        return cls(imputer, config, version)
+        meta = read_checkpoint(path).get("meta") or {}
+        return cls(imputer, config, version, meta if isinstance(meta, dict) else {})
 
     def impute(self, case: Case, target: str, steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED) -> ImputationResult:
         """CT of ``case`` in HU on the case grid, -1000 HU outside the body.
@@ -70,4 +75,9 @@ class PRDiTCTPredictor:
                                          sampler=self.config.prdit_sampler)
         total = round(time.perf_counter() - t0, 4)
         return ImputationResult(target="ct", ct_hu=ct_hu, steps=int(steps), seed=int(seed),
-                                model_version=self.model_version, timings={"total_s": total, "sample_s": total})
+                                model_version=self.model_version,
+                                timings={"total_s": total, "sample_s": total}).gate(self.meta)
+
+    def quality(self) -> dict[str, dict]:
+        """The quality gate's verdict on the CT target (``inference.quality``)."""
+        return {"ct": target_quality(self.meta, "ct").to_dict()}

@@ -39,6 +39,7 @@ from diffkt3d.data.encoding import (
 )
 from diffkt3d.errors import CaseError, ConfigError
 from diffkt3d.flow.sampler import sample_with_seeds
+from diffkt3d.inference.quality import target_quality
 from diffkt3d.inference.result import Candidate, CaseInfo, DosePrediction, ImputationResult
 from diffkt3d.metrics.dvh_table import dvh_table
 from diffkt3d.models.checkpoint import ModelBundle, load_checkpoint
@@ -214,4 +215,9 @@ class Predictor:
         if target in ("oar", "ptv") and case.body is not None:
             result.masks = {n: m & case.body for n, m in result.masks.items()}
         result.timings = {"total_s": round(time.perf_counter() - t0, 4), "sample_s": round(t1 - t0, 4)}
-        return result
+        return result.gate(self.bundle.meta)
+
+    def quality(self) -> dict[str, dict]:
+        """The quality gate's verdict on each imputation target this model knows (``inference.quality``)."""
+        return {t: target_quality(self.bundle.meta, t).to_dict() for t in IMPUTABLE
+                if t in self.model.config.modalities}

@@ -17,6 +17,7 @@ import numpy as np
 
 from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS
 from diffkt3d.data.case import Case
+from diffkt3d.inference.quality import VALIDATED, TargetQuality, empty_mask_warnings, target_quality
 from diffkt3d.metrics.dvh_table import StructureDvh, dvh_table_dict
 
 if TYPE_CHECKING:  # the Scorecard engine is imported only when a template is used
@@ -161,6 +162,9 @@ class DosePrediction:
 class ImputationResult:
     """A generated modality: `ct_hu` (HU, case grid) for "ct", else `masks` (name -> bool mask).
 
+    `quality` is the model's quality-gate verdict on the target (``inference.quality``) and
+    `warnings` what a user must see before relying on the output (an experimental target, an
+    empty mask); both are filled by :meth:`gate`.
     `latent` as in :class:`DosePrediction` (None for voxel-space and PRDiT models).
     """
 
@@ -172,6 +176,17 @@ class ImputationResult:
     model_version: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     latent: dict[str, Any] | None = None
+    quality: TargetQuality | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def gate(self, meta: dict) -> ImputationResult:
+        """Attach the checkpoint's verdict on this target and the warnings that follow from it."""
+        self.quality = target_quality(meta, self.target)
+        self.warnings = []
+        if self.quality.status != VALIDATED:
+            self.warnings.append(f"{self.target} imputation is experimental: {self.quality.reason}")
+        self.warnings += empty_mask_warnings(self.masks)
+        return self
 
 
 __all__ = ["DOSE_RESULT_SCHEMA", "Candidate", "CaseInfo", "DosePrediction", "ImputationResult"]

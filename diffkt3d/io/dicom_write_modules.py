@@ -69,6 +69,8 @@ def common_modules(fds: Dataset, ctx: dict[str, str], modality: str, series_uid:
     fds.SeriesNumber = series_number
     fds.SeriesDescription = description
     fds.Manufacturer = "DiffKT3D"
+    if modality.startswith("RT"):
+        fds.OperatorsName = ""  # type 2 in the RT Series module (RTSTRUCT, RTPLAN, RTDOSE): present, unknown
     if frame_of_reference:
         fds.FrameOfReferenceUID = ctx["for_uid"]
         fds.PositionReferenceIndicator = ""

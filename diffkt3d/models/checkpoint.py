@@ -116,6 +116,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return blob
 
 
+def update_meta(path: str | Path, updates: dict[str, Any]) -> Path:
+    """Rewrite the checkpoint at ``path`` with ``meta`` updated by ``updates``; tensors untouched.
+
+    For records made after training (the quality gate's benchmark figures). The file is replaced
+    atomically, so a server reading it sees the old or the new file, never half of one. Its
+    digest, and so its model version string, changes.
+    """
+    path = Path(path)
+    blob = read_checkpoint(path)
+    blob["meta"] = {**dict(blob.get("meta") or {}), **updates}
+    tmp = path.with_name(path.name + ".part")
+    torch.save(blob, tmp)
+    tmp.replace(path)
+    return path
+
+
 def file_digest(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

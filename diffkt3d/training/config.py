@@ -16,6 +16,7 @@ from typing import Any
 
 from diffkt3d.data.encoding import PTV_RESAMPLING
 from diffkt3d.errors import ConfigError, reject_unknown_fields
+from diffkt3d.training.augment import Augmentation
 
 LOSS_NORMS = ("l2", "l1")
 LOSS_REGIONS = ("all", "body")
@@ -53,6 +54,13 @@ class StageConfig:
             to air (CT) outside the body, and the OpenKBP scores count only the possible-dose mask,
             so air voxels are never used; under an absolute error each of them still casts a
             full-size gradient vote for a residual that does not matter.
+        dvh_loss_weight: weight of the DVH-aware moment loss (``training.dvh_loss``) added to the
+            dose target's loss: per-structure generalised dose moments of the x0 estimate against
+            the reference. 0 (default, the paper's) = off.
+        augment_flip_lr: probability of a left-right mirror of the case (``training.augment``).
+        augment_rotate_deg: rotation about the cranio-caudal axis, uniform in +-this many degrees.
+        augment_shift_voxels: shift along each axis, uniform in +-this many working-grid voxels.
+            The three augmentation fields default to 0 (none, the paper's).
     """
 
     name: str = "any2any"
@@ -69,6 +77,10 @@ class StageConfig:
     p_condition: float = 0.7
     loss_norm: str = "l2"
     loss_region: str = "all"
+    dvh_loss_weight: float = 0.0
+    augment_flip_lr: float = 0.0
+    augment_rotate_deg: float = 0.0
+    augment_shift_voxels: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in ("any2any", "dose"):
@@ -78,10 +90,23 @@ class StageConfig:
         if self.loss_region not in LOSS_REGIONS:
             raise ConfigError(f"stage {self.name}: loss_region must be one of {LOSS_REGIONS}, "
                               f"found {self.loss_region!r}")
+        if self.dvh_loss_weight < 0:
+            raise ConfigError(f"stage {self.name}: dvh_loss_weight must be >= 0, found {self.dvh_loss_weight}")
+        if not 0.0 <= self.augment_flip_lr <= 1.0:
+            raise ConfigError(f"stage {self.name}: augment_flip_lr is a probability in [0, 1], "
+                              f"found {self.augment_flip_lr}")
+        if not 0.0 <= self.augment_rotate_deg <= 180.0 or self.augment_shift_voxels < 0:
+            raise ConfigError(f"stage {self.name}: augment_rotate_deg must be in [0, 180] and "
+                              f"augment_shift_voxels >= 0, found {self.augment_rotate_deg}, "
+                              f"{self.augment_shift_voxels}")
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise ConfigError(f"stage {self.name}: decay_fraction must be in [0, 1], found {self.decay_fraction}")
         if not 0.0 <= self.final_lr_ratio <= 1.0:
             raise ConfigError(f"stage {self.name}: final_lr_ratio must be in [0, 1], found {self.final_lr_ratio}")
+
+    @property
+    def augmentation(self) -> Augmentation:
+        return Augmentation(self.augment_flip_lr, self.augment_rotate_deg, self.augment_shift_voxels)
 
     def progress(self, step: int, seconds: float, cpu_seconds: float) -> float:
         """How far through its budget the stage is (0..1), by whichever limit ends it first."""

@@ -156,6 +156,10 @@ class DistributedTrainer(Trainer):
                 # the gradient all-reduce. Step counts are the same on every rank.
                 raise ConfigError(f"stage {stage.name!r}: time budgets (max_minutes / max_cpu_minutes) "
                                   "are not supported in distributed training; use steps")
+            if wan is not None and wan.vae_dir and (stage.dvh_loss_weight > 0 or stage.augmentation.active):
+                # Both act on voxel volumes (structures, image axes); latents have neither.
+                raise ConfigError(f"stage {stage.name!r}: dvh_loss_weight and augment_* work on voxel "
+                                  "volumes and are not supported with a Wan VAE (latent training)")
         self.env = env
         self.wan = wan or WanSetup()
         self.codec = None
@@ -219,10 +223,11 @@ class DistributedTrainer(Trainer):
                     self.val_voxels[blob["case_id"]] = blob.get("voxel", {})
 
     # -- the step: forward through DDP ------------------------------------------------------------
-    def loss(self, model: torch.nn.Module, batch, norm: str = "l2", region: str = "all") -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, batch, norm: str = "l2", region: str = "all",
+             dvh_weight: float = 0.0) -> torch.Tensor:
         if model is self.model and self.ddp is not None:
             model = self.ddp
-        return super().loss(model, batch, norm, region)
+        return super().loss(model, batch, norm, region, dvh_weight)
 
     @torch.no_grad()
     def validate(self) -> float | None:

@@ -21,17 +21,27 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from diffkt3d.data.encoding import EncodingConfig
 from diffkt3d.flow.matching import FlowConfig, add_noise, predict_x0, sample_timesteps, velocity_target
+from diffkt3d.machine import describe_machine
 from diffkt3d.models.any2any_dit import Any2AnyDiT
 from diffkt3d.models.checkpoint import read_checkpoint, save_checkpoint
 from diffkt3d.models.config import DiTConfig, get_config
+from diffkt3d.training.augment import augment_case
 from diffkt3d.training.config import StageConfig, TrainConfig
-from diffkt3d.training.dataset import EncodedCaseSet, build_cache, list_case_dirs, modality_counts
+from diffkt3d.training.dataset import (
+    EncodedCase,
+    EncodedCaseSet,
+    build_cache,
+    list_case_dirs,
+    modality_counts,
+)
+from diffkt3d.training.dvh_loss import moment_loss
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +108,9 @@ class Trainer:
         self.stage_cpu_seconds = 0.0
         self.best_val: float | None = None
         self.history: list[dict] = []
+        # One record per invocation of run(): a budgeted recipe may be trained in several pieces
+        # (sessions, machines); the checkpoint says where each piece ran and what it cost.
+        self.pieces: list[dict] = []
         self.train_set: EncodedCaseSet | None = None
         self.val_set: EncodedCaseSet | None = None
 
@@ -126,12 +139,18 @@ class Trainer:
         else:
             target = "dose"
             conditions, cases = self.train_set.sample_target(self.rng, stage.batch_size, target)
-        volumes = self.train_set.batch(cases, [target, *conditions])
+        modalities = [target, *conditions]
+        aug = stage.augmentation
+        if aug.active:
+            cases = [EncodedCase(c.case_id, augment_case({m: c.tensors[m] for m in modalities}, aug, self.rng,
+                                                         self.encoding.oar_channels)) for c in cases]
+        volumes = self.train_set.batch(cases, modalities)
         return Batch(target, conditions, {k: v.to(self.device) for k, v in volumes.items()})
 
-    def loss(self, model: torch.nn.Module, batch: Batch, norm: str = "l2", region: str = "all") -> torch.Tensor:
-        """Flow-matching loss of one batch in the run's `loss_space`; `norm` and `region` are the
-        stage's loss_norm and loss_region."""
+    def loss(self, model: torch.nn.Module, batch: Batch, norm: str = "l2", region: str = "all",
+             dvh_weight: float = 0.0) -> torch.Tensor:
+        """Flow-matching loss of one batch in the run's `loss_space`; `norm`, `region` and
+        `dvh_weight` are the stage's loss_norm, loss_region and dvh_loss_weight."""
         x0 = batch.volumes[batch.target]
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
         t = sample_timesteps(x0.shape[0], self.flow, generator=self.generator).to(self.device)
@@ -139,14 +158,20 @@ class Trainer:
         inputs[batch.target] = add_noise(x0, noise, t)  # only the target is noised
         with autocast_context(self.device):
             v_hat = model(inputs, batch.target, t)
+        x0_hat = predict_x0(inputs[batch.target], v_hat.float(), t)
         if self.cfg.loss_space == "x0":
-            error = predict_x0(inputs[batch.target], v_hat.float(), t) - x0
+            error = x0_hat - x0
         else:
             error = v_hat.float() - velocity_target(x0, noise)
         per_voxel = error.abs() if norm == "l1" else error**2
         if region == "body" and "body" in batch.conditions:
-            return body_mean(per_voxel, batch.volumes["body"])
-        return torch.mean(per_voxel)
+            loss = body_mean(per_voxel, batch.volumes["body"])
+        else:
+            loss = torch.mean(per_voxel)
+        if dvh_weight > 0 and batch.target == "dose":
+            conditions = {m: batch.volumes[m] for m in batch.conditions}
+            loss = loss + dvh_weight * moment_loss(x0_hat, x0, conditions, self.encoding.dose_scale_gy)
+        return loss
 
     def set_lr(self, stage: StageConfig) -> float:
         lr = stage.lr_at(self.stage_step, self.stage_seconds, self.stage_cpu_seconds)
@@ -176,6 +201,8 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------
     def meta(self) -> dict:
         return {"name": Path(self.cfg.out_dir).name, "global_step": self.global_step,
+                "pieces": list(self.pieces),
+                "total_cpu_minutes": round(sum(p["cpu_minutes"] for p in self.pieces), 2),
                 "stage": self.cfg.stages[self.stage_index].name if self.stage_index < len(self.cfg.stages) else "done",
                 "best_val_dose_mae_gy": self.best_val, "train_config": self.cfg.to_dict()}
 
@@ -187,7 +214,8 @@ class Trainer:
                      "global_step": self.global_step, "stage_seconds": self.stage_seconds,
                      "stage_cpu_seconds": self.stage_cpu_seconds,
                      "best_val": self.best_val, "rng": json.dumps(self.rng.getstate()),
-                     "generator": self.generator.get_state(), "history": json.dumps(self.history)}
+                     "generator": self.generator.get_state(), "history": json.dumps(self.history),
+                     "pieces": json.dumps(self.pieces)}
         return save_checkpoint(self.out_dir / name, self.ema, self.model_config, self.encoding,
                                self.flow.shift, meta=self.meta(), train_state=state)
 
@@ -212,6 +240,7 @@ class Trainer:
         self.rng.setstate((state[0], tuple(state[1]), state[2]))
         self.generator.set_state(st["generator"])
         self.history = json.loads(st["history"])
+        self.pieces = json.loads(st.get("pieces", "[]"))  # runs from before pieces were recorded: none
         log.info("resumed from %s at stage %d step %d (global %d)", path, self.stage_index,
                  self.stage_step, self.global_step)
         return True
@@ -228,6 +257,9 @@ class Trainer:
             self.load_data()
         if resume:
             self.try_resume()
+        self.pieces.append({"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            "machine": describe_machine(), "from_step": self.global_step,
+                            "to_step": self.global_step, "cpu_minutes": 0.0})
         self.model.train()
         while self.stage_index < len(self.cfg.stages):
             stage = self.cfg.stages[self.stage_index]
@@ -261,7 +293,7 @@ class Trainer:
             c0 = time.process_time()
             lr = self.set_lr(stage)
             batch = self.next_batch(stage)
-            loss = self.loss(self.model, batch, stage.loss_norm, stage.loss_region)
+            loss = self.loss(self.model, batch, stage.loss_norm, stage.loss_region, stage.dvh_loss_weight)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {self.global_step} (target {batch.target})")
             self.optimizer.zero_grad(set_to_none=True)
@@ -273,7 +305,12 @@ class Trainer:
             self.global_step += 1
             steps_since += 1
             self.stage_seconds += time.monotonic() - t0
-            self.stage_cpu_seconds += time.process_time() - c0
+            step_cpu = time.process_time() - c0
+            self.stage_cpu_seconds += step_cpu
+            if self.pieces:  # (a stage driven without run() records no piece)
+                piece = self.pieces[-1]
+                piece["cpu_minutes"] = round(piece["cpu_minutes"] + step_cpu / 60, 4)
+                piece["to_step"] = self.global_step
             loss_value = loss.item()
             smooth = loss_value if smooth is None else 0.95 * smooth + 0.05 * loss_value
             if self.stage_step % self.cfg.log_every == 0 or self.stage_step == stage.steps:

@@ -21,6 +21,24 @@ def test_prdit_backbone_writes_ct_on_the_case_grid(tmp_path, synthetic_case_dir,
     assert ct.shape == ref.shape and np.allclose(ct.affine, ref.affine)
     report = json.loads((case_out / "impute_ct.json").read_text())
     assert report["model_version"].startswith("prdit:tiny-prdit@") and report["steps"] == 2
+    # no benchmark recorded with the tiny model: the gate calls the CT experimental, on stderr too
+    assert report["quality"]["status"] == "experimental"
+    assert report["warnings"] == [f"ct imputation is experimental: {report['quality']['reason']}"]
+    assert "WARNING: ct imputation is experimental" in capsys.readouterr().err
+
+
+def test_oar_imputation_reports_empty_masks(tmp_path, synthetic_case_dir, tiny_checkpoint, capsys):
+    out = tmp_path / "out"
+    rc = main(["impute", str(synthetic_case_dir), "--target", "oar", "--out", str(out), "--steps", "1",
+               "--model", str(tiny_checkpoint)])
+    assert rc == 0, capsys.readouterr().err
+    case_out = next(out.iterdir())
+    report = json.loads((case_out / "impute_oar.json").read_text())
+    empty = sorted(f.name.split(".")[0] for f in case_out.glob("*.nii.gz")
+                   if not np.asarray(nib.load(str(f)).dataobj).any())
+    assert sorted(w.split(":")[0] for w in report["warnings"][1:]) == empty
+    err = capsys.readouterr().err
+    assert err.count("WARNING:") == len(report["warnings"])
 
 
 def test_prdit_backbone_errors_are_one_line_exit_2(tmp_path, synthetic_case_dir, tiny_prdit_checkpoint, capsys):

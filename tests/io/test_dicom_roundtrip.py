@@ -171,6 +171,8 @@ def test_uids_and_sop_classes_consistent(tmp_path: Path) -> None:
         assert d.file_meta.MediaStorageSOPInstanceUID == d.SOPInstanceUID
         assert d.PatientID == "X1" and str(d.PatientName) == "DiffKT3D^Test"
         assert pydicom.uid.UID(d.SOPInstanceUID).is_valid
+    for kind in ("RTSTRUCT", "RTPLAN", "RTDOSE"):  # RT Series module: OperatorsName is type 2
+        assert "OperatorsName" in datasets[kind][0], kind
     rd, rp = datasets["RTDOSE"][0], datasets["RTPLAN"][0]
     assert rd.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == rp.SOPInstanceUID
     ct_uids = {d.SOPInstanceUID for d in datasets["CT"]}

@@ -59,16 +59,46 @@ def test_dose_at_volume_cc_is_nth_hottest() -> None:
     # 0.1 cc -> 2 voxels -> 2nd hottest = 99 Gy; 2 cc -> 40 voxels -> 61 Gy.
     assert dvh.dose_at_volume_cc(dose, mask, 0.1, voxel_cc) == 99.0
     assert dvh.dose_at_volume_cc(dose, mask, 2.0, voxel_cc) == 61.0
-    # tiny volume -> at least one voxel (= max); huge volume -> whole structure (= min)
-    assert dvh.dose_at_volume_cc(dose, mask, 1e-6, voxel_cc) == 100.0
+    # one voxel exactly -> the hottest voxel; huge volume -> whole structure (= min)
+    assert dvh.dose_at_volume_cc(dose, mask, voxel_cc, voxel_cc) == 100.0
     assert dvh.dose_at_volume_cc(dose, mask, 1000.0, voxel_cc) == 1.0
     # brute force: sort descending, take n-th
     rng = np.random.default_rng(1)
     d = rng.gamma(2.0, 10.0, size=mask.shape)
-    for cc in (0.03, 0.1, 0.5, 1.234):
+    for cc in (0.05, 0.1, 0.5, 1.234):
         n = max(1, int(round(cc / voxel_cc)))
         expected = sorted(d[mask].tolist(), reverse=True)[n - 1]
         assert dvh.dose_at_volume_cc(d, mask, cc, voxel_cc) == pytest.approx(expected)
+
+
+def test_dose_at_volume_below_one_voxel_is_interpolated_not_the_point_max() -> None:
+    # dose rises 1 Gy per voxel along axis 0; structure = voxels 3, 4, 5 of one row, 0.8 cc each.
+    dose = np.broadcast_to(np.arange(10, dtype=np.float64)[:, None, None], (10, 5, 5)).copy()
+    mask = np.zeros(dose.shape, dtype=bool)
+    mask[3:6, 2, 2] = True
+    # The hottest voxel spans 4.5..5.5 Gy; its hottest 0.1 cc (1/8 of it) is the slab above
+    # 5.5 - 1/8 Gy: the exact D0.1cc of this linear field, not the point maximum (5 Gy).
+    assert dvh.dose_at_volume_cc(dose, mask, 0.1, 0.8) == pytest.approx(5.375)
+    assert dvh.max_dose(dose, mask) == 5.0
+    # half a voxel: the hot half of voxel 5 starts at its centre, 5 Gy (f = 3: 27 sub-voxels)
+    assert dvh.dose_at_volume_cc(dose, mask, 0.4, 0.8) == pytest.approx(5.0)
+    # a quarter voxel: exact 5.25 Gy; sub-voxel centres are within half a sub-voxel (f = 4: 1/8 Gy)
+    assert abs(dvh.dose_at_volume_cc(dose, mask, 0.2, 0.8) - 5.25) <= 1 / 8
+    # a uniform dose stays that dose; whole-voxel volumes keep the order statistic
+    assert dvh.dose_at_volume_cc(np.full(dose.shape, 7.0), mask, 0.1, 0.8) == pytest.approx(7.0)
+    assert dvh.dose_at_volume_cc(dose, mask, 1.6, 0.8) == 4.0
+    # the neighbourhood pruning never changes the answer: compare with interpolating every voxel
+    rng = np.random.default_rng(3)
+    noisy = rng.gamma(2.0, 10.0, size=(12, 12, 12))
+    region = rng.random(noisy.shape) > 0.6
+    got = dvh.dose_at_volume_cc(noisy, region, 0.1, 0.3)  # 0.3 cc voxels: f = 3
+    steps = (np.arange(3) + 0.5) / 3 - 0.5
+    offs = np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), axis=-1).reshape(-1, 3)
+    pts = (np.argwhere(region)[:, None, :] + offs[None]).reshape(-1, 3).T
+    from scipy import ndimage
+    every = np.sort(ndimage.map_coordinates(noisy, pts, order=1, mode="nearest"))[::-1]
+    n = round(0.1 / (0.3 / 27))
+    assert got == pytest.approx(every[n - 1])
 
 
 def test_volume_at_dose_counts_ge() -> None:

@@ -101,6 +101,12 @@ def test_info_lists_all_tasks(server):
     assert "preference" in info["strategies"]
     assert info["datastore"]["total"] == len(CASES)
     assert info["diffkt3d"]["model_version"]
+    # The served model records no passing imputation benchmark: the gate marks every impute task.
+    for task in ("impute_ct", "impute_ptv", "impute_oar"):
+        quality = info["models"][task]["quality"]
+        assert quality["status"] == "experimental" and quality["reason"], task
+        assert "(experimental" in info["models"][task]["description"]
+    assert "quality" not in info["models"]["dose"]
 
 
 # -- dose -------------------------------------------------------------------------------------------
@@ -201,6 +207,11 @@ def test_impute_ct_and_oar(server):
         assert set(np.unique(labels)) <= {0, *meta["labels"].values()}
         for name, value in meta["labels"].items():  # merged voxels never exceed the structure's own count
             assert int((labels == value).sum()) <= meta["voxels"][name]
+        target = task.split("_")[1]
+        assert meta["quality"]["status"] == "experimental"
+        assert meta["warnings"][0].startswith(f"{target} imputation is experimental")
+        empty = sorted(n for n, v in meta["voxels"].items() if v == 0)
+        assert sorted(w.split(":")[0] for w in meta["warnings"][1:]) == empty
 
 
 # -- preferences and active learning ------------------------------------------------------------------

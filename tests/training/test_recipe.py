@@ -133,3 +133,15 @@ def test_command_line_assignments_and_flat_fields() -> None:
         parse_assignments(["steps"])
     flat = flat_fields(read_recipe(CPU_DEFAULT))
     assert flat["stages.dose.loss_region"] == "body" and flat["model_overrides.dim"] == 128
+
+
+def test_dvh_and_augmentation_settings_are_stage_overrides(tmp_path):
+    from diffkt3d.training.recipe import build_train_config
+
+    cfg = build_train_config({"stages": [{"name": "any2any"}, {"name": "dose"}]},
+                             {"stages.dose.dvh_loss_weight": 0.5, "stages.dose.augment_flip_lr": 0.5,
+                              "stages.dose.augment_rotate_deg": 10, "stages.dose.augment_shift_voxels": 2})
+    dose = cfg.stages[1]
+    assert dose.dvh_loss_weight == 0.5 and dose.augmentation.active
+    assert (dose.augmentation.flip_lr, dose.augmentation.rotate_deg, dose.augmentation.shift_voxels) == (0.5, 10, 2)
+    assert not cfg.stages[0].augmentation.active and cfg.stages[0].dvh_loss_weight == 0.0

@@ -117,9 +117,9 @@ def test_each_stage_trains_with_its_own_loss_norm(tmp_path, data_root, monkeypat
     norms = []
     original = Trainer.loss
 
-    def spy(self, model, batch, norm="l2", region="all"):
+    def spy(self, model, batch, norm="l2", region="all", dvh_weight=0.0):
         norms.append((batch.target, norm))
-        return original(self, model, batch, norm, region)
+        return original(self, model, batch, norm, region, dvh_weight)
 
     monkeypatch.setattr(Trainer, "loss", spy)
     run_training(cfg, device="cpu")
@@ -181,12 +181,79 @@ def test_each_stage_trains_with_its_own_loss_region(tmp_path, data_root, monkeyp
     regions = []
     original = Trainer.loss
 
-    def spy(self, model, batch, norm="l2", region="all"):
+    def spy(self, model, batch, norm="l2", region="all", dvh_weight=0.0):
         regions.append(region)
-        return original(self, model, batch, norm, region)
+        return original(self, model, batch, norm, region, dvh_weight)
 
     monkeypatch.setattr(Trainer, "loss", spy)
     run_training(cfg, device="cpu")
     assert regions == ["all", "all", "body", "body"]
     recorded = TrainConfig.from_dict(read_checkpoint(tmp_path / "run" / "final.pt")["meta"]["train_config"])
     assert [s.loss_region for s in recorded.stages] == ["all", "body"]
+
+
+def test_dvh_weight_adds_the_moment_loss_of_the_x0_estimate(tmp_path, data_root):
+    from diffkt3d.training.dvh_loss import moment_loss
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path, data_root)
+    trainer = Trainer(cfg, device="cpu")
+    trainer.load_data()
+    batch = trainer.next_batch(cfg.stages[1])
+    seen = {}
+
+    def record(module, args, output):
+        seen["x_t"], seen["t"], seen["v_hat"] = args[0][batch.target].detach(), args[2].detach(), output.detach()
+
+    trainer.model.register_forward_hook(record)
+    losses = {}
+    for weight in (0.0, 0.5):
+        trainer.generator.manual_seed(7)
+        losses[weight] = trainer.loss(trainer.model, batch, "l1", "body", weight).item()
+    t = seen["t"].view(-1, 1, 1, 1, 1)
+    x0_hat = seen["x_t"] - t * seen["v_hat"]
+    conditions = {m: batch.volumes[m] for m in batch.conditions}
+    moments = float(moment_loss(x0_hat, batch.volumes["dose"], conditions, trainer.encoding.dose_scale_gy))
+    assert moments > 0
+    assert losses[0.5] == pytest.approx(losses[0.0] + 0.5 * moments, rel=1e-4)
+
+
+def test_stage_augmentation_changes_the_batch_but_not_its_shapes(tmp_path, data_root):
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path, data_root)
+    plain = Trainer(cfg, device="cpu")
+    plain.load_data()
+    cfg_aug = tiny_config(tmp_path, data_root)
+    cfg_aug.stages[1] = dataclasses.replace(cfg_aug.stages[1], augment_flip_lr=1.0, augment_rotate_deg=15.0)
+    augmented = Trainer(cfg_aug, device="cpu")
+    augmented.train_set = plain.train_set
+    a, b = plain.next_batch(cfg.stages[1]), augmented.next_batch(cfg_aug.stages[1])
+    assert a.conditions == b.conditions
+    for m in a.volumes:
+        assert a.volumes[m].shape == b.volumes[m].shape
+    assert not torch.equal(a.volumes["dose"], b.volumes["dose"])
+    # the stored cases are not modified in place
+    again = Trainer(cfg, device="cpu")
+    again.train_set = plain.train_set
+    assert torch.equal(again.next_batch(cfg.stages[1]).volumes["dose"], a.volumes["dose"])
+
+
+def test_each_run_is_recorded_as_a_piece_with_its_machine_and_cost(tmp_path, data_root):
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path, data_root, steps_a=2, steps_b=2)
+    first = Trainer(cfg, device="cpu")
+    first.load_data()
+    first._run_stage(cfg.stages[0])  # a run stopped after Stage A (as a budgeted session would)
+    first.save("last.pt", with_state=True)
+    run_training(cfg, device="cpu")  # resumes: a second piece
+    meta = read_checkpoint(tmp_path / "run" / "final.pt")["meta"]
+    # the first trainer never went through run(): its steps are not a recorded piece
+    assert len(meta["pieces"]) == 1
+    piece = meta["pieces"][0]
+    assert piece["from_step"] == 2 and piece["to_step"] == 4 and piece["cpu_minutes"] > 0
+    assert "cores" in piece["machine"] and piece["started"].endswith("+00:00")
+    assert meta["total_cpu_minutes"] == pytest.approx(piece["cpu_minutes"], abs=0.01)
+    # a third invocation adds a piece with no steps; the record keeps both
+    Trainer(cfg, device="cpu").run()
+    meta = read_checkpoint(tmp_path / "run" / "final.pt")["meta"]
+    assert [p["from_step"] for p in meta["pieces"]] == [2, 4] and meta["pieces"][1]["to_step"] == 4
