@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from diffkt3d.data.case import Case
-from diffkt3d.errors import CaseError
+from diffkt3d.errors import CaseError, ConfigError
 from diffkt3d.inference import CaseInfo, Predictor, default_model_path
 from diffkt3d.inference.ct_backbone import CTImputationConfig
 from diffkt3d.inference.prdit_predictor import PRDiTCTPredictor
@@ -100,14 +100,19 @@ class ModelProvider(_ReloadingModel):
         trained: checkpoints written by the train tasks (may not exist yet).
         override: explicit checkpoint, always served when given.
         device: torch device string (None: CUDA if available).
+        vae_dir: Wan VAE folder for a latent-space checkpoint (`--conf vae_dir`); the checkpoint
+            decides whether it is used, and a VAE other than its own is refused at load.
+        latent_cache_dir: also keep condition latents on disk (`--conf latent_cache_dir`).
     """
 
     def __init__(self, shipped: Path, trained: list[Path], override: Path | None = None,
-                 device: str | None = None):
+                 device: str | None = None, vae_dir: Path | None = None, latent_cache_dir: Path | None = None):
         self.shipped = Path(shipped)
         self.trained = [Path(p) for p in trained]
         self.override = Path(override) if override else None
         self.device = device
+        self.vae_dir = Path(vae_dir) if vae_dir else None
+        self.latent_cache_dir = Path(latent_cache_dir) if latent_cache_dir else None
         super().__init__()
         # One model instance serves every request; running two samplers on it at once would only
         # double the memory on a CPU box, so predictions are serialised.
@@ -127,7 +132,11 @@ class ModelProvider(_ReloadingModel):
                 + " exists (ship weights, set DIFFKT3D_MODEL, or train with POST /train/any2any)")
 
     def _load(self, path: Path) -> Predictor:
-        return Predictor.load(path, device=self.device)
+        try:
+            return Predictor.load(path, device=self.device, vae_dir=self.vae_dir,
+                                  latent_cache_dir=self.latent_cache_dir)
+        except ConfigError as exc:  # the server's configuration, not the request, is at fault
+            raise TaskError(503, f"the served model cannot be loaded: {exc}") from None
 
     def get(self) -> Predictor:
         return super().get()
@@ -272,7 +281,16 @@ def bool_param(request: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def model_provider(model_dir: Path, conf_model: str | None, device: str | None) -> ModelProvider:
-    """The app's provider: shipped model, models trained into `model_dir`, optional `--conf model`."""
+def model_provider(model_dir: Path, conf_model: str | None, device: str | None, vae_dir: str | None = None,
+                   latent_cache_dir: str | None = None) -> ModelProvider:
+    """The app's provider: shipped model, models trained into `model_dir`, optional `--conf model`,
+    and the VAE folder a latent-space checkpoint needs (`--conf vae_dir`, `latent_cache_dir`).
+
+    Raises:
+        ConfigError: `vae_dir` is given but is not a folder (refused at start, not at the first request).
+    """
+    if vae_dir and not Path(vae_dir).is_dir():
+        raise ConfigError(f"--conf vae_dir {vae_dir}: not a folder (expected a diffusers AutoencoderKLWan folder)")
     return ModelProvider(default_model_path(), [model_dir / "any2any" / "model.pt", model_dir / "scardnft" / "model.pt"],
-                         Path(conf_model) if conf_model else None, device)
+                         Path(conf_model) if conf_model else None, device, vae_dir=Path(vae_dir) if vae_dir else None,
+                         latent_cache_dir=Path(latent_cache_dir) if latent_cache_dir else None)

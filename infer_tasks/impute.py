@@ -100,6 +100,8 @@ class ImputeTask(InferTask):
             save_nifti(label_map, case.grid, out, np.uint8)
             result["labels"] = labels
             result["voxels"] = {name: int(mask.sum()) for name, mask in res.masks.items()}
+        if res.latent is not None:  # latent-space model: which conditions were VAE-encoded or cached
+            result["latent"] = res.latent
         result["timings"] = {**{f"predict_{k}": v for k, v in res.timings.items()},
                              "total_s": round(time.perf_counter() - t0, 4)}
         return out, result

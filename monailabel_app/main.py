@@ -8,7 +8,9 @@ Request format: docs/request-format.md; install and start: docs/server.md.
 
 `--conf` keys (strings): `model` (checkpoint path, overrides the shipped/trained model),
 `model_dir` (where training writes, default `<app>/model`),
-`device`, `max_upload_mb` (default 512: one request body, and what an uploaded archive may
+`device`, `vae_dir` (the Wan VAE folder a latent-space checkpoint was trained with; checked by
+fingerprint, unused by voxel-space models), `latent_cache_dir` (optional: condition latents on disk
+too; they are always cached in memory per case), `max_upload_mb` (default 512: one request body, and what an uploaded archive may
 expand to), `max_image_mb` (default 1024: memory one image may take when loaded, checked on its
 header before its data are read; `diffkt3d.io.image_guard`), `state_dir` (default `<studies>/.diffkt3d`, holds the
 preference store and case info), `ct_backbone` (`any2any`, the default, or `prdit`: `impute_ct` then
@@ -92,7 +94,8 @@ class DiffKT3DApp(MONAILabelApp):
             self.auth = AuthSettings.from_monailabel(conf)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        self.models = model_provider(self.model_dir, conf.get("model"), conf.get("device"))
+        self.models = model_provider(self.model_dir, conf.get("model"), conf.get("device"), conf.get("vae_dir"),
+                                     conf.get("latent_cache_dir"))
         self.ct_imputation = CTImputationConfig.from_conf(conf)
         self.ct_models = (PRDiTModelProvider(self.ct_imputation, self.models.run_lock)
                           if self.ct_imputation.uses_prdit else self.models)

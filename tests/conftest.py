@@ -76,3 +76,22 @@ def tiny_prdit_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.write_tiny_prdit_checkpoint(tmp_path_factory.mktemp("prdit") / "tiny-prdit.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random diffusers `AutoencoderKLWan` folder (tests/monailabel_app/tiny_latent.py)."""
+    pytest.importorskip("diffusers")
+    from tiny_latent import save_tiny_vae
+
+    return save_tiny_vae(tmp_path_factory.mktemp("wan-vae"))
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_vae_dir: Path) -> Path:
+    """A latent-space `tiny` checkpoint for `tiny_vae_dir`: working grid 32 x 24 x 20 (the synthetic
+    case's), crop 9 x 16 x 16 (clip order) -> latents 3 x 2 x 2."""
+    from tiny_latent import write_tiny_latent_checkpoint
+
+    return write_tiny_latent_checkpoint(tmp_path_factory.mktemp("latent") / "latent.pt", tiny_vae_dir,
+                                        grid=(32, 24, 20), crop=(9, 16, 16))

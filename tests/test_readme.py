@@ -43,6 +43,9 @@ PACS = "tests/monailabel_app/test_server_pacs.py"
 PACS_SERVER = f"{PACS}::test_orthanc_needs_credentials_and_the_server_lists_its_ct_series"
 GPU_NOTE = ("not run: needs 8 GPUs; the same entry point runs under torchrun with gloo on 2 CPU ranks in "
             "tests/training/test_distributed.py::test_torchrun_gloo_two_ranks")
+LATENT_GPU_NOTE = ("not run: needs a GPU and a trained Wan checkpoint; the same entry point serves a tiny latent "
+                   "checkpoint with a tiny Wan VAE on the CPU")
+LATENT_CLI = "tests/cli/test_latent_model_cmd.py::test_predict_and_impute_with_a_latent_model"
 
 COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
     "README.md": {
@@ -125,6 +128,14 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
         "--vae-dir /data/Wan2.1-T2V-1.3B-Diffusers/vae --out-dir runs/wan-try1": (GPU_NOTE, *DISTRIBUTED),
         "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint node0:29500 "
         "-m diffkt3d.training.distributed --config configs/wan-1.3b-gpu.yaml": (GPU_NOTE, *DISTRIBUTED),
+        "diffkt3d predict sample-data/pt_201 --out out/ --model runs/wan-1.3b-gpu/best.pt "
+        "--vae-dir weights/Wan2.1-T2V-1.3B-Diffusers/vae --device cuda": (LATENT_GPU_NOTE, LATENT_CLI),
+        "diffkt3d impute --target ct sample-data/pt_205 --out out/ --model runs/wan-1.3b-gpu/best.pt "
+        "--vae-dir weights/Wan2.1-T2V-1.3B-Diffusers/vae --device cuda": (LATENT_GPU_NOTE, LATENT_CLI),
+        "monailabel start_server --app monailabel_app --studies /data/cases --conf model runs/wan-1.3b-gpu/best.pt "
+        "--conf vae_dir weights/Wan2.1-T2V-1.3B-Diffusers/vae --conf device cuda": (
+            LATENT_GPU_NOTE, "tests/monailabel_app/test_server_latent.py::"
+            "test_slicer_client_gets_a_latent_dose_in_gy_and_the_preview_reuses_the_conditions"),
     },
     "docs/scorecard.md": {
         "diffkt3d evaluate --pred ROOT --ref ROOT [--json FILE] [--template NAME|PATH]": (

@@ -1,4 +1,4 @@
-"""Range checks of numeric CLI options, shared by the sub-commands.
+"""Options and range checks shared by the CLI sub-commands.
 
 argparse checks types but not ranges, so `--steps 0` used to reach the sampler and end in a
 traceback. These checks raise `ConfigError`, which `diffkt3d.cli.main` prints as one line (exit 2)
@@ -23,3 +23,12 @@ def require_at_least(args: argparse.Namespace, minimums: dict[str, int]) -> None
         value = getattr(args, dest)
         if value is not None and value < low:
             raise ConfigError(f"--{dest.replace('_', '-')} must be an integer >= {low}, found {value}")
+
+
+def add_latent_model_args(p: argparse.ArgumentParser) -> None:
+    """``--vae-dir`` / ``--latent-cache-dir``: what a latent-space ``--model`` needs (predict, impute)."""
+    p.add_argument("--vae-dir", default=None, metavar="DIR",
+                   help="Wan VAE folder (diffusers AutoencoderKLWan) a latent-space --model was trained with; "
+                        "checked by fingerprint, unused by voxel-space models")
+    p.add_argument("--latent-cache-dir", default=None, metavar="DIR",
+                   help="also keep the VAE-encoded conditions of a latent-space model on disk (reused by later runs)")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffkt3d.cli.checks import require_at_least
+from diffkt3d.cli.checks import add_latent_model_args, require_at_least
 from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS, IMPUTABLE
 from diffkt3d.errors import ConfigError
 from diffkt3d.inference.ct_backbone import CT_BACKBONES, PRDIT_SAMPLERS, CTImputationConfig
@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--device", default=None)
+    add_latent_model_args(p)
     g = p.add_argument_group("CT backbone", "PRDiT as an alternative CT-imputation backbone")
     g.add_argument("--ct-backbone", choices=CT_BACKBONES, default="any2any",
                    help="model that imputes the CT (default: the Any2Any DiT of --model)")
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--ct-backbone prdit imputes CT only; --target {args.target} needs the Any2Any model")
         predictor = PRDiTCTPredictor.load(ct_config)
     else:
-        predictor = Predictor.load(args.model, device=args.device)
+        predictor = Predictor.load(args.model, device=args.device, vae_dir=args.vae_dir,
+                               latent_cache_dir=args.latent_cache_dir)
     for folder in args.cases:
         case = load_case_folder(folder)
         res = predictor.impute(case, args.target, steps=args.steps, seed=args.seed)
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             {"case": case.case_id, "target": args.target, "steps": res.steps, "seed": res.seed,
              "model_version": res.model_version, "timings": res.timings,
              "quality": res.quality.to_dict() if res.quality else None, "warnings": res.warnings,
-             "files": [p.name for p in written]}, indent=2))
+             "files": [p.name for p in written], **({"latent": res.latent} if res.latent else {})}, indent=2))
         for warning in res.warnings:
             print(f"{case.case_id}: WARNING: {warning}", file=sys.stderr)
         print(f"{case.case_id}: imputed {args.target} -> {', '.join(p.name for p in written)}")

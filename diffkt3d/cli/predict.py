@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from diffkt3d.cli.checks import require_at_least
+from diffkt3d.cli.checks import add_latent_model_args, require_at_least
 from diffkt3d.constants import (
     AGGREGATES,
     DEFAULT_AGGREGATE,
@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="Scorecard template name or YAML path")
     p.add_argument("--save-candidates", action="store_true", help="also write dose_<candidate>.nii.gz")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    add_latent_model_args(p)
     p.set_defaults(func=run)
 
 
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from diffkt3d.inference.predictor import DOSE_PREDICTION_INPUTS
 
     require_at_least(args, {"steps": 1, "candidates": 1, "seed": 0})
-    predictor = Predictor.load(args.model, device=args.device)
+    predictor = Predictor.load(args.model, device=args.device, vae_dir=args.vae_dir,
+                               latent_cache_dir=args.latent_cache_dir)
     out_root = Path(args.out)
     for folder in args.cases:
         case = load_case_folder(folder, with_dose=False)

@@ -76,7 +76,15 @@ class Predictor:
         self.model_version = bundle.version
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str | None = None) -> Predictor:
+    def load(cls, path: str | Path | None = None, device: str | None = None, vae_dir: str | Path | None = None,
+             latent_cache_dir: str | Path | None = None) -> Predictor:
+        """Load a checkpoint; the checkpoint decides the path.
+
+        A latent-space checkpoint (``meta["latent"]``, trained on Wan VAE latents) comes back as a
+        :class:`~diffkt3d.inference.latent_predictor.LatentPredictor` and needs ``vae_dir``, the
+        VAE it was trained with (checked by fingerprint); ``latent_cache_dir`` keeps its condition
+        latents on disk too. A voxel-space checkpoint ignores both.
+        """
         path = Path(path) if path is not None else default_model_path()
         if not path.is_file():
             raise ConfigError(f"model not found: {path} (pass --model, set {DEFAULT_MODEL_ENV}, or train "
@@ -85,6 +93,12 @@ class Predictor:
         bundle = load_checkpoint(path, device=dev)
         log.info("loaded model %s (%s parameters) on %s", bundle.version,
                  f"{sum(p.numel() for p in bundle.model.parameters()):,}", dev)
+        if bundle.meta.get("latent") is not None:
+            from diffkt3d.inference.latent_predictor import LatentPredictor
+
+            return LatentPredictor.from_bundle(bundle, dev, vae_dir, latent_cache_dir, source=path.name)
+        if vae_dir is not None:
+            log.info("%s is a voxel-space model: the VAE folder %s is not used", path.name, vae_dir)
         return cls(bundle, dev)
 
     # -- helpers ---------------------------------------------------------------------------

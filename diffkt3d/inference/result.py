@@ -102,6 +102,8 @@ class DosePrediction:
         case: the case the dose belongs to.
         dvh: DVH table of the returned dose, structure name -> metrics.
         timings: seconds per stage (encode, sample, decode, scorecard, dvh, total).
+        latent: for a latent-space model, its VAE and crop and which conditions were VAE-encoded
+            for this request or taken from the per-case cache (None for a voxel-space model).
     """
 
     candidates: list[Candidate]
@@ -115,6 +117,7 @@ class DosePrediction:
     case: CaseInfo
     dvh: dict[str, StructureDvh] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    latent: dict[str, Any] | None = None
 
     @property
     def chosen(self) -> Candidate:
@@ -150,6 +153,8 @@ class DosePrediction:
             "dvh": dvh_table_dict(self.dvh),
             "candidates": [c.to_dict() for c in self.candidates],
             "timings": dict(self.timings),
+            # only for latent-space models, so a voxel model's description is unchanged
+            **({"latent": dict(self.latent)} if self.latent is not None else {}),
         }
 
 
@@ -160,6 +165,7 @@ class ImputationResult:
     `quality` is the model's quality-gate verdict on the target (``inference.quality``) and
     `warnings` what a user must see before relying on the output (an experimental target, an
     empty mask); both are filled by :meth:`gate`.
+    `latent` as in :class:`DosePrediction` (None for voxel-space and PRDiT models).
     """
 
     target: str
@@ -169,6 +175,7 @@ class ImputationResult:
     seed: int = DEFAULT_SEED
     model_version: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    latent: dict[str, Any] | None = None
     quality: TargetQuality | None = None
     warnings: list[str] = field(default_factory=list)
 

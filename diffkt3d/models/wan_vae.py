@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from diffkt3d.data.encoding import EncodingConfig, decode_dose, encode_case
-from diffkt3d.errors import CaseError, ConfigError
+from diffkt3d.errors import ConfigError
 from diffkt3d.flow.sampler import sample_with_seeds
 
 __all__ = [
@@ -38,9 +38,9 @@ __all__ = [
     "crop_or_pad",
     "uncrop",
     "target_center",
+    "crop_clips",
     "ConditionLatentCache",
     "latent_sample",
-    "predict_dose_latent",
 ]
 
 
@@ -124,6 +124,24 @@ def target_center(ptv: Tensor) -> tuple[float, float, float] | None:
     return tuple(float(v) for v in idx.mean(dim=0))
 
 
+def crop_clips(voxels: Mapping[str, Tensor], crop: tuple[int, int, int]) -> tuple[dict[str, Tensor], tuple[int, int, int]]:
+    """Encoded case volumes {m: (C, I, J, K)} -> clip-order crops {m: (C, *crop)} and the crop start.
+
+    The one crop rule of the latent path, shared by the training cache and inference (a crop that
+    moved between the two would show the model conditions it never saw): volumes are turned to
+    clip order (z, y, x) (:data:`CASE_TO_CLIP_AXES`) and cut around the PTV centre (the volume
+    centre without a ``ptv``). ``start`` is in clip order (see :func:`uncrop`).
+    """
+    if not voxels:
+        raise ValueError("no volume to crop")
+    clips = {m: v.permute(*CASE_TO_CLIP_AXES) for m, v in voxels.items()}  # (C, z, y, x)
+    center = target_center(clips["ptv"]) if "ptv" in clips else None
+    crops, start = {}, (0, 0, 0)
+    for m, vol in clips.items():
+        crops[m], start = crop_or_pad(vol, crop, center)
+    return crops, start
+
+
 class WanLatentCodec(nn.Module):
     """Frozen Wan VAE with DiffKT3D's channel and normalisation conventions.
 
@@ -145,6 +163,7 @@ class WanLatentCodec(nn.Module):
         # Persistent=False: constants of the VAE config, not weights of ours.
         self.register_buffer("latents_mean", mean.view(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("latents_std", std.view(1, -1, 1, 1, 1), persistent=False)
+        self._fingerprint: str | None = None  # the VAE is frozen: hashed once
 
     @classmethod
     def from_pretrained(cls, local_dir: str | Path, dtype: torch.dtype = torch.float32,
@@ -167,10 +186,21 @@ class WanLatentCodec(nn.Module):
         return cls(vae).to(device)
 
     def fingerprint(self) -> str:
-        """Short hash of the VAE config (cache key: latents of another VAE are not reusable)."""
-        blob = json.dumps({k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")},
-                          sort_keys=True, default=str)
-        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+        """Short hash of the VAE config and weights: latents of another VAE are not reusable.
+
+        Stored in latent checkpoints (``meta["latent"]["vae_fingerprint"]``) and in every cache
+        key. The weights are part of it because two VAEs with one config (the same architecture
+        trained differently, or loaded in another dtype) encode to different latent spaces; hashing
+        the ~0.5 GB of Wan 2.1's VAE takes about a second, once per codec.
+        """
+        if self._fingerprint is None:
+            h = hashlib.sha1(json.dumps({k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")},
+                                        sort_keys=True, default=str).encode())
+            for name, tensor in sorted(self.vae.state_dict().items()):
+                h.update(name.encode())
+                h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:10]
+        return self._fingerprint
 
     def latent_shape(self, spatial: tuple[int, int, int]) -> tuple[int, int, int]:
         """(D, H, W) voxels -> (d, h, w) latent grid; raises ValueError if the shape does not fit."""
@@ -180,27 +210,39 @@ class WanLatentCodec(nn.Module):
 
     @torch.no_grad()
     def encode(self, volume: Tensor) -> Tensor:
-        """(B, C, D, H, W) in [-1, 1] -> normalised latents (B, C * z_dim, d, h, w), fp32."""
+        """(B, C, D, H, W) in [-1, 1] -> normalised latents (B, C * z_dim, d, h, w), fp32.
+
+        Runs in the VAE's own dtype with autocast off, also when called inside a bf16 autocast
+        region: the VAE is a frozen model with its own numerics (Wan's pipeline keeps it in fp32).
+        """
         self.latent_shape(tuple(volume.shape[2:]))
         dtype = next(self.vae.parameters()).dtype
+        volume = volume.to(self.latents_mean.device)
         out = []
-        for c in range(volume.shape[1]):
-            clip = volume[:, c : c + 1].expand(-1, 3, -1, -1, -1).to(dtype)  # grey -> RGB, D plays time
-            mu = self.vae.encode(clip).latent_dist.mean.float()  # (B, z, d, h, w)
-            out.append((mu - self.latents_mean) / self.latents_std)
+        with torch.autocast(device_type=volume.device.type, enabled=False):
+            for c in range(volume.shape[1]):
+                clip = volume[:, c : c + 1].expand(-1, 3, -1, -1, -1).to(dtype)  # grey -> RGB, D plays time
+                mu = self.vae.encode(clip).latent_dist.mean.float()  # (B, z, d, h, w)
+                out.append((mu - self.latents_mean) / self.latents_std)
         return torch.cat(out, dim=1)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """(B, C * z_dim, d, h, w) normalised latents -> (B, C, D, H, W) in [-1, 1], fp32."""
+        """(B, C * z_dim, d, h, w) normalised latents -> (B, C, D, H, W) in [-1, 1], fp32.
+
+        Autocast off, in the VAE's dtype (see :meth:`encode`): the sampler's bf16 region ends at
+        the DiT, and the decoder reads the fp32 latents the Euler steps accumulated.
+        """
         if latents.shape[1] % self.z_dim:
             raise ValueError(f"latent channels {latents.shape[1]} are not a multiple of z_dim {self.z_dim}")
         dtype = next(self.vae.parameters()).dtype
+        latents = latents.to(self.latents_mean.device)
         out = []
-        for z in latents.float().split(self.z_dim, dim=1):
-            mu = z * self.latents_std + self.latents_mean
-            rgb = self.vae.decode(mu.to(dtype)).sample.float()  # (B, 3, D, H, W)
-            out.append(rgb.mean(dim=1, keepdim=True))
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            for z in latents.float().split(self.z_dim, dim=1):
+                mu = z * self.latents_std + self.latents_mean
+                rgb = self.vae.decode(mu.to(dtype)).sample.float()  # (B, 3, D, H, W)
+                out.append(rgb.mean(dim=1, keepdim=True))
         return torch.cat(out, dim=1)
 
 
@@ -208,13 +250,19 @@ class ConditionLatentCache:
     """Per-case cache of condition latents (inference: conditions are encoded once per case).
 
     Keyed by case id, modality, VAE fingerprint and a content hash of the voxel volume, so an edited
-    contour is re-encoded; kept in memory and, with ``cache_dir``, on disk across sessions.
+    contour is re-encoded and an unchanged one never is (a preview after a dose request encodes
+    nothing); kept in memory (the ``max_entries`` most recently used, so a server that sees many
+    cases does not grow without bound) and, with ``cache_dir``, on disk across sessions.
+    ``hits`` / ``misses`` count lookups since creation.
     """
 
-    def __init__(self, codec: WanLatentCodec, cache_dir: str | Path | None = None):
+    def __init__(self, codec: WanLatentCodec, cache_dir: str | Path | None = None, max_entries: int = 256):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, found {max_entries}")
         self.codec = codec
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self._memory: dict[str, Tensor] = {}
+        self.max_entries = int(max_entries)
+        self._memory: OrderedDict[str, Tensor] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -222,14 +270,16 @@ class ConditionLatentCache:
         digest = hashlib.sha1(volume.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
         return f"{case_id}__{modality}__{self.codec.fingerprint()}__{digest}"
 
-    def get(self, case_id: str, modality: str, volume: Tensor) -> Tensor:
-        """Latents (C * z, d, h, w) of one condition volume (C, D, H, W), encoded at most once."""
+    def lookup(self, case_id: str, modality: str, volume: Tensor) -> tuple[Tensor, bool]:
+        """(latents (C * z, d, h, w) of one condition volume (C, D, H, W), whether they were cached)."""
         key = self._key(case_id, modality, volume)
         if key in self._memory:
             self.hits += 1
-            return self._memory[key]
+            self._memory.move_to_end(key)
+            return self._memory[key], True
         path = self.cache_dir / f"{key}.pt" if self.cache_dir is not None else None
-        if path is not None and path.is_file():
+        cached = path is not None and path.is_file()
+        if cached:
             latent = torch.load(path, weights_only=True)
             self.hits += 1
         else:
@@ -237,9 +287,17 @@ class ConditionLatentCache:
             self.misses += 1
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(latent, path)
+                tmp = path.with_name(path.name + ".part")
+                torch.save(latent, tmp)
+                tmp.replace(path)
         self._memory[key] = latent
-        return latent
+        while len(self._memory) > self.max_entries:
+            self._memory.popitem(last=False)
+        return latent, cached
+
+    def get(self, case_id: str, modality: str, volume: Tensor) -> Tensor:
+        """Latents (C * z, d, h, w) of one condition volume (C, D, H, W), encoded at most once."""
+        return self.lookup(case_id, modality, volume)[0]
 
 
 @torch.no_grad()
@@ -266,32 +324,3 @@ def latent_sample(
     z0 = sample_with_seeds(model, conds, target, (target_channels * codec.z_dim, *latent_grid), seeds,
                            steps=steps, shift=shift, device=device)
     return codec.decode(z0)
-
-
-@torch.no_grad()
-def predict_dose_latent(
-    model: nn.Module, codec: WanLatentCodec, case, encoding: EncodingConfig,
-    crop: tuple[int, int, int] = PAPER_CROP, steps: int = 10, shift: float = 3.0,
-    cache: ConditionLatentCache | None = None, seed: int = 0,
-):
-    """Dose (Gy, numpy (I, J, K) on the case grid) of a case with a latent-path model, end to end.
-
-    Conditions = every available modality but dose, cropped around the PTV centre, encoded (or
-    taken from ``cache``); the dose latent is sampled with the DiT, decoded by the VAE, put back
-    into the uncropped working grid (-1 = 0 Gy outside the crop) and mapped to Gy on the case grid
-    (zero outside the body, as in ``data.encoding.decode_dose``). ``seed`` fixes the initial noise.
-    """
-    cache = cache or ConditionLatentCache(codec)
-    voxels = {m: v.permute(*CASE_TO_CLIP_AXES) for m, v in encode_case(case, encoding).items()
-              if m != "dose"}  # (C, z, y, x)
-    if not voxels:
-        raise CaseError("no condition modality to predict the dose from", case=case.case_id)
-    center = target_center(voxels["ptv"]) if "ptv" in voxels else None
-    conds, start = {}, None
-    for m, vol in voxels.items():
-        cropped, start = crop_or_pad(vol, crop, center)
-        conds[m] = cache.get(case.case_id, m, cropped)[None]
-    x = latent_sample(model, codec, conds, "dose", 1, codec.latent_shape(crop), steps, shift, seeds=[seed])
-    clip_grid = tuple(encoding.grid[a - 1] for a in CASE_TO_CLIP_AXES[1:])
-    full = uncrop(x[0].cpu(), start, clip_grid).permute(*CASE_TO_CLIP_AXES)  # (1, *grid) in [-1, 1]
-    return decode_dose(full, case.grid, encoding, body=case.body)

@@ -19,7 +19,7 @@ from torch import Tensor
 from diffkt3d.data.case import Case
 from diffkt3d.data.encoding import EncodingConfig, encode_case
 from diffkt3d.errors import CaseError
-from diffkt3d.models.wan_vae import CASE_TO_CLIP_AXES, PAPER_CROP, WanLatentCodec, crop_or_pad, target_center
+from diffkt3d.models.wan_vae import PAPER_CROP, WanLatentCodec, crop_clips
 
 __all__ = ["encode_case_latents", "build_latent_cache"]
 
@@ -31,20 +31,17 @@ def encode_case_latents(
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], tuple[int, int, int]]:
     """Encode every available modality of a case: voxel crop around the PTV centre -> latents.
 
-    Volumes are turned to clip order (z, y, x) first (:data:`CASE_TO_CLIP_AXES`), so ``crop`` is
-    (slices, y, x) like the paper's 97 x 128 x 160.
+    The crop is :func:`~diffkt3d.models.wan_vae.crop_clips`'s, the one inference uses: clip order
+    (z, y, x), so ``crop`` is (slices, y, x) like the paper's 97 x 128 x 160.
 
     Returns:
         latents {m: (C_m * z, d, h, w) float32}, voxel crops {m: (C_m, *crop)} in clip order (for
         scoring in voxel space) and the crop start in clip order (see :func:`uncrop`).
     """
-    voxels = {m: v.permute(*CASE_TO_CLIP_AXES) for m, v in encode_case(case, encoding).items()}  # (C, z, y, x)
+    voxels = encode_case(case, encoding)
     if not voxels:
         raise CaseError("no modality could be encoded", case=case.case_id)
-    center = target_center(voxels["ptv"]) if "ptv" in voxels else None
-    crops, start = {}, None
-    for m, vol in voxels.items():
-        crops[m], start = crop_or_pad(vol, crop, center)
+    crops, start = crop_clips(voxels, crop)
     latents = {m: codec.encode(v[None])[0] for m, v in crops.items()}
     return latents, crops, start
 
@@ -56,7 +53,7 @@ def build_latent_cache(case_dirs: list[Path], encoding: EncodingConfig, codec: W
 
     Each file holds ``{"case_id", "tensors": {m: latent}, "voxel": {"dose", "body"} crops, "start"}``
     so ``EncodedCaseSet.from_cache`` trains on latents and validation can score decoded doses.
-    The folder is keyed by the encoding, the crop and the VAE config.
+    The folder is keyed by the encoding, the crop and the VAE fingerprint (config and weights).
     """
     from diffkt3d.training.dataset import prepare_case
 

@@ -8,8 +8,6 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLWan  # noqa: E402
 
-from diffkt3d.data.encoding import EncodingConfig  # noqa: E402
-from diffkt3d.data.synthetic import make_synthetic_case  # noqa: E402
 from diffkt3d.flow.sampler import sample, seeded_noise  # noqa: E402
 from diffkt3d.models.any2any_dit import Any2AnyDiT  # noqa: E402
 from diffkt3d.models.config import DiTConfig  # noqa: E402
@@ -20,7 +18,6 @@ from diffkt3d.models.wan_vae import (  # noqa: E402
     crop_or_pad,
     largest_valid_depth,
     latent_sample,
-    predict_dose_latent,
     uncrop,
 )
 
@@ -121,12 +118,10 @@ def test_condition_latents_cached_per_case(codec, tmp_path):
     assert fresh.misses == 1
 
 
-def test_predict_dose_latent_on_a_case(codec):
-    case = make_synthetic_case(shape=(32, 24, 20))
-    model = Any2AnyDiT(DiTConfig(in_channels={m: c * Z for m, c in EncodingConfig().channels().items()},
-                                 patch=(1, 2, 2), dim=24, depth=1, heads=2, ffn_dim=32, rope_slot_stride=4)).eval()
-    cache = ConditionLatentCache(codec)
-    dose = predict_dose_latent(model, codec, case, EncodingConfig(grid=(32, 24, 20)), crop=(9, 16, 16), steps=1,
-                               cache=cache, seed=0)
-    assert dose.shape == (32, 24, 20) and (dose >= 0).all() and (dose[~case.body] == 0).all()
-    assert cache.misses == 4  # ct, ptv, oar, body encoded once (no beam/angle plates, dose is the target)
+def test_fingerprint_covers_config_and_weights(codec, vae_dir):
+    """Latents of a VAE with the same config but other weights are another latent space."""
+    assert codec.fingerprint() == WanLatentCodec.from_pretrained(vae_dir).fingerprint()
+    torch.manual_seed(5)
+    other = AutoencoderKLWan(base_dim=4, z_dim=Z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                             temperal_downsample=[False, True, True], latents_mean=MEAN, latents_std=STD)
+    assert WanLatentCodec(other).fingerprint() != codec.fingerprint()
