@@ -49,6 +49,7 @@ from infer_tasks.common import (
     load_request_case,
     shown,
 )
+from infer_tasks.jobs import JOB_ID_KEY, JobTable
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class DoseParams:
 
     # every key a client may send (checked by the app before the task runs)
     NAMES = frozenset({"steps", "candidates", "seed", "preview", "aggregate", "template", "template_yaml",
-                       "request_id", "candidate_id"})
+                       "request_id", "candidate_id", JOB_ID_KEY})
 
     @classmethod
     def from_request(cls, request: dict[str, Any]) -> DoseParams:
@@ -189,11 +190,13 @@ class DoseTask(InferTask):
             more candidates (the app stores the candidates' Scorecard spread for active learning).
         image_limits: image size limits checked on every header before its data are read
             (None: `ImageLimits.from_env()`).
+        jobs: where a request with a `job_id` reports its sampling steps and can be cancelled
+            (None: a table of its own).
     """
 
     def __init__(self, models: ModelProvider, max_upload_bytes: int,
                  on_candidates: Callable[[str, str, dict[str, Any]], None] | None = None,
-                 image_limits: ImageLimits | None = None):
+                 image_limits: ImageLimits | None = None, jobs: JobTable | None = None):
         defaults = DoseParams()
         super().__init__(type=InferType.OTHERS, labels=None, dimension=3,
                          description="Radiotherapy dose (Gy) from CT + structures, with Scorecard and DVH",
@@ -205,6 +208,7 @@ class DoseTask(InferTask):
         self.image_limits = image_limits
         self.on_candidates = on_candidates
         self.cache = CandidateCache()
+        self.jobs = jobs or JobTable()
         self.param_names = DoseParams.NAMES
 
     def is_valid(self) -> bool:
@@ -221,11 +225,12 @@ class DoseTask(InferTask):
         t1 = time.perf_counter()
         # 2. the model
         predictor = self.models.get()
-        with self.models.run_lock:
+        with self.jobs.track(request, "dose") as job, self.models.run_lock:
+            JobTable.start(job)  # a job cancelled while it waited for the model stops here
             pred: DosePrediction = predictor.predict_dose(
                 case, steps=params.steps, candidates=params.candidates, seed=params.seed,
                 preview=params.preview, aggregate=params.aggregate,
-                template=params.scorecard or params.template)
+                template=params.scorecard or params.template, on_step=JobTable.step_hook(job))
         t2 = time.perf_counter()
         # 3. response: chosen dose as NIfTI, JSON with Scorecard, DVH, candidates
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix="dose-", delete=False).name
