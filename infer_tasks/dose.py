@@ -31,6 +31,7 @@ from diffkt3d.constants import (
 )
 from diffkt3d.data.case import Grid
 from diffkt3d.errors import ConfigError
+from diffkt3d.evaluation import reference_comparison
 from diffkt3d.ids import check_id
 from diffkt3d.inference import DosePrediction
 from diffkt3d.inference.predictor import DOSE_PREDICTION_INPUTS
@@ -78,10 +79,11 @@ class DoseParams:
     request_id: str | None = None
     candidate_id: str | None = None
     scorecard: ScorecardTemplate | None = None  # from template_yaml; None: the shipped `template`
+    compare: bool = False  # compare every candidate with the case's own dose (its dose.nii.gz)
 
     # every key a client may send (checked by the app before the task runs)
     NAMES = frozenset({"steps", "candidates", "seed", "preview", "aggregate", "template", "template_yaml",
-                       "request_id", "candidate_id", JOB_ID_KEY})
+                       "request_id", "candidate_id", "compare", JOB_ID_KEY})
 
     @classmethod
     def from_request(cls, request: dict[str, Any]) -> DoseParams:
@@ -102,7 +104,8 @@ class DoseParams:
                    candidates=int_param(request, "candidates", DEFAULT_CANDIDATES, 1, MAX_CANDIDATES),
                    seed=int_param(request, "seed", DEFAULT_SEED, 0, MAX_SEED),
                    preview=bool_param(request, "preview", False), aggregate=aggregate, template=template,
-                   request_id=rid, candidate_id=cid, scorecard=scorecard)
+                   request_id=rid, candidate_id=cid, scorecard=scorecard,
+                   compare=bool_param(request, "compare", False))
 
 
 def _template_param(request: dict[str, Any]) -> tuple[str, ScorecardTemplate | None]:
@@ -220,8 +223,12 @@ class DoseTask(InferTask):
         if params.request_id is not None:
             return self._stored_candidate(params)
         # 1. the case: CT and a target with a prescription are required for dose prediction
-        case = load_request_case(request, self.max_upload_bytes, self.image_limits)
+        case = load_request_case(request, self.max_upload_bytes, self.image_limits, with_dose=params.compare)
         case.validate(require=DOSE_PREDICTION_INPUTS)
+        if params.compare and (case.dose_gy is None or case.body is None):
+            missing = "dose.nii.gz (the reference dose)" if case.dose_gy is None else "a body / possible-dose mask"
+            raise TaskError(422, f"case {case.case_id}: parameter 'compare' needs the case's own dose to compare "
+                                 f"with, and the case has no {missing}")
         t1 = time.perf_counter()
         # 2. the model
         predictor = self.models.get()
@@ -238,6 +245,9 @@ class DoseTask(InferTask):
         request_id = uuid.uuid4().hex
         result = {"task": "dose", "request_id": request_id, **pred.to_dict()}
         result["case"]["source"] = str(request.get(SOURCE_KEY))
+        if params.compare:  # after the model lock: the comparison does not hold up other requests
+            result["comparison"] = reference_comparison({c.id: c.dose_gy for c in pred.candidates}, case,
+                                                        params.scorecard or params.template)
         if len(pred.candidates) > 1:
             # Only multi-candidate results are kept: a single candidate IS the response image, and
             # keeping it pinned 8 MB per preview (a 128^3 float32 dose) until the 512 MB budget was

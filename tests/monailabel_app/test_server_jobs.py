@@ -143,3 +143,44 @@ def test_case_download_holds_the_case_files(server):
         assert archive.read("ct.nii.gz") == (VALIDATION / CASE / "ct.nii.gz").read_bytes()
     assert requests.get(f"{server}/diffkt3d/cases/pt_999", timeout=30).status_code == 404
     assert requests.get(f"{server}/diffkt3d/cases/..%2Fsecret", timeout=30).status_code in (400, 404)
+
+
+def test_compare_scores_the_prediction_against_the_cases_own_dose(server):
+    """`compare`: gamma pass rate, OpenKBP dose / DVH score and the reference's Scorecard, equal to the
+    core's metrics computed here on the returned dose."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    from diffkt3d.io.case_folder import load_case_folder
+    from diffkt3d.metrics import openkbp
+    from diffkt3d.metrics.gamma import gamma_pass_rate
+    from diffkt3d.scorecard import load_template, score_case
+
+    r = requests.post(f"{server}/infer/dose", params={"image": CASE, "output": "all"},
+                      data={"params": json.dumps({"steps": 2, "candidates": 1, "compare": True})}, timeout=600)
+    assert r.status_code == 200, r.text
+    parts = {p.headers[b"Content-Disposition"].decode().split('name="')[1].split('"')[0]: p.content
+             for p in MultipartDecoder.from_response(r).parts}
+    meta = json.loads(parts["params"])
+    dose = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(parts["image"])).get_fdata(dtype=np.float32))
+    comparison = meta["comparison"]
+    figures = comparison["candidates"][meta["chosen_id"]]
+    case = load_case_folder(VALIDATION / CASE)
+    expected = openkbp.score_case_object(case, dose)
+    assert figures["dose_score"] == pytest.approx(expected.dose_score, rel=1e-4)
+    assert figures["dvh_score"] == pytest.approx(expected.dvh_score, rel=1e-4)
+    assert figures["gamma_pass_rate"] == pytest.approx(
+        gamma_pass_rate(case.dose_gy, dose, case.grid.spacing_mm), abs=1e-6)
+    reference = score_case(case.dose_gy, case, load_template("openkbp_hn"))
+    assert comparison["reference"]["scorecard_total"] == pytest.approx(reference.total)
+    assert figures["scorecard"] == pytest.approx(meta["scorecard"]["total"])
+    # a case without its own dose cannot be compared: a clear 422, nothing computed
+    files = [("files", (p.name, p.read_bytes())) for p in sorted((VALIDATION / CASE).glob("*.nii.gz"))
+             if p.name != "dose.nii.gz"]
+    session = requests.put(f"{server}/session/", files=files, timeout=120).json()["session_id"]
+    r = requests.post(f"{server}/infer/dose", params={"session_id": session, "output": "json"},
+                      data={"params": json.dumps({"steps": 1, "compare": True})}, timeout=120)
+    assert r.status_code == 422 and "dose.nii.gz" in r.json()["detail"], r.text

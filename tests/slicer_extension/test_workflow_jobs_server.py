@@ -123,14 +123,52 @@ def test_next_case_loads_the_case_from_the_server(workflow, diffkt3d_server, cas
     scene = wf.scene_logic.scene
     study = study_of(scene, case.ct_node, create=False)
     assert study and study_of(scene, case.reference_dose_node, create=False) == study
-    # a dose predicted on it goes into the same study
+    # doses predicted on it go into the same study, compared with the case's own dose
     errors.clear()
     request = DoseRequest(case.ct_node, case.segmentation_node, wf.scene_logic.segment_roles(case.segmentation_node),
-                          candidates=1, steps=1)
-    wait_for(wf.runner, wf.request_dose(request, on_error=errors.append), 300)
+                          candidates=2, steps=1, reference_dose_node=case.reference_dose_node)
+    wait_for(wf.runner, wf.request_dose(request, on_error=errors.append), 600)
     assert not errors, errors
     for node in (*wf.dose_nodes.values(), wf.isodose_node):
         assert study_of(scene, node, create=False) == study, node.GetName()
+    _check_reference_comparison(wf, case_dir)
+
+
+def _table(node) -> dict[str, list[str]]:
+    """{first cell: row cells} of a table node."""
+    table = node.GetTable()
+    rows = {}
+    for r in range(table.GetNumberOfRows()):
+        cells = [table.GetValue(r, c).ToString() for c in range(table.GetNumberOfColumns())]
+        rows[cells[0]] = cells
+    return rows
+
+
+def _check_reference_comparison(wf, case_dir):
+    """The comparison tables against the core's metrics, computed here on the doses in the scene."""
+    from slicer import util
+
+    from diffkt3d.io.case_folder import load_case_folder
+    from diffkt3d.metrics import openkbp
+    from diffkt3d.scorecard import load_template, score_case
+
+    reference = load_case_folder(case_dir)
+    rows = _table(wf.scene_logic.scene.GetFirstNodeByName("DiffKT3D dose comparison"))
+    assert set(rows) == {*wf.dose_nodes, "reference"}
+    for cid, node in wf.dose_nodes.items():
+        dose_ijk = util.arrayFromVolume(node).transpose(2, 1, 0)
+        expected = openkbp.score_case_object(reference, dose_ijk)
+        gamma, dose_score, dvh_score, total = (float(x) for x in rows[cid][1:])
+        assert dose_score == pytest.approx(expected.dose_score, rel=1e-3)
+        assert dvh_score == pytest.approx(expected.dvh_score, rel=1e-3)
+        assert 0.0 <= gamma <= 100.0
+        assert total == pytest.approx(wf.candidate_set.get(cid).total, rel=1e-5)
+    ref_total = score_case(reference.dose_gy, reference, load_template("openkbp_hn")).total
+    assert float(rows["reference"][4]) == pytest.approx(ref_total, rel=1e-5)
+    side_by_side = wf.scene_logic.scene.GetFirstNodeByName("DiffKT3D Scorecard comparison")
+    columns = [side_by_side.GetColumnName(c) for c in range(side_by_side.GetNumberOfColumns())]
+    assert columns[-1] == "reference score" and all(f"{cid} score" in columns for cid in wf.dose_nodes)
+    assert float(_table(side_by_side)["Total"][-1]) == pytest.approx(ref_total, rel=1e-5)
 
 
 def test_training_is_started_followed_and_stopped_from_the_panel(workflow):

@@ -55,6 +55,7 @@ class DoseRequest:
     steps: int | None = None  # None: the server's default
     seed: int = 0
     template: str | None = None
+    reference_dose_node: Any = None  # compare the candidates with this dose (on the CT grid)
 
     @property
     def prescription_gy(self) -> float | None:
@@ -68,6 +69,8 @@ class DoseRequest:
         out: dict[str, Any] = {"seed": int(self.seed)}
         if preview:
             out.update(preview=True, steps=PREVIEW_STEPS, candidates=1)
+        elif self.reference_dose_node is not None:
+            out["compare"] = True
         else:
             out["candidates"] = int(self.candidates)
             if self.steps is not None:
@@ -226,6 +229,8 @@ class Workflow(CasesAndTraining):
         folder = self._new_request_dir("preview" if preview else "dose")
         exported = self.scene_logic.export_case(request.ct_node, request.segmentation_node,
                                                 request.structure_roles, folder / "case")
+        if params.get("compare"):
+            self.scene_logic.export_reference_dose(request.reference_dose_node, request.ct_node, exported)
         client = self.client
         result_dir = folder / "result"
 
@@ -305,8 +310,13 @@ class Workflow(CasesAndTraining):
             cand.table_node_id = table.GetID()
             self.scorecard_tables[cand.id] = table
             self.scene_logic.update_dvh(cand.id, i, node, request.segmentation_node, segment_ids)
-        if len(cset.candidates) > 1:
-            self.scene_logic.comparison_table(cset.scorecards())
+        comparison = result["params"].get("comparison")
+        scorecards = cset.scorecards()
+        if comparison:
+            self.scene_logic.reference_comparison_table(comparison)
+            scorecards["reference"] = comparison["reference"]["scorecard"]
+        if len(scorecards) > 1:
+            self.scene_logic.comparison_table(scorecards)
         self.set_active_candidate(cset.active_id)
         self.on_status(f"{len(cset.candidates)} candidate(s); best {cset.best_id}: "
                        f"Scorecard {cset.get(cset.best_id).total:.1f}")
