@@ -38,6 +38,7 @@ from .preview import Debouncer, SegmentEditWatcher
 from .scene import SceneLogic
 from .scene_case import place_in_study_of
 from .scene_inputs import ExportedCase
+from .slicerrt import SlicerRTDisplay
 from .worker import Job, JobContext, Runner
 from .workflow_cases import CasesAndTraining
 
@@ -90,12 +91,15 @@ class Workflow(CasesAndTraining):
         work_dir: folder for request/result files (default: a new temp folder, removed by close()).
         clock: monotonic seconds, for the preview debouncer.
         on_status: called on the main thread with short status lines for the panel.
+        slicerrt: SlicerRT's isodose and DVH display (None: SlicerRT is not installed; the module's
+            own isodose segmentation and DVH tables are used).
     """
 
     def __init__(self, scene, client: DiffKT3DClient, runner: Runner, work_dir: str | Path | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 on_status: Callable[[str], None] | None = None):
+                 on_status: Callable[[str], None] | None = None, slicerrt: SlicerRTDisplay | None = None):
         self.scene_logic = SceneLogic(scene)
+        self.slicerrt = slicerrt
         self.client = client
         self.runner = runner
         self._own_work_dir = work_dir is None
@@ -288,8 +292,8 @@ class Workflow(CasesAndTraining):
             best.dose_path, best.dose_node_id = result["doses"][best.id], self.preview_node.GetID()
             table = self.scene_logic.scorecard_table("preview", best.scorecard)
             best.table_node_id = table.GetID()
-            self.scene_logic.update_dvh("preview", 0, self.preview_node, request.segmentation_node, segment_ids)
-            self.isodose_node = self.scene_logic.update_isodose(self.preview_node, rx, node=self.isodose_node)
+            self._dvh("preview", 0, self.preview_node, request.segmentation_node, segment_ids)
+            self.isodose_node = self._isodose(self.preview_node, rx)
             for node in (self.preview_node, self.isodose_node):
                 place_in_study_of(self.scene_logic.scene, node, anchor)
             self.scene_logic.show_in_slice_views(request.ct_node, self.preview_node)
@@ -309,7 +313,7 @@ class Workflow(CasesAndTraining):
             table = self.scene_logic.scorecard_table(cand.id, cand.scorecard)
             cand.table_node_id = table.GetID()
             self.scorecard_tables[cand.id] = table
-            self.scene_logic.update_dvh(cand.id, i, node, request.segmentation_node, segment_ids)
+            self._dvh(cand.id, i, node, request.segmentation_node, segment_ids)
         comparison = result["params"].get("comparison")
         scorecards = cset.scorecards()
         if comparison:
@@ -321,6 +325,19 @@ class Workflow(CasesAndTraining):
         self.on_status(f"{len(cset.candidates)} candidate(s); best {cset.best_id}: "
                        f"Scorecard {cset.get(cset.best_id).total:.1f}")
         return cset
+
+    def _isodose(self, dose_node, prescription_gy: float):
+        """Isodose lines: SlicerRT's when it is installed, else the module's own segmentation."""
+        if self.slicerrt is not None:
+            return self.slicerrt.isodose(dose_node, prescription_gy, node=self.isodose_node)
+        return self.scene_logic.update_isodose(dose_node, prescription_gy, node=self.isodose_node)
+
+    def _dvh(self, candidate_id: str, index: int, dose_node, segmentation_node, segment_ids: list[str]) -> None:
+        """DVH: SlicerRT's (metrics, CSV export) when installed, else the module's tables and chart."""
+        if self.slicerrt is not None:
+            self.slicerrt.dvh(dose_node, segmentation_node, segment_ids)
+        else:
+            self.scene_logic.update_dvh(candidate_id, index, dose_node, segmentation_node, segment_ids)
 
     def set_active_candidate(self, candidate_id: str):
         """Show one candidate: its dose over the CT, its isodose lines, its Scorecard table.
@@ -334,7 +351,7 @@ class Workflow(CasesAndTraining):
         dose_node = self.dose_nodes[cand.id]
         rx = self.last_request.prescription_gy if self.last_request else None
         if rx:
-            self.isodose_node = self.scene_logic.update_isodose(dose_node, rx, node=self.isodose_node)
+            self.isodose_node = self._isodose(dose_node, rx)
             place_in_study_of(self.scene_logic.scene, self.isodose_node, dose_node)
         self.scene_logic.show_in_slice_views(self.last_request.ct_node if self.last_request else None, dose_node)
         return self.scorecard_tables[cand.id]
