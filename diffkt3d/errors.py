@@ -32,6 +32,10 @@ class CaseError(DiffKT3DError):
         super().__init__(prefix + message)
 
 
+class Cancelled(DiffKT3DError):
+    """A running job was cancelled by its client (raised between sampling steps by a progress hook)."""
+
+
 class ConfigError(DiffKT3DError):
     """A config, template or preset is invalid (unknown name, bad value)."""
 

@@ -274,6 +274,37 @@ def evaluate_case(
         seconds=time.perf_counter() - start)
 
 
+# What a planner reads when comparing a prediction with the case's own (reference) dose.
+REFERENCE_FIGURES = ("gamma_pass_rate", "dose_score", "dvh_score", "scorecard")
+
+
+def reference_comparison(doses: dict[str, np.ndarray], ref_case: Case,
+                         template: str | Path | ScorecardTemplate = DEFAULT_TEMPLATE) -> dict[str, Any]:
+    """Each predicted dose against the case's own dose, as JSON (the server's `compare` answer).
+
+    Args:
+        doses: candidate id -> (I, J, K) dose (Gy) on the case grid.
+        ref_case: the case with its dose (`dose_gy`) and possible-dose / body mask.
+        template: the Scorecard template the candidates were scored with.
+
+    Returns:
+        {"criteria": gamma criteria text, "reference": {"scorecard": JSON, "scorecard_total"},
+        "candidates": {id: {gamma_pass_rate (%), dose_score (Gy), dvh_score (Gy), scorecard (total)}}};
+        undefined figures are null.
+    """
+    tmpl = load_template(template)
+    out: dict[str, Any] = {"criteria": "gamma 3 %/3 mm global, 10 % cut-off; OpenKBP dose and DVH scores (Gy)",
+                           "reference": None, "candidates": {}}
+    for cid, dose in doses.items():
+        ev = evaluate_case(dose, ref_case, tmpl, gamma=True, with_ssim=False)
+        figures = ev.figures()
+        out["candidates"][cid] = {k: _json_num(figures[k]) for k in REFERENCE_FIGURES}
+        if out["reference"] is None:
+            out["reference"] = {"scorecard": ev.scorecard_ref.to_dict(),
+                                "scorecard_total": _json_num(ev.scorecard_ref.total)}
+    return out
+
+
 def evaluate(
     pred_root: str | Path,
     ref_root: str | Path,

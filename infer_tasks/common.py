@@ -208,8 +208,10 @@ def folder_size_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def load_request_case(request: dict[str, Any], max_upload_bytes: int, image_limits: ImageLimits | None = None) -> Case:
-    """Load the case a request points at (datastore folder or session upload), without its dose.
+def load_request_case(request: dict[str, Any], max_upload_bytes: int, image_limits: ImageLimits | None = None,
+                      with_dose: bool = False) -> Case:
+    """Load the case a request points at (datastore folder or session upload), without its dose
+    unless `with_dose` (a reference to compare the prediction with; never a model input).
 
     `image_limits` (None: `ImageLimits.from_env()`) are checked on every image header before its
     data are read, so a header claiming a huge volume is refused without allocating it.
@@ -228,7 +230,7 @@ def load_request_case(request: dict[str, Any], max_upload_bytes: int, image_limi
             raise TaskError(413, f"case {case_id}: upload is {size / 2**20:.1f} MB, the limit is "
                                  f"{max_upload_bytes / 2**20:.0f} MB")
     try:
-        case = load_case_folder(folder, with_dose=False, limits=image_limits)
+        case = load_case_folder(folder, with_dose=with_dose, limits=image_limits)
     except CaseError as exc:
         # Re-issue with the client's case id and bare file names: no server paths in messages.
         raise CaseError(exc.problem, case=case_id,

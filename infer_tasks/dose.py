@@ -31,6 +31,7 @@ from diffkt3d.constants import (
 )
 from diffkt3d.data.case import Grid
 from diffkt3d.errors import ConfigError
+from diffkt3d.evaluation import reference_comparison
 from diffkt3d.ids import check_id
 from diffkt3d.inference import DosePrediction
 from diffkt3d.inference.predictor import DOSE_PREDICTION_INPUTS
@@ -49,6 +50,7 @@ from infer_tasks.common import (
     load_request_case,
     shown,
 )
+from infer_tasks.jobs import JOB_ID_KEY, JobTable
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +79,11 @@ class DoseParams:
     request_id: str | None = None
     candidate_id: str | None = None
     scorecard: ScorecardTemplate | None = None  # from template_yaml; None: the shipped `template`
+    compare: bool = False  # compare every candidate with the case's own dose (its dose.nii.gz)
 
     # every key a client may send (checked by the app before the task runs)
     NAMES = frozenset({"steps", "candidates", "seed", "preview", "aggregate", "template", "template_yaml",
-                       "request_id", "candidate_id"})
+                       "request_id", "candidate_id", "compare", JOB_ID_KEY})
 
     @classmethod
     def from_request(cls, request: dict[str, Any]) -> DoseParams:
@@ -101,7 +104,8 @@ class DoseParams:
                    candidates=int_param(request, "candidates", DEFAULT_CANDIDATES, 1, MAX_CANDIDATES),
                    seed=int_param(request, "seed", DEFAULT_SEED, 0, MAX_SEED),
                    preview=bool_param(request, "preview", False), aggregate=aggregate, template=template,
-                   request_id=rid, candidate_id=cid, scorecard=scorecard)
+                   request_id=rid, candidate_id=cid, scorecard=scorecard,
+                   compare=bool_param(request, "compare", False))
 
 
 def _template_param(request: dict[str, Any]) -> tuple[str, ScorecardTemplate | None]:
@@ -189,11 +193,13 @@ class DoseTask(InferTask):
             more candidates (the app stores the candidates' Scorecard spread for active learning).
         image_limits: image size limits checked on every header before its data are read
             (None: `ImageLimits.from_env()`).
+        jobs: where a request with a `job_id` reports its sampling steps and can be cancelled
+            (None: a table of its own).
     """
 
     def __init__(self, models: ModelProvider, max_upload_bytes: int,
                  on_candidates: Callable[[str, str, dict[str, Any]], None] | None = None,
-                 image_limits: ImageLimits | None = None):
+                 image_limits: ImageLimits | None = None, jobs: JobTable | None = None):
         defaults = DoseParams()
         super().__init__(type=InferType.OTHERS, labels=None, dimension=3,
                          description="Radiotherapy dose (Gy) from CT + structures, with Scorecard and DVH",
@@ -205,6 +211,7 @@ class DoseTask(InferTask):
         self.image_limits = image_limits
         self.on_candidates = on_candidates
         self.cache = CandidateCache()
+        self.jobs = jobs or JobTable()
         self.param_names = DoseParams.NAMES
 
     def is_valid(self) -> bool:
@@ -216,16 +223,21 @@ class DoseTask(InferTask):
         if params.request_id is not None:
             return self._stored_candidate(params)
         # 1. the case: CT and a target with a prescription are required for dose prediction
-        case = load_request_case(request, self.max_upload_bytes, self.image_limits)
+        case = load_request_case(request, self.max_upload_bytes, self.image_limits, with_dose=params.compare)
         case.validate(require=DOSE_PREDICTION_INPUTS)
+        if params.compare and (case.dose_gy is None or case.body is None):
+            missing = "dose.nii.gz (the reference dose)" if case.dose_gy is None else "a body / possible-dose mask"
+            raise TaskError(422, f"case {case.case_id}: parameter 'compare' needs the case's own dose to compare "
+                                 f"with, and the case has no {missing}")
         t1 = time.perf_counter()
         # 2. the model
         predictor = self.models.get()
-        with self.models.run_lock:
+        with self.jobs.track(request, "dose") as job, self.models.run_lock:
+            JobTable.start(job)  # a job cancelled while it waited for the model stops here
             pred: DosePrediction = predictor.predict_dose(
                 case, steps=params.steps, candidates=params.candidates, seed=params.seed,
                 preview=params.preview, aggregate=params.aggregate,
-                template=params.scorecard or params.template)
+                template=params.scorecard or params.template, on_step=JobTable.step_hook(job))
         t2 = time.perf_counter()
         # 3. response: chosen dose as NIfTI, JSON with Scorecard, DVH, candidates
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix="dose-", delete=False).name
@@ -233,6 +245,9 @@ class DoseTask(InferTask):
         request_id = uuid.uuid4().hex
         result = {"task": "dose", "request_id": request_id, **pred.to_dict()}
         result["case"]["source"] = str(request.get(SOURCE_KEY))
+        if params.compare:  # after the model lock: the comparison does not hold up other requests
+            result["comparison"] = reference_comparison({c.id: c.dose_gy for c in pred.candidates}, case,
+                                                        params.scorecard or params.template)
         if len(pred.candidates) > 1:
             # Only multi-candidate results are kept: a single candidate IS the response image, and
             # keeping it pinned 8 MB per preview (a 128^3 float32 dose) until the 512 MB budget was

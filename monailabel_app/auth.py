@@ -98,6 +98,8 @@ POLICY: tuple[tuple[frozenset[str], re.Pattern[str], Action], ...] = tuple(
         ("GET", r"/diffkt3d/preferences/?", READ),
         ("POST", r"/diffkt3d/preferences/?", RATE),
         ("GET", r"/diffkt3d/audit/?", ADMIN_ONLY),
+        # a running inference's progress, and cancelling it (whoever knows its random job id)
+        ("GET DELETE", r"/diffkt3d/jobs/[^/]+", READ),
         ("GET", r"/logs(/.*)?", ADMIN_ONLY),
         # training runs and models: physicist / admin
         ("POST", r"/train/[^/]+", _data("train.start")),

@@ -3,7 +3,8 @@
     monailabel start_server --app monailabel_app --studies sample-data [--conf max_upload_mb 512]
 
 Tasks: infer `dose`, `impute_ct`, `impute_ptv`, `impute_oar` (infer_tasks/), train `any2any`,
-`scardnft` (train_tasks/), strategy `preference`; extra routes `/diffkt3d/preferences`.
+`scardnft` (train_tasks/), strategy `preference`; extra routes `/diffkt3d/preferences`,
+`/diffkt3d/jobs/{id}` (progress and cancel of a dose request), `/diffkt3d/cases/{id}` (a case as a zip).
 Request format: docs/request-format.md; install and start: docs/server.md.
 
 `--conf` keys (strings): `model` (checkpoint path, overrides the shipped/trained model),
@@ -59,6 +60,7 @@ from infer_tasks.common import (  # noqa: E402
 )
 from infer_tasks.dose import DoseTask  # noqa: E402
 from infer_tasks.impute import ImputeTask  # noqa: E402
+from infer_tasks.jobs import JobTable  # noqa: E402
 from monailabel_app.auth import AuthSettings, TokenVerifier  # noqa: E402
 from monailabel_app.datastore import CaseFolderDatastore, UnknownCaseError  # noqa: E402
 from monailabel_app.pacs_datastore import PacsDatastore, dicomweb_client  # noqa: E402
@@ -97,6 +99,7 @@ class DiffKT3DApp(MONAILabelApp):
         self.models = model_provider(self.model_dir, conf.get("model"), conf.get("device"), conf.get("vae_dir"),
                                      conf.get("latent_cache_dir"))
         self.ct_imputation = CTImputationConfig.from_conf(conf)
+        self.jobs = JobTable()  # dose requests with a job_id: progress and cancel (/diffkt3d/jobs)
         self.ct_models = (PRDiTModelProvider(self.ct_imputation, self.models.run_lock)
                           if self.ct_imputation.uses_prdit else self.models)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DiffKT3D",
@@ -114,7 +117,7 @@ class DiffKT3DApp(MONAILabelApp):
     def init_infers(self) -> dict[str, InferTask]:
         return {
             "dose": DoseTask(self.models, self.max_upload_bytes, on_candidates=self._store_candidates,
-                             image_limits=self.image_limits),
+                             image_limits=self.image_limits, jobs=self.jobs),
             "impute_ct": ImputeTask("ct", self.ct_models, self.max_upload_bytes, self.image_limits),
             **{f"impute_{t}": ImputeTask(t, self.models, self.max_upload_bytes, self.image_limits)
                for t in ("ptv", "oar")},
@@ -154,7 +157,8 @@ class DiffKT3DApp(MONAILabelApp):
                 provenance=Provenance(self.served, self._datastore.has_case),  # type: ignore[attr-defined]
                 train_params={"any2any": any2any.PARAM_NAMES, "scardnft": scardnft.PARAM_NAMES},
                 train_server_only=any2any.SERVER_DECIDED | scardnft.SERVER_DECIDED,
-                train_validators={"any2any": any2any.check_request, "scardnft": scardnft.check_request})
+                train_validators={"any2any": any2any.check_request, "scardnft": scardnft.check_request},
+                jobs=self.jobs, case_dir=self._datastore.case_dir)  # type: ignore[attr-defined]
         install_log_redaction()
         log.info("authentication %s; audit log %s", "ON" if self.auth.enabled else "off (local demo)",
                  self.audit.path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import (
@@ -38,6 +39,7 @@ from diffkt3d.audit import AuditLog
 from diffkt3d.errors import CaseError
 from diffkt3d.ids import check_id
 from diffkt3d.preferences import PreferenceStore
+from infer_tasks.jobs import JobTable
 from monailabel_app.auth import (
     ANONYMOUS,
     STATE_AUDIT,
@@ -48,6 +50,8 @@ from monailabel_app.auth import (
     TokenVerifier,
     UserDep,
 )
+from monailabel_app.case_routes import case_router
+from monailabel_app.job_routes import job_router
 from monailabel_app.preference_routes import Provenance, preference_router
 from monailabel_app.redact import redact
 from monailabel_app.request_checks import check_infer_source, infer_params, train_endpoint
@@ -290,8 +294,8 @@ def install(api: FastAPI, store: PreferenceStore, audit: AuditLog, max_upload_by
             unavailable_trainers: dict[str, str], verifier: TokenVerifier | None = None,
             threaded_infer: bool = True, upload_limits: UploadLimits | None = None, *, provenance: Provenance,
             train_params: dict[str, frozenset[str]] | None = None, train_server_only: frozenset[str] = frozenset(),
-            train_validators: dict[str, Callable[[dict[str, Any]], None]] | None = None
-            ) -> None:
+            train_validators: dict[str, Callable[[dict[str, Any]], None]] | None = None,
+            jobs: JobTable | None = None, case_dir: Callable[[str], Path] | None = None) -> None:
     """Add our routes and middleware to MONAI Label's FastAPI app (once, at server start-up).
 
     Args:
@@ -310,12 +314,18 @@ def install(api: FastAPI, store: PreferenceStore, audit: AuditLog, max_upload_by
             `_threaded_infer_route`); False only for in-process tests without MONAI Label's app.
         upload_limits: limits of PUT /session/ (monailabel_app/uploads.py); default
             `max_upload_bytes` and the default image limits.
+        jobs: the infer tasks' job table, served at /diffkt3d/jobs (None: no job routes).
+        case_dir: the datastore's case id -> folder, for GET /diffkt3d/cases/{id} (None: no route).
     """
     from monailabel.endpoints.user.auth import get_current_user
 
     api.include_router(preference_router(store, provenance, rater_from_token=verifier is not None),
                        prefix=settings.MONAI_LABEL_API_STR)
     api.include_router(audit_router(audit), prefix=settings.MONAI_LABEL_API_STR)
+    if jobs is not None:
+        api.include_router(job_router(jobs), prefix=settings.MONAI_LABEL_API_STR)
+    if case_dir is not None:
+        api.include_router(case_router(case_dir), prefix=settings.MONAI_LABEL_API_STR)
     if train_params:  # before the 503 routes below, which then come first (`_add_first`)
         _add_first(api, f"{settings.MONAI_LABEL_API_STR}/train/{{model}}",
                    train_endpoint(train_params, train_server_only, train_validators), "POST")

@@ -21,9 +21,12 @@ from torch import Tensor, nn
 
 from diffkt3d.flow.matching import shift_time
 
-__all__ = ["timestep_schedule", "sample", "seeded_noise", "sample_with_seeds", "cuda_autocast"]
+__all__ = ["timestep_schedule", "sample", "seeded_noise", "sample_with_seeds", "cuda_autocast", "StepCallback"]
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
+# Called after every Euler step with (steps done, steps in total). A server reports progress with
+# it and stops a cancelled job by raising from it (the sampler keeps no state worth cleaning up).
+StepCallback = Callable[[int, int], None]
 
 
 def timestep_schedule(steps: int, shift: float = 3.0) -> Tensor:
@@ -39,7 +42,8 @@ def timestep_schedule(steps: int, shift: float = 3.0) -> Tensor:
     return shift_time(u, shift)
 
 
-def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int = 10, shift: float = 3.0) -> Tensor:
+def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int = 10, shift: float = 3.0,
+           on_step: StepCallback | None = None) -> Tensor:
     """Euler-integrate from ``noise`` (t = 1) to an x0 sample (t = 0).
 
     Args:
@@ -49,6 +53,8 @@ def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int = 10, shift: float
         noise: (B, ...) standard normal starting point.
         steps: number of Euler steps (network evaluations), >= 1; 1 = preview.
         shift: schedule shift (match training's flow shift).
+        on_step: called as ``on_step(i, steps)`` after step i = 1 .. steps; an exception it raises
+            stops the sampling and propagates (how a running job is cancelled).
 
     Returns:
         x0 sample, shape and dtype of ``noise``.
@@ -63,6 +69,8 @@ def sample(velocity_fn: VelocityFn, noise: Tensor, steps: int = 10, shift: float
         if v.shape != x.shape:
             raise ValueError(f"velocity_fn returned shape {tuple(v.shape)}, expected {tuple(x.shape)}")
         x = (x.float() + (t_next - t_cur) * v.float()).to(noise.dtype)
+        if on_step is not None:
+            on_step(i + 1, int(steps))
     return x
 
 
@@ -87,7 +95,7 @@ def cuda_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 @torch.no_grad()
 def sample_with_seeds(model: nn.Module, conditions: Mapping[str, Tensor], target: str, shape: Sequence[int],
                       seeds: Sequence[int], steps: int = 10, shift: float = 3.0, device: torch.device | None = None,
-                      one_by_one: bool = False) -> Tensor:
+                      one_by_one: bool = False, on_step: StepCallback | None = None) -> Tensor:
     """x0 samples of ``target`` from a model ``(volumes, target, t) -> v_hat``, one per seed.
 
     Args:
@@ -101,6 +109,8 @@ def sample_with_seeds(model: nn.Module, conditions: Mapping[str, Tensor], target
         device: where the model runs (default: the device of its first parameter).
         one_by_one: sample the seeds one after another (batch 1) instead of as one batch: the same
             CPU cost, a fraction of the activation memory. Needs batch-1 conditions.
+        on_step: progress / cancellation hook (see :func:`sample`); with ``one_by_one`` the count
+            runs over all seeds (steps * len(seeds) in total).
 
     Returns:
         (len(seeds), *shape) float32 on ``device``.
@@ -115,5 +125,13 @@ def sample_with_seeds(model: nn.Module, conditions: Mapping[str, Tensor], target
             return model({**conds, target: x_t}, target, t).float()
 
     if one_by_one:
-        return torch.cat([sample(velocity, noise[k:k + 1], steps=steps, shift=shift) for k in range(len(seeds))])
-    return sample(velocity, noise, steps=steps, shift=shift)
+        total = int(steps) * len(seeds)
+
+        def seed_step(k: int) -> StepCallback | None:
+            if on_step is None:
+                return None
+            return lambda i, _n: on_step(k * int(steps) + i, total)
+
+        return torch.cat([sample(velocity, noise[k:k + 1], steps=steps, shift=shift, on_step=seed_step(k))
+                          for k in range(len(seeds))])
+    return sample(velocity, noise, steps=steps, shift=shift, on_step=on_step)

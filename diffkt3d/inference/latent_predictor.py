@@ -32,7 +32,7 @@ import torch
 
 from diffkt3d.data.case import Case
 from diffkt3d.errors import ConfigError
-from diffkt3d.flow.sampler import sample_with_seeds
+from diffkt3d.flow.sampler import StepCallback, sample_with_seeds
 from diffkt3d.inference.predictor import Predictor
 from diffkt3d.inference.result import DosePrediction, ImputationResult
 from diffkt3d.models.checkpoint import ModelBundle
@@ -145,7 +145,8 @@ class LatentPredictor(Predictor):
         return cls(bundle, device, codec, spec, cache)
 
     # -- the latent path: crop, encode (cached), sample, decode, uncrop ---------------------------
-    def _sample(self, conditions: dict[str, torch.Tensor], target: str, seeds: list[int], steps: int) -> torch.Tensor:
+    def _sample(self, conditions: dict[str, torch.Tensor], target: str, seeds: list[int], steps: int,
+                on_step: StepCallback | None = None) -> torch.Tensor:
         """(len(seeds), C, *grid) samples on the CPU in the working grid's [-1, 1] encoding."""
         call = self._call or _LatentCall(case_id="case")
         t0 = time.perf_counter()
@@ -158,7 +159,7 @@ class LatentPredictor(Predictor):
         t1 = time.perf_counter()
         shape = (self.model.config.in_channels[target], *self.latent_grid)
         z0 = sample_with_seeds(self.model, latents, target, shape, seeds, steps=steps,
-                               shift=self.bundle.flow_shift, device=self.device)
+                               shift=self.bundle.flow_shift, device=self.device, on_step=on_step)
         t2 = time.perf_counter()
         working = tuple(self.encoding.grid[a - 1] for a in CASE_TO_CLIP_AXES[1:])  # (z, y, x)
         # One sample at a time: a full-size decode is the largest activation of the request.

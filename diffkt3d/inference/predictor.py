@@ -38,7 +38,7 @@ from diffkt3d.data.encoding import (
     encode_case,
 )
 from diffkt3d.errors import CaseError, ConfigError
-from diffkt3d.flow.sampler import sample_with_seeds
+from diffkt3d.flow.sampler import StepCallback, sample_with_seeds
 from diffkt3d.inference.quality import target_quality
 from diffkt3d.inference.result import Candidate, CaseInfo, DosePrediction, ImputationResult
 from diffkt3d.metrics.dvh_table import dvh_table
@@ -118,17 +118,19 @@ class Predictor:
         mods = tuple(m for m in available_modalities(case, self.encoding) if m in wanted and m not in exclude)
         return {m: v[None].to(self.device) for m, v in encode_case(case, self.encoding, mods).items()}
 
-    def _sample(self, conditions: dict[str, torch.Tensor], target: str, seeds: list[int], steps: int) -> torch.Tensor:
+    def _sample(self, conditions: dict[str, torch.Tensor], target: str, seeds: list[int], steps: int,
+                on_step: StepCallback | None = None) -> torch.Tensor:
         """(len(seeds), C, D, H, W) samples on the CPU; candidate k starts from the noise of seeds[k]."""
         shape = (self.model.config.in_channels[target], *self.encoding.grid)
         return sample_with_seeds(self.model, conditions, target, shape, seeds, steps=steps,
-                                 shift=self.bundle.flow_shift, device=self.device).cpu()
+                                 shift=self.bundle.flow_shift, device=self.device, on_step=on_step).cpu()
 
     # -- dose ------------------------------------------------------------------------------
     def predict_dose(self, case: Case, steps: int = DEFAULT_STEPS, candidates: int = DEFAULT_CANDIDATES,
                      seed: int = DEFAULT_SEED, preview: bool = False, aggregate: str = DEFAULT_AGGREGATE,
                      template: str | ScorecardTemplate | None = DEFAULT_TEMPLATE,
-                     with_dvh: bool = True, flip_average: bool = False) -> DosePrediction:
+                     with_dvh: bool = True, on_step: StepCallback | None = None,
+                     flip_average: bool = False) -> DosePrediction:
         """Predict the dose of a case.
 
         Args:
@@ -141,9 +143,11 @@ class Predictor:
             with_dvh: build the DVH table of the returned dose (what a planner reads; False for
                 callers that score the dose themselves, such as the benchmarks, so their timings
                 stay the model's).
+            on_step: called after each sampling step with (done, total); a server reports progress
+                with it and cancels by raising `diffkt3d.errors.Cancelled` from it.
             flip_average: test-time augmentation: each candidate is the mean of the sample on the
                 case and the mirrored sample on its left-right mirror (the OpenKBP winner's
-                test-time flip); twice the sampling time. Off by default.
+                test-time flip); twice the sampling time (`on_step` counts both passes). Off by default.
         """
         if steps < 1 or candidates < 1:
             raise ValueError(f"steps and candidates must be >= 1 (got steps={steps}, candidates={candidates})")
@@ -155,11 +159,21 @@ class Predictor:
         conditions = self.encode_conditions(case, exclude={"dose"})  # a stored dose is never an input
         t1 = time.perf_counter()
         seeds = [int(seed) + k for k in range(int(candidates))]
-        x0 = self._sample(conditions, "dose", seeds, steps)
-        if flip_average:
+        if not flip_average:
+            x0 = self._sample(conditions, "dose", seeds, steps, on_step)
+        else:
             from diffkt3d.training.augment import mirror_volumes
 
-            mirrored = self._sample(mirror_volumes(conditions, self.encoding.oar_channels), "dose", seeds, steps)
+            first = second = None
+            if on_step is not None:  # one progress count over both passes
+                def first(done: int, total: int) -> None:
+                    on_step(done, 2 * total)
+
+                def second(done: int, total: int) -> None:
+                    on_step(total + done, 2 * total)
+            x0 = self._sample(conditions, "dose", seeds, steps, first)
+            mirrored = self._sample(mirror_volumes(conditions, self.encoding.oar_channels), "dose", seeds, steps,
+                                    second)
             x0 = 0.5 * (x0 + mirror_volumes({"dose": mirrored})["dose"])
         t2 = time.perf_counter()
         cands = [Candidate(id=f"c{k}-seed{s}", seed=s,
@@ -193,10 +207,12 @@ class Predictor:
                               case=CaseInfo.of(case), dvh=dvh, timings={k: round(v, 4) for k, v in timings.items()})
 
     # -- imputation ------------------------------------------------------------------------
-    def impute(self, case: Case, target: str, steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED) -> ImputationResult:
+    def impute(self, case: Case, target: str, steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED,
+               on_step: StepCallback | None = None) -> ImputationResult:
         """Generate a missing modality (ct / ptv / oar) from everything else the case has.
 
-        The dose may be a condition here (Any2Any), unlike in dose prediction.
+        The dose may be a condition here (Any2Any), unlike in dose prediction. `on_step`: as in
+        `predict_dose`.
         """
         if target not in IMPUTABLE:
             raise ValueError(f"cannot impute {target!r}; imputable modalities: {IMPUTABLE}")
@@ -206,7 +222,7 @@ class Predictor:
         conditions = self.encode_conditions(case, exclude={target})
         if not conditions:
             raise CaseError(f"nothing to condition the {target} imputation on", case=case.case_id)
-        x0 = self._sample(conditions, target, [int(seed)], int(steps))[0]
+        x0 = self._sample(conditions, target, [int(seed)], int(steps), on_step)[0]
         t1 = time.perf_counter()
         result = ImputationResult(target=target, steps=int(steps), seed=int(seed), model_version=self.model_version)
         if target == "ct":

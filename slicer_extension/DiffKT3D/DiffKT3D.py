@@ -7,6 +7,7 @@ import os
 
 import slicer
 from DiffKT3DLib.client import DiffKT3DClient
+from DiffKT3DLib.slicerrt import SlicerRTDisplay, slicerrt_logics
 from DiffKT3DLib.worker import ThreadRunner
 from DiffKT3DLib.workflow import Workflow
 from slicer.ScriptedLoadableModule import (
@@ -30,7 +31,7 @@ class DiffKT3D(ScriptedLoadableModule):
             "impute a missing CT / PTV / OAR, and preview how editing a segment changes the dose. "
             "See docs/slicer.md in the DiffKT3D repository.")
         self.parent.acknowledgementText = (
-            "Dose display follows SlicerRT conventions. OpenKBP data: Babier et al., Med Phys 48:5549 (2021).")
+            "Uses SlicerRT's Isodose and Dose Volume Histogram modules when installed. OpenKBP data: Babier et al., Med Phys 48:5549 (2021).")
 
 
 class DiffKT3DWidget(ScriptedLoadableModuleWidget):
@@ -53,7 +54,9 @@ class DiffKT3DLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self, serverUrl=None):
         ScriptedLoadableModuleLogic.__init__(self)
-        self.workflow = Workflow(slicer.mrmlScene, DiffKT3DClient(serverUrl), ThreadRunner())
+        logics = slicerrt_logics(slicer.modules)  # SlicerRT's isodose and DVH when it is installed
+        self.workflow = Workflow(slicer.mrmlScene, DiffKT3DClient(serverUrl), ThreadRunner(),
+                                 slicerrt=SlicerRTDisplay(slicer.mrmlScene, *logics) if logics else None)
 
 
 class DiffKT3DTest(ScriptedLoadableModuleTest):

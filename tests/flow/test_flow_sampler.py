@@ -126,3 +126,38 @@ def test_candidate_k_is_reproducible_from_seed_k_alone():
     # As one batch: the same samples up to float reordering.
     together = sample_with_seeds(model, conds, "dose", shape, [7, 9], steps=2)
     torch.testing.assert_close(together, batch, rtol=1e-5, atol=1e-5)
+
+
+def test_on_step_reports_every_step_and_can_stop_the_sampling():
+    calls = []
+    noise = torch.randn(2, 1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = sample(lambda x, t: torch.zeros_like(x), noise, steps=5, on_step=lambda i, n: calls.append((i, n)))
+    assert calls == [(i, 5) for i in range(1, 6)] and torch.equal(out, noise)
+
+    class Stop(Exception):
+        pass
+
+    evaluations = []
+
+    def velocity(x, t):
+        evaluations.append(float(t[0]))
+        return torch.zeros_like(x)
+
+    def stop_at_two(i, n):
+        if i == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        sample(velocity, noise, steps=10, on_step=stop_at_two)
+    assert len(evaluations) == 2  # nothing after the step whose hook raised
+
+
+def test_on_step_counts_over_all_seeds_one_by_one():
+    enc_channels = {"ct": 1, "dose": 1}
+    cfg = get_config("tiny", in_channels=enc_channels, modalities=list(enc_channels))
+    model = Any2AnyDiT(cfg).eval()
+    conditions = {"ct": torch.zeros(1, 1, 8, 8, 8)}
+    calls = []
+    sample_with_seeds(model, conditions, "dose", (1, 8, 8, 8), [1, 2, 3], steps=2, one_by_one=True,
+                      on_step=lambda i, n: calls.append((i, n)))
+    assert calls == [(i, 6) for i in range(1, 7)]

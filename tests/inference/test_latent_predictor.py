@@ -100,3 +100,12 @@ def test_vae_runs_in_fp32_inside_a_bf16_autocast_region(tiny_vae_dir):
         out_bf = codec.decode(z)
     assert z_bf.dtype == torch.float32 and torch.equal(z_bf, z)
     assert out_bf.dtype == torch.float32 and torch.equal(out_bf, codec.decode(z))
+
+
+def test_latent_path_reports_progress_per_step(predictor):
+    case = make_synthetic_case(shape=GRID)
+    case.dose_gy = None
+    seen = []
+    predictor.predict_dose(case, steps=3, candidates=1, template=None, with_dvh=False,
+                           on_step=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]

@@ -108,3 +108,11 @@ def test_flip_average_is_the_mean_of_the_sample_and_the_mirrored_sample(tiny_che
     assert np.allclose(tta.dose_gy, expected, atol=1e-5)
     assert not np.allclose(tta.dose_gy, plain.dose_gy)
     assert torch.is_tensor(a)
+
+
+def test_flip_average_reports_one_progress_count_over_both_passes(tiny_checkpoint, synthetic_case):
+    predictor = Predictor.load(tiny_checkpoint, device="cpu")
+    seen = []
+    predictor.predict_dose(synthetic_case, steps=3, template=None, with_dvh=False, flip_average=True,
+                           on_step=lambda done, total: seen.append((done, total)))
+    assert seen == [(k, 6) for k in range(1, 7)]

@@ -18,7 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "slicer_extension" / "DiffKT3D"
 LIB = MODULE / "DiffKT3DLib"
-PURE = {"__init__", "candidates", "client", "constants", "dvh", "preview", "roles", "scorecard", "worker"}
+PURE = {"__init__", "candidates", "client", "client_jobs", "constants", "dvh", "parameters", "preview", "roles",
+        "scorecard", "slicerrt", "training", "worker"}
 
 
 def _cmake_list(text: str, var: str) -> list[str]:
@@ -90,15 +91,69 @@ def test_cmake_configures_against_a_stand_in_slicer(tmp_path):
     assert "STANDIN module DiffKT3D" in proc.stdout and "STANDIN unittest DiffKT3D.py" in proc.stdout
 
 
-def test_ui_parses_and_has_every_widget_the_panel_uses():
+# Members of each widget class that panel.py may use (from the Qt / CTK / Slicer MRML widget APIs;
+# PythonQt exposes Qt properties as attributes, e.g. `.text`, `.value`, `.enabled`).
+_QOBJECT = {"enabled", "visible", "setVisible", "hide", "show", "toolTip", "blockSignals", "setEnabled"}
+WIDGET_API = {
+    "QLineEdit": {"text", "setText", "textChanged", "placeholderText"},
+    "QLabel": {"text", "setText"},
+    "QPushButton": {"clicked", "text", "setText", "toggled", "checked"},
+    "QCheckBox": {"clicked", "text", "toggled", "checked", "setChecked"},
+    "QSpinBox": {"value", "setValue", "valueChanged", "setRange", "minimum", "maximum"},
+    "QComboBox": {"addItems", "addItem", "clear", "currentText", "setCurrentText", "currentTextChanged", "findText",
+                  "count"},
+    "QProgressBar": {"setRange", "value", "setValue"},
+    "QTableWidget": {"setRowCount", "insertRow", "setItem", "setCellWidget", "rowCount", "cellWidget", "item"},
+    "qMRMLNodeComboBox": {"currentNode", "setCurrentNode", "currentNodeChanged", "setMRMLScene"},
+    "qMRMLTableView": {"setMRMLTableNode", "setMRMLScene"},
+}
+
+
+def _widget_classes_in_panel() -> dict[str, str]:
+    tree = ast.parse((LIB / "panel.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "WIDGET_CLASSES" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("panel.py has no WIDGET_CLASSES")
+
+
+def _ui_uses_in_panel() -> dict[str, set[str]]:
+    """{widget name: members used on it} for every `ui.<name>` / `self.ui.<name>` in panel.py."""
+    uses: dict[str, set[str]] = {}
+    for node in ast.walk(ast.parse((LIB / "panel.py").read_text())):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui":
+            uses.setdefault(node.attr, set())
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                and isinstance(node.value.value, ast.Attribute) and node.value.value.attr == "ui"):
+            uses.setdefault(node.value.attr, set()).add(node.attr)
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "ui"):
+            uses.setdefault(node.value.attr, set()).add(node.attr)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ui":
+            uses.setdefault(node.attr, set())
+    return uses
+
+
+def test_every_widget_the_panel_uses_exists_in_the_ui_with_the_expected_class():
+    """The .ui was never loaded by Qt here: check it against what panel.py looks up, by name and class."""
     root = ET.parse(MODULE / "Resources" / "UI" / "DiffKT3D.ui").getroot()
-    names = {w.get("name") for w in root.iter("widget")}
-    used = set(re.findall(r"\bui\.(\w+)", (LIB / "panel.py").read_text()))
-    assert used, "panel.py uses no widgets?"
-    assert used <= names, f"missing in the .ui: {sorted(used - names)}"
+    ui_classes = {w.get("name"): w.get("class") for w in root.iter("widget")}
+    expected = _widget_classes_in_panel()
+    uses = _ui_uses_in_panel()
+    assert uses, "panel.py uses no widgets?"
+    assert set(uses) == set(expected), (f"used but not in WIDGET_CLASSES: {sorted(set(uses) - set(expected))}; "
+                                        f"declared but unused: {sorted(set(expected) - set(uses))}")
+    wrong = {name: (cls, ui_classes.get(name)) for name, cls in expected.items() if ui_classes.get(name) != cls}
+    assert not wrong, f"widget: (class panel.py expects, class in the .ui): {wrong}"
+    for name, members in uses.items():
+        allowed = WIDGET_API[expected[name]] | _QOBJECT
+        assert members <= allowed, f"{name} ({expected[name]}) has no {sorted(members - allowed)}"
+    # every MRML widget gets the scene from the module widget (a .ui connection), or it stays empty
+    connected = {c.findtext("receiver") for c in root.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    mrml = {n for n, cls in ui_classes.items() if cls in ("qMRMLNodeComboBox", "qMRMLTableView")}
+    assert mrml <= connected, f"MRML widgets without setMRMLScene: {sorted(mrml - connected)}"
     declared = {c.findtext("class") for c in root.iter("customwidget")}
-    custom = {w.get("class") for w in root.iter("widget")} - {
-        "QLabel", "QLineEdit", "QPushButton", "QSpinBox", "QComboBox", "QTableWidget", "QProgressBar", "QCheckBox"}
+    custom = {cls for cls in ui_classes.values() if not cls.startswith("Q")}  # CTK and MRML widgets
     assert custom <= declared, f"undeclared custom widgets: {sorted(custom - declared)}"
 
 

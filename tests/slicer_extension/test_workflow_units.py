@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -35,6 +36,10 @@ class FakeClient:
 
     def delete_session(self, session_id):
         self.calls.append(("delete", {"session": session_id}))
+
+    @contextlib.contextmanager
+    def follow_job(self, job_id, ctx, **_kw):  # no server to read a job's steps from
+        yield []
 
     def infer(self, task, out_dir, *, image=None, session_id=None, params=None, output="all",
               read_timeout_s=None, cancel=None):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .client_jobs import JobCalls
 from .constants import (
     CONNECT_TIMEOUT_S,
     DEFAULT_SERVER_URL,
@@ -229,7 +230,7 @@ def default_transport() -> _Transport:
         return UrllibTransport()
 
 
-class DiffKT3DClient:
+class DiffKT3DClient(JobCalls):
     """Client of one DiffKT3D server.
 
     Args:

@@ -15,6 +15,11 @@ CONNECT_TIMEOUT_S = 5.0
 SMALL_CALL_TIMEOUT_S = 30.0
 INFER_TIMEOUT_S = 900.0
 PREVIEW_TIMEOUT_S = 120.0
+CASE_DOWNLOAD_TIMEOUT_S = 300.0  # a whole case folder (CT + structures + dose) as one zip
+# How often a running dose request's sampling step is read from the server (GET /diffkt3d/jobs/{id}).
+JOB_POLL_INTERVAL_S = 0.5
+# How often the panel reads a training run's status (GET /train/).
+TRAIN_POLL_INTERVAL_S = 5.0
 # Names of the server's tasks (listed by /info/; docs/request-format.md).
 DOSE_TASK = "dose"
 IMPUTE_TASKS: dict[str, str] = {"ct": "impute_ct", "ptv": "impute_ptv", "oar": "impute_oar"}

@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 DVH_CHART_NAME = "DiffKT3D DVH"
 COMPARISON_TABLE_NAME = "DiffKT3D Scorecard comparison"
+REFERENCE_TABLE_NAME = "DiffKT3D dose comparison"
 
 
 class SceneLogic(SceneInputs):
@@ -244,6 +245,15 @@ class SceneLogic(SceneInputs):
         columns, rows = scorecard.comparison_rows(results)
         table = self._node_by_name_and_class(COMPARISON_TABLE_NAME, "vtkMRMLTableNode") or \
             self.scene.AddNewNodeByClass("vtkMRMLTableNode", COMPARISON_TABLE_NAME)
+        self.fill_table(table, columns, rows)
+        return table
+
+    def reference_comparison_table(self, comparison: dict[str, Any]):
+        """Candidates against the reference dose: gamma, dose and DVH score, Scorecard total; and the
+        reference's Scorecard joins the side-by-side Scorecard table as column "reference score"."""
+        columns, rows = scorecard.reference_rows(comparison)
+        table = self._node_by_name_and_class(REFERENCE_TABLE_NAME, "vtkMRMLTableNode") or \
+            self.scene.AddNewNodeByClass("vtkMRMLTableNode", REFERENCE_TABLE_NAME)
         self.fill_table(table, columns, rows)
         return table
 

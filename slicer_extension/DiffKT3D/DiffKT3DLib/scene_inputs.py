@@ -13,7 +13,15 @@ import numpy as np
 import vtk
 
 from . import roles
-from .constants import BODY_FILE, CT_FILE, IGNORE_ROLE, PLAN_FILE, PRESCRIPTION_ATTRIBUTE, ROLE_ATTRIBUTE
+from .constants import (
+    BODY_FILE,
+    CT_FILE,
+    DOSE_FILE,
+    IGNORE_ROLE,
+    PLAN_FILE,
+    PRESCRIPTION_ATTRIBUTE,
+    ROLE_ATTRIBUTE,
+)
 from .scene_nodes import SceneNodes
 
 
@@ -121,3 +129,27 @@ class SceneInputs(SceneNodes):
         (folder / PLAN_FILE).write_text(json.dumps(out.plan, indent=2))
         out.files[PLAN_FILE] = folder / PLAN_FILE
         return out
+
+    def export_reference_dose(self, dose_node, ct_node, exported: ExportedCase) -> None:
+        """Add the reference dose (Gy) to an exported case as dose.nii.gz, for the server to compare with.
+
+        Raises:
+            ValueError: no CT, or the dose is not on the CT's grid (the server compares voxel by voxel;
+                resample it onto the CT first, e.g. with Resample Scalar/Vector/DWI Volume).
+        """
+        if ct_node is None:
+            raise ValueError("a comparison with a reference dose needs the CT (the dose must lie on its grid)")
+        if dose_node.GetParentTransformNode() is not None:
+            raise ValueError(f"{dose_node.GetName()} is under a transform: harden it first")
+        ct_matrix, dose_matrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        ct_node.GetIJKToRASMatrix(ct_matrix)
+        dose_node.GetIJKToRASMatrix(dose_matrix)
+        same_grid = dose_node.GetImageData() is not None and \
+            dose_node.GetImageData().GetDimensions() == ct_node.GetImageData().GetDimensions() and \
+            all(abs(ct_matrix.GetElement(i, j) - dose_matrix.GetElement(i, j)) < 1e-3
+                for i in range(4) for j in range(4))
+        if not same_grid:
+            raise ValueError(f"reference dose {dose_node.GetName()} is not on the grid of CT {ct_node.GetName()} "
+                             "(dimensions or geometry differ): resample it onto the CT first")
+        self.write_volume(dose_node, exported.folder / DOSE_FILE)
+        exported.files[DOSE_FILE] = exported.folder / DOSE_FILE

@@ -84,3 +84,26 @@ def comparison_rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list
     rows.append(["Hard failures", "count",
                  *[float(len((results[c].get("hard_constraints") or {}).get("failed") or [])) for c in ids]])
     return ["Structure", "Metric", *[f"{c} score" for c in ids]], rows
+
+
+REFERENCE_COLUMNS = ("Dose", "Gamma pass [%]", "Dose score [Gy]", "DVH score [Gy]", "Scorecard total")
+
+
+def reference_rows(comparison: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The server's `comparison` (each candidate against the reference dose) as table rows.
+
+    One row per candidate (gamma pass rate, OpenKBP dose and DVH scores, Scorecard total; NaN where
+    the server gave none), then a "reference" row with the reference dose's own Scorecard total.
+    """
+    rows: list[list[Any]] = []
+    for cid, figures in _require(comparison, "candidates").items():
+        rows.append([str(cid), *[_number(figures.get(k)) for k in
+                                 ("gamma_pass_rate", "dose_score", "dvh_score", "scorecard")]])
+    reference = comparison.get("reference") or {}
+    nan = float("nan")  # the reference is not compared with itself
+    rows.append(["reference", nan, nan, nan, _number(reference.get("scorecard_total"))])
+    return list(REFERENCE_COLUMNS), rows
+
+
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)

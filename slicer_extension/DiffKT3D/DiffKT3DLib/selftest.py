@@ -18,6 +18,7 @@ import slicer
 import vtk
 from slicer import util as slicer_util
 
+from . import scene_case
 from .client import DiffKT3DClient
 from .constants import DOSE_VOLUME_ATTRIBUTE, PREVIEW_DEBOUNCE_S
 from .worker import ThreadRunner, wait_for
@@ -32,33 +33,8 @@ def load_case_folder(scene, folder: str | Path, structures: tuple[str, ...] | No
     Returns:
         (CT volume node, segmentation node); each `<Name>.nii.gz` becomes segment `<Name>`.
     """
-    folder = Path(folder)
-    ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
-    _read(scene, folder / "ct.nii.gz", ct)
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Structures")
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(ct)
-    names = structures or tuple(sorted(p.name[:-7] for p in folder.glob("*.nii.gz")
-                                       if p.name not in ("ct.nii.gz", "dose.nii.gz")))
-    for name in names:
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
-        _read(scene, folder / f"{name}.nii.gz", labelmap)
-        segmentation = seg.GetSegmentation()
-        before = segmentation.GetNumberOfSegments()
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg):
-            raise ValueError(f"could not import {name}.nii.gz as a segment")
-        if segmentation.GetNumberOfSegments() > before:
-            segmentation.GetSegment(segmentation.GetNthSegmentID(before)).SetName(name)
-        scene.RemoveNode(labelmap)
-    return ct, seg
-
-
-def _read(scene, path: Path, node) -> None:
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    ok = storage.ReadData(node)
-    scene.RemoveNode(storage)
-    if not ok:
-        raise ValueError(f"could not read {path}")
+    loaded = scene_case.load_case_folder(scene, folder, structures)
+    return loaded.ct_node, loaded.segmentation_node
 
 
 def set_segment_voxels(segmentation_node, segment_id: str, mask_kji: np.ndarray, reference_node) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 from . import roles as roles_mod
 from .candidates import CandidateSet
 from .client import DiffKT3DClient, normalize_server_url
+from .client_jobs import new_job_id
 from .constants import (
     DOSE_TASK,
     IMPUTE_TASKS,
@@ -32,10 +33,14 @@ from .constants import (
     PREVIEW_STEPS,
     PREVIEW_TIMEOUT_S,
 )
+from .parameters import ParameterNode
 from .preview import Debouncer, SegmentEditWatcher
 from .scene import SceneLogic
+from .scene_case import place_in_study_of
 from .scene_inputs import ExportedCase
+from .slicerrt import SlicerRTDisplay
 from .worker import Job, JobContext, Runner
+from .workflow_cases import CasesAndTraining
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,7 @@ class DoseRequest:
     steps: int | None = None  # None: the server's default
     seed: int = 0
     template: str | None = None
+    reference_dose_node: Any = None  # compare the candidates with this dose (on the CT grid)
 
     @property
     def prescription_gy(self) -> float | None:
@@ -64,6 +70,8 @@ class DoseRequest:
         out: dict[str, Any] = {"seed": int(self.seed)}
         if preview:
             out.update(preview=True, steps=PREVIEW_STEPS, candidates=1)
+        elif self.reference_dose_node is not None:
+            out["compare"] = True
         else:
             out["candidates"] = int(self.candidates)
             if self.steps is not None:
@@ -73,7 +81,7 @@ class DoseRequest:
         return out
 
 
-class Workflow:
+class Workflow(CasesAndTraining):
     """State and actions of the DiffKT3D panel.
 
     Args:
@@ -83,12 +91,15 @@ class Workflow:
         work_dir: folder for request/result files (default: a new temp folder, removed by close()).
         clock: monotonic seconds, for the preview debouncer.
         on_status: called on the main thread with short status lines for the panel.
+        slicerrt: SlicerRT's isodose and DVH display (None: SlicerRT is not installed; the module's
+            own isodose segmentation and DVH tables are used).
     """
 
     def __init__(self, scene, client: DiffKT3DClient, runner: Runner, work_dir: str | Path | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 on_status: Callable[[str], None] | None = None):
+                 on_status: Callable[[str], None] | None = None, slicerrt: SlicerRTDisplay | None = None):
         self.scene_logic = SceneLogic(scene)
+        self.slicerrt = slicerrt
         self.client = client
         self.runner = runner
         self._own_work_dir = work_dir is None
@@ -99,6 +110,8 @@ class Workflow:
         self.candidate_set: CandidateSet | None = None
         self.last_request: DoseRequest | None = None
         self.last_export: ExportedCase | None = None
+        self.last_job_id: str | None = None  # the server job of the latest dose request
+        self.last_job_states: list[dict[str, Any]] = []  # its states as read while it ran
         self.dose_nodes: dict[str, Any] = {}
         self.scorecard_tables: dict[str, Any] = {}
         self.isodose_node = None
@@ -111,6 +124,9 @@ class Workflow:
         self.debouncer = Debouncer(self._on_preview_due, PREVIEW_DEBOUNCE_S, clock)
         self.debouncer.enabled = False
         self._watcher: SegmentEditWatcher | None = None
+        self.parameters = ParameterNode(scene)
+        # A closed scene takes our result nodes with it: forget them (Slicer's File > Close Scene).
+        self._close_observer = scene.AddObserver(scene.EndCloseEvent, lambda *_: self.on_scene_closed())
 
     # -- plumbing ----------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -148,7 +164,17 @@ class Workflow:
         """The rater to send: the logged-in user when there is one (the server uses it anyway)."""
         return getattr(self.client, "username", None) or typed  # test fakes may have no login
 
+    def on_scene_closed(self) -> None:
+        """Forget every node of the closed scene and stop the preview (its segmentation is gone)."""
+        self.enable_preview(None, False)
+        self.candidate_set = self.preview_set = None
+        self.last_request, self.last_export = None, None
+        self.dose_nodes, self.scorecard_tables = {}, {}
+        self.isodose_node = self.preview_node = None
+        self.on_status("scene closed")
+
     def close(self) -> None:
+        self.scene_logic.scene.RemoveObserver(self._close_observer)
         self.enable_preview(None, False)
         if hasattr(self.runner, "shutdown"):
             self.runner.shutdown()
@@ -207,6 +233,8 @@ class Workflow:
         folder = self._new_request_dir("preview" if preview else "dose")
         exported = self.scene_logic.export_case(request.ct_node, request.segmentation_node,
                                                 request.structure_roles, folder / "case")
+        if params.get("compare"):
+            self.scene_logic.export_reference_dose(request.reference_dose_node, request.ct_node, exported)
         client = self.client
         result_dir = folder / "result"
 
@@ -216,8 +244,12 @@ class Workflow:
             ctx.check_cancelled()
             ctx.progress(0.2, "predicting the dose" + (" (preview)" if preview else ""))
             timeout = PREVIEW_TIMEOUT_S if preview else None
-            main = client.infer(DOSE_TASK, result_dir, session_id=session_id, params=params,
-                                read_timeout_s=timeout, cancel=ctx)
+            # The server reports the sampling step of this job id and stops it when Cancel is pressed.
+            job_params = {**params, "job_id": new_job_id()}
+            self.last_job_id = job_params["job_id"]
+            with client.follow_job(job_params["job_id"], ctx) as self.last_job_states:
+                main = client.infer(DOSE_TASK, result_dir, session_id=session_id, params=job_params,
+                                    read_timeout_s=timeout, cancel=ctx)
             if preview:  # a preview is never re-fetched: free the server's copy of the case now
                 try:
                     client.delete_session(session_id)
@@ -252,6 +284,7 @@ class Workflow:
         cset.session_id = result["session_id"]
         rx = request.prescription_gy
         segment_ids = [r.segment_id for r in request.structure_roles if r.role in ("target", "oar")]
+        anchor = request.ct_node or request.segmentation_node  # results go into its study
         if preview:
             best = cset.active
             self.preview_node = self.scene_logic.load_dose(result["doses"][best.id], "DiffKT3D preview dose",
@@ -259,8 +292,10 @@ class Workflow:
             best.dose_path, best.dose_node_id = result["doses"][best.id], self.preview_node.GetID()
             table = self.scene_logic.scorecard_table("preview", best.scorecard)
             best.table_node_id = table.GetID()
-            self.scene_logic.update_dvh("preview", 0, self.preview_node, request.segmentation_node, segment_ids)
-            self.isodose_node = self.scene_logic.update_isodose(self.preview_node, rx, node=self.isodose_node)
+            self._dvh("preview", 0, self.preview_node, request.segmentation_node, segment_ids)
+            self.isodose_node = self._isodose(self.preview_node, rx)
+            for node in (self.preview_node, self.isodose_node):
+                place_in_study_of(self.scene_logic.scene, node, anchor)
             self.scene_logic.show_in_slice_views(request.ct_node, self.preview_node)
             self.preview_set = cset
             self.on_status(f"preview: Scorecard {best.total:.1f}")
@@ -272,18 +307,37 @@ class Workflow:
             if cand.dose_path is None:
                 raise ValueError(f"the server sent no dose for candidate {cand.id}")
             node = self.scene_logic.load_dose(cand.dose_path, f"DiffKT3D dose {cand.id}", rx, cand.id)
+            place_in_study_of(self.scene_logic.scene, node, anchor)
             cand.dose_node_id = node.GetID()
             self.dose_nodes[cand.id] = node
             table = self.scene_logic.scorecard_table(cand.id, cand.scorecard)
             cand.table_node_id = table.GetID()
             self.scorecard_tables[cand.id] = table
-            self.scene_logic.update_dvh(cand.id, i, node, request.segmentation_node, segment_ids)
-        if len(cset.candidates) > 1:
-            self.scene_logic.comparison_table(cset.scorecards())
+            self._dvh(cand.id, i, node, request.segmentation_node, segment_ids)
+        comparison = result["params"].get("comparison")
+        scorecards = cset.scorecards()
+        if comparison:
+            self.scene_logic.reference_comparison_table(comparison)
+            scorecards["reference"] = comparison["reference"]["scorecard"]
+        if len(scorecards) > 1:
+            self.scene_logic.comparison_table(scorecards)
         self.set_active_candidate(cset.active_id)
         self.on_status(f"{len(cset.candidates)} candidate(s); best {cset.best_id}: "
                        f"Scorecard {cset.get(cset.best_id).total:.1f}")
         return cset
+
+    def _isodose(self, dose_node, prescription_gy: float):
+        """Isodose lines: SlicerRT's when it is installed, else the module's own segmentation."""
+        if self.slicerrt is not None:
+            return self.slicerrt.isodose(dose_node, prescription_gy, node=self.isodose_node)
+        return self.scene_logic.update_isodose(dose_node, prescription_gy, node=self.isodose_node)
+
+    def _dvh(self, candidate_id: str, index: int, dose_node, segmentation_node, segment_ids: list[str]) -> None:
+        """DVH: SlicerRT's (metrics, CSV export) when installed, else the module's tables and chart."""
+        if self.slicerrt is not None:
+            self.slicerrt.dvh(dose_node, segmentation_node, segment_ids)
+        else:
+            self.scene_logic.update_dvh(candidate_id, index, dose_node, segmentation_node, segment_ids)
 
     def set_active_candidate(self, candidate_id: str):
         """Show one candidate: its dose over the CT, its isodose lines, its Scorecard table.
@@ -297,7 +351,8 @@ class Workflow:
         dose_node = self.dose_nodes[cand.id]
         rx = self.last_request.prescription_gy if self.last_request else None
         if rx:
-            self.isodose_node = self.scene_logic.update_isodose(dose_node, rx, node=self.isodose_node)
+            self.isodose_node = self._isodose(dose_node, rx)
+            place_in_study_of(self.scene_logic.scene, self.isodose_node, dose_node)
         self.scene_logic.show_in_slice_views(self.last_request.ct_node if self.last_request else None, dose_node)
         return self.scorecard_tables[cand.id]
 
@@ -311,16 +366,6 @@ class Workflow:
         record = self.candidate_set.preference_record(chosen_id, self.rater(rater), comment)
         return self.runner.submit(lambda ctx: self.client.record_preference(record),
                                   description="send preference", on_done=on_done, on_error=on_error)
-
-    def next_case(self, rater: str, strategy: str = "preference",
-                  on_done: Callable[[dict], None] | None = None,
-                  on_error: Callable[[BaseException], None] | None = None) -> Job:
-        """Ask the active-learning strategy for the next case to label (job)."""
-        rater = self.rater(rater)
-        if not rater.strip():
-            raise ValueError("enter a rater name: the strategy skips cases this rater labelled")
-        return self.runner.submit(lambda ctx: self.client.next_case(rater.strip(), strategy),
-                                  description="next case", on_done=on_done, on_error=on_error)
 
     # -- imputation ------------------------------------------------------------------------------------
     def request_imputation(self, target: str, ct_node, segmentation_node,
@@ -357,6 +402,7 @@ class Workflow:
                 raise ValueError(f"the server sent no image for {task}")
             if target == "ct":
                 out["volume_node"] = self.scene_logic.load_imputed_volume(result["image"], "DiffKT3D imputed CT")
+                place_in_study_of(self.scene_logic.scene, out["volume_node"], segmentation_node)
             else:
                 labels = result["params"].get("labels") or {}
                 if not labels:
