@@ -41,9 +41,11 @@ from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 from diffkt3d.audit import AuditLog  # noqa: E402
 from diffkt3d.errors import CaseError, ConfigError, DiffKT3DError  # noqa: E402
 from diffkt3d.ids import check_id  # noqa: E402
+from diffkt3d.inference import default_model_path  # noqa: E402
 from diffkt3d.inference.ct_backbone import CTImputationConfig  # noqa: E402
 from diffkt3d.io.archive import ArchiveLimits  # noqa: E402
 from diffkt3d.io.image_guard import ImageLimits  # noqa: E402
+from diffkt3d.models.registry import ModelRegistry  # noqa: E402
 from diffkt3d.preferences import PreferenceStore, ServedCandidates  # noqa: E402
 from diffkt3d.scorecard import list_templates  # noqa: E402
 from infer_tasks.common import (  # noqa: E402
@@ -58,10 +60,11 @@ from infer_tasks.dose import DoseTask  # noqa: E402
 from infer_tasks.impute import ImputeTask  # noqa: E402
 from monailabel_app.auth import AuthSettings, TokenVerifier  # noqa: E402
 from monailabel_app.datastore import CaseFolderDatastore, UnknownCaseError  # noqa: E402
+from monailabel_app.model_routes import MODELS_PATH, model_router, served_summary  # noqa: E402
 from monailabel_app.redact import install_log_redaction, redact  # noqa: E402
 from monailabel_app.strategy import PreferenceStrategy, record_candidates  # noqa: E402
 from monailabel_app.uploads import UploadLimits  # noqa: E402
-from train_tasks import any2any, scardnft  # noqa: E402
+from train_tasks import any2any, lifecycle, scardnft  # noqa: E402
 from train_tasks.any2any import Any2AnyTrainTask  # noqa: E402
 from train_tasks.scardnft import NOT_AVAILABLE, ScardNFTTrainTask  # noqa: E402
 
@@ -86,7 +89,11 @@ class DiffKT3DApp(MONAILabelApp):
             self.auth = AuthSettings.from_monailabel(conf)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        self.models = model_provider(self.model_dir, conf.get("model"), conf.get("device"))
+        # Model versions: a training run adds one, validation or an administrator promotes one.
+        self.registry = ModelRegistry(self.state_dir / "models", default_model_path())
+        lifecycle.adopt_published(self.registry, self.model_dir)
+        self.conf_model = Path(conf["model"]) if conf.get("model") else None
+        self.models = model_provider(self.registry.served_path, conf.get("model"), conf.get("device"))
         self.ct_imputation = CTImputationConfig.from_conf(conf)
         self.ct_models = (PRDiTModelProvider(self.ct_imputation, self.models.run_lock)
                           if self.ct_imputation.uses_prdit else self.models)
@@ -109,9 +116,10 @@ class DiffKT3DApp(MONAILabelApp):
         }
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        return {"any2any": Any2AnyTrainTask(self.model_dir, self.audit),
+        return {"any2any": Any2AnyTrainTask(self.model_dir, self.registry, self.models.current_path, self.audit,
+                                            override=self.conf_model),
                 "scardnft": ScardNFTTrainTask(self.model_dir, self.preferences, self.models.current_path,
-                                              self.audit)}
+                                              self.registry, self.audit, override=self.conf_model)}
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {"preference": PreferenceStrategy(self.preferences)}
@@ -125,12 +133,17 @@ class DiffKT3DApp(MONAILabelApp):
                             "max_upload_mb": self.max_upload_bytes / 2**20,
                             "max_image_mb": self.image_limits.max_image_mb,
                             "preferences_url": "/diffkt3d/preferences", "auth": self.auth.enabled,
-                            "ct_backbone": self.ct_imputation.backbone, "ct_model_version": self.ct_models.version()}
+                            "ct_backbone": self.ct_imputation.backbone, "ct_model_version": self.ct_models.version(),
+                            "models_url": MODELS_PATH,
+                            # which version is served and the figures it was accepted on (--conf model pins a file)
+                            "served_model": ({"id": None, "pinned_by_conf_model": True} if self.conf_model
+                                             else served_summary(self.registry))}
         return meta
 
     def on_init_complete(self) -> None:
         super().on_init_complete()
         from monailabel.app import app as api  # the running server's FastAPI object
+        from monailabel.config import settings
 
         from monailabel_app.preference_routes import Provenance
         from monailabel_app.routes import install
@@ -143,6 +156,7 @@ class DiffKT3DApp(MONAILabelApp):
                 train_params={"any2any": any2any.PARAM_NAMES, "scardnft": scardnft.PARAM_NAMES},
                 train_server_only=any2any.SERVER_DECIDED | scardnft.SERVER_DECIDED,
                 train_validators={"any2any": any2any.check_request, "scardnft": scardnft.check_request})
+        api.include_router(model_router(self.registry), prefix=settings.MONAI_LABEL_API_STR)
         install_log_redaction()
         log.info("authentication %s; audit log %s", "ON" if self.auth.enabled else "off (local demo)",
                  self.audit.path)
