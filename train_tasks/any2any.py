@@ -79,6 +79,12 @@ def train_config_from_request(request: dict[str, Any], case_dirs: list[str], run
     return cfg
 
 
+def _recipe_record(cfg: Any) -> dict[str, Any]:
+    """The run's settings as kept with its model version: the server's paths left out (the data are
+    the version's case ids, the start is its parent)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in SERVER_DECIDED}
+
+
 def check_request(request: dict[str, Any]) -> None:
     """The request's overrides applied to the recipe and validation settings without training
     (ConfigError on a bad value)."""
@@ -163,7 +169,7 @@ class Any2AnyTrainTask(TrainTask):
         self._write_stats({"status": "validating", "run_dir": str(run_dir), "cases": len(train_ids)})
         outcome = lifecycle.keep_validate_promote(
             self.registry, self.audit, "any2any", final, run_dir, parent if cfg.init_from else None,
-            cfg.to_dict(), train_ids, val_ids, datastore, vcfg)
+            _recipe_record(cfg), train_ids, val_ids, datastore, vcfg)
         stats = {"status": "done", "run_dir": str(run_dir), "cases": len(train_ids),
                  "from_scratch": cfg.init_from is None, **outcome, "seconds": round(time.time() - t0, 1)}
         self._write_stats(stats)

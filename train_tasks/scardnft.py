@@ -56,6 +56,12 @@ def scardnft_config_from_request(request: dict[str, Any], case_dirs: list[str], 
     return load_scardnft_recipe(recipe, {**recipe_overrides(request, SERVER_DECIDED), **server})
 
 
+def _recipe_record(cfg: Any) -> dict[str, Any]:
+    """The run's settings as kept with its model version: the server's paths left out (the data are
+    the version's case ids, the start is its parent)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in SERVER_DECIDED}
+
+
 def check_request(request: dict[str, Any]) -> None:
     """The request's overrides applied to the recipe without training (ConfigError on a bad value)."""
     if not ScardNFTTrainTask.available():  # the route answers 503 before this runs
@@ -130,7 +136,7 @@ class ScardNFTTrainTask(TrainTask):
         result = run_scardnft(cfg, progress=progress)
         self._write_stats({"status": "validating", "run_dir": str(run_dir)})
         outcome = lifecycle.keep_validate_promote(
-            self.registry, self.audit, "scardnft", result.merged_path, run_dir, parent, cfg.to_dict(), train_ids,
+            self.registry, self.audit, "scardnft", result.merged_path, run_dir, parent, _recipe_record(cfg), train_ids,
             val_ids, datastore, vcfg, item_weights=result.item_weights)
         stats = {"status": "done", "adapter": str(result.adapter_path), "run_dir": str(run_dir),
                  "base_model": parent or base.name, "iterations": result.iterations,

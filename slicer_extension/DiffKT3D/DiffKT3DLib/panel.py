@@ -15,6 +15,7 @@ import slicer
 from .client import ClientError, DiffKT3DClient
 from .constants import DEFAULT_STEPS, DEFAULT_TEMPLATE, IGNORE_ROLE, IMPUTE_TASKS, POLL_INTERVAL_MS, ROLES
 from .roles import StructureRole
+from .served_model import served_model_text
 from .worker import ThreadRunner
 from .workflow import DoseRequest, Workflow
 
@@ -111,6 +112,7 @@ class Panel:
         if DEFAULT_TEMPLATE in templates:
             self.ui.templateComboBox.currentText = DEFAULT_TEMPLATE
         self.ui.imputeButton.enabled = bool(result["tasks"]["impute"])
+        self.status(served_model_text(result["info"]))
 
     # -- inputs --------------------------------------------------------------------------------
     def fill_roles(self) -> None:
