@@ -3,15 +3,16 @@
     monailabel start_server --app monailabel_app --studies sample-data [--conf max_upload_mb 512]
 
 Tasks: infer `dose`, `impute_ct`, `impute_ptv`, `impute_oar` (infer_tasks/), train `any2any`,
-`scardnft` (train_tasks/), strategy `preference`; extra routes `/diffkt3d/preferences`.
+`scardnft` (train_tasks/), strategy `preference`; extra routes `/diffkt3d/preferences`,
+`/diffkt3d/models` (model versions: list, promote, roll back; monailabel_app/model_routes.py).
 Request format: docs/request-format.md; install and start: docs/server.md.
 
-`--conf` keys (strings): `model` (checkpoint path, overrides the shipped/trained model),
-`model_dir` (where training writes, default `<app>/model`),
+`--conf` keys (strings): `model` (checkpoint path, served instead of the model versions),
+`model_dir` (where training runs write, default `<app>/model`),
 `device`, `max_upload_mb` (default 512: one request body, and what an uploaded archive may
 expand to), `max_image_mb` (default 1024: memory one image may take when loaded, checked on its
 header before its data are read; `diffkt3d.io.image_guard`), `state_dir` (default `<studies>/.diffkt3d`, holds the
-preference store and case info), `ct_backbone` (`any2any`, the default, or `prdit`: `impute_ct` then
+preference store, the model versions and case info), `ct_backbone` (`any2any`, the default, or `prdit`: `impute_ct` then
 runs the PRDiT checkpoint `prdit_model` with sampler `prdit_sampler` and predictor multiplier
 `prdit_k`; see `diffkt3d.inference.ct_backbone`).
 
