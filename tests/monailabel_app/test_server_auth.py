@@ -212,6 +212,10 @@ def _privileged_routes(server, idp) -> list[tuple[str, object, set[str], set[int
         ("GET", fixed("/model/info/dose"), DATA_ROLES, {404}),
         ("PUT", fixed("/model/dose", files={"file": ("m.pt", b"x")}), DATA_ROLES, {404}),
         ("DELETE", fixed("/model/dose"), DATA_ROLES, {404}),
+        # model versions: physicists and admins read them, only an admin promotes (here the served one again)
+        ("GET", fixed("/diffkt3d/models"), DATA_ROLES, {200}),
+        ("GET", fixed("/diffkt3d/models/shipped"), DATA_ROLES, {200}),
+        ("POST", fixed("/diffkt3d/models/shipped/promote", json={}), {ADMIN}, {200}),
         # admin only: the trail, the server log, reload, and writes no policy entry names (deny by default)
         ("GET", fixed("/diffkt3d/audit"), {ADMIN}, {200}),
         ("GET", fixed("/logs/"), {ADMIN}, {200}),
