@@ -136,8 +136,8 @@ class ScardNFTTrainTask(TrainTask):
         result = run_scardnft(cfg, progress=progress)
         self._write_stats({"status": "validating", "run_dir": str(run_dir)})
         outcome = lifecycle.keep_validate_promote(
-            self.registry, self.audit, "scardnft", result.merged_path, run_dir, parent, _recipe_record(cfg), train_ids,
-            val_ids, datastore, vcfg, item_weights=result.item_weights)
+            self.registry, self.audit, "scardnft", result.merged_path, run_dir, parent, _recipe_record(cfg),
+            train_ids, val_ids, datastore, vcfg, item_weights=result.item_weights)
         stats = {"status": "done", "adapter": str(result.adapter_path), "run_dir": str(run_dir),
                  "base_model": parent or base.name, "iterations": result.iterations,
                  "cpu_minutes": round(result.cpu_minutes, 2), "item_weights": result.item_weights,
