@@ -103,12 +103,26 @@ class AuditLog:
         return entries, skipped
 
 
-def model_published(task: str, model: Path, run_dir: Path) -> AuditEntry:
-    """Entry for a model a training run has just put in service (action `model.publish`).
+def model_validated(task: str, version: str, run_dir: Path, report: dict[str, Any]) -> AuditEntry:
+    """Entry for a trained candidate's validation (action `model.validate`): its version, the model
+    it was compared with, the decision, its reasons and the mean figures.
 
     The run itself has no user (it is a subprocess); who started it is the `train.start` entry
     before it.
     """
-    return AuditEntry(user="training-run", roles=[], action="model.publish", method="TRAIN",
+    return AuditEntry(user="training-run", roles=[], action="model.validate", method="TRAIN",
                       path=f"/train/{task}", status=200,
-                      details={"task": task, "model": f"{task}/{model.name}", "run": run_dir.name})
+                      details={"task": task, "version": version, "run": run_dir.name,
+                               "reference": report.get("reference_version"), "decision": report.get("decision"),
+                               "reasons": report.get("reasons"), "cases": report.get("cases"),
+                               "candidate_means": report.get("candidate_means"),
+                               "reference_means": report.get("reference_means")})
+
+
+def model_promoted(task: str, pointer: dict[str, Any]) -> AuditEntry:
+    """Entry for a version the validation rule put in service (action `model.promote`); an
+    administrator's promotion is audited from its request instead."""
+    return AuditEntry(user="training-run", roles=[], action="model.promote", method="TRAIN",
+                      path=f"/train/{task}", status=200,
+                      details={"version": pointer["version"], "previous": pointer["previous"],
+                               "reason": pointer["reason"]})

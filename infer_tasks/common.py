@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,15 +90,15 @@ class _ReloadingModel:
 
 
 class ModelProvider(_ReloadingModel):
-    """Loads the predictor once and reloads it when the served checkpoint changes (new training run).
+    """Loads the predictor once and reloads it when the served checkpoint changes (a promotion).
 
-    Which checkpoint is served: `override` when given (`--conf model`); else the NEWEST of the models
-    this server trained (`trained`, e.g. any2any and scardnft outputs), so a finished training run
-    takes over at the next request without a restart; else the shipped model.
+    Which checkpoint is served: `override` when given (`--conf model`); else the one `served`
+    names (the model registry's served version, `diffkt3d.models.registry`), so a promotion or a
+    rollback takes over at the next request without a restart; else the shipped model.
 
     Args:
         shipped: the shipped default model (may not exist).
-        trained: checkpoints written by the train tasks (may not exist yet).
+        served: returns the served checkpoint (None: the shipped model).
         override: explicit checkpoint, always served when given.
         device: torch device string (None: CUDA if available).
         vae_dir: Wan VAE folder for a latent-space checkpoint (`--conf vae_dir`); the checkpoint
@@ -105,10 +106,10 @@ class ModelProvider(_ReloadingModel):
         latent_cache_dir: also keep condition latents on disk (`--conf latent_cache_dir`).
     """
 
-    def __init__(self, shipped: Path, trained: list[Path], override: Path | None = None,
+    def __init__(self, shipped: Path, served: Callable[[], Path | None] | None = None, override: Path | None = None,
                  device: str | None = None, vae_dir: Path | None = None, latent_cache_dir: Path | None = None):
         self.shipped = Path(shipped)
-        self.trained = [Path(p) for p in trained]
+        self.served = served
         self.override = Path(override) if override else None
         self.device = device
         self.vae_dir = Path(vae_dir) if vae_dir else None
@@ -121,15 +122,15 @@ class ModelProvider(_ReloadingModel):
     def current_path(self) -> Path | None:
         if self.override is not None:
             return self.override if self.override.is_file() else None
-        trained = [p for p in self.trained if p.is_file()]
-        if trained:
-            return max(trained, key=lambda p: p.stat().st_mtime_ns)
-        return self.shipped if self.shipped.is_file() else None
+        path = self.served() if self.served is not None else None
+        if path is None:
+            path = self.shipped
+        return path if path.is_file() else None
 
     def _missing(self) -> str:
-        where = [self.override] if self.override else [self.shipped, *self.trained]
-        return ("no model available: none of " + ", ".join(str(p) for p in where)
-                + " exists (ship weights, set DIFFKT3D_MODEL, or train with POST /train/any2any)")
+        where = self.override or (self.served() if self.served is not None else None) or self.shipped
+        return (f"no model available: {where} does not exist (ship weights, set DIFFKT3D_MODEL, train with "
+                "POST /train/any2any, or promote an existing version: GET /diffkt3d/models)")
 
     def _load(self, path: Path) -> Predictor:
         try:
@@ -283,16 +284,17 @@ def bool_param(request: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def model_provider(model_dir: Path, conf_model: str | None, device: str | None, vae_dir: str | None = None,
-                   latent_cache_dir: str | None = None) -> ModelProvider:
-    """The app's provider: shipped model, models trained into `model_dir`, optional `--conf model`,
-    and the VAE folder a latent-space checkpoint needs (`--conf vae_dir`, `latent_cache_dir`).
+def model_provider(served: Callable[[], Path | None], conf_model: str | None, device: str | None,
+                   vae_dir: str | None = None, latent_cache_dir: str | None = None) -> ModelProvider:
+    """The app's provider: `--conf model` when given, else the registry's served version, else the
+    shipped model; and the VAE folder a latent-space checkpoint needs (`--conf vae_dir`,
+    `latent_cache_dir`).
 
     Raises:
         ConfigError: `vae_dir` is given but is not a folder (refused at start, not at the first request).
     """
     if vae_dir and not Path(vae_dir).is_dir():
         raise ConfigError(f"--conf vae_dir {vae_dir}: not a folder (expected a diffusers AutoencoderKLWan folder)")
-    return ModelProvider(default_model_path(), [model_dir / "any2any" / "model.pt", model_dir / "scardnft" / "model.pt"],
-                         Path(conf_model) if conf_model else None, device, vae_dir=Path(vae_dir) if vae_dir else None,
+    return ModelProvider(default_model_path(), served, Path(conf_model) if conf_model else None, device,
+                         vae_dir=Path(vae_dir) if vae_dir else None,
                          latent_cache_dir=Path(latent_cache_dir) if latent_cache_dir else None)

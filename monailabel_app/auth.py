@@ -100,6 +100,9 @@ POLICY: tuple[tuple[frozenset[str], re.Pattern[str], Action], ...] = tuple(
         ("GET", r"/diffkt3d/audit/?", ADMIN_ONLY),
         # a running inference's progress, and cancelling it (whoever knows its random job id)
         ("GET DELETE", r"/diffkt3d/jobs/[^/]+", READ),
+        # model versions: physicists see them, only an administrator changes the served one
+        ("GET", r"/diffkt3d/models(/[^/]+)?/?", Action("model.list", (PHYSICIST, ADMIN), audited=False)),
+        ("POST", r"/diffkt3d/models/[^/]+/promote/?", Action("model.promote", (ADMIN,), audited=True)),
         ("GET", r"/logs(/.*)?", ADMIN_ONLY),
         # training runs and models: physicist / admin
         ("POST", r"/train/[^/]+", _data("train.start")),

@@ -4,17 +4,18 @@
 
 Tasks: infer `dose`, `impute_ct`, `impute_ptv`, `impute_oar` (infer_tasks/), train `any2any`,
 `scardnft` (train_tasks/), strategy `preference`; extra routes `/diffkt3d/preferences`,
-`/diffkt3d/jobs/{id}` (progress and cancel of a dose request), `/diffkt3d/cases/{id}` (a case as a zip).
+`/diffkt3d/jobs/{id}` (progress and cancel of a dose request), `/diffkt3d/cases/{id}` (a case as a zip),
+`/diffkt3d/models` (model versions: list, promote, roll back; monailabel_app/model_routes.py).
 Request format: docs/request-format.md; install and start: docs/server.md.
 
-`--conf` keys (strings): `model` (checkpoint path, overrides the shipped/trained model),
-`model_dir` (where training writes, default `<app>/model`),
+`--conf` keys (strings): `model` (checkpoint path, served instead of the model versions),
+`model_dir` (where training runs write, default `<app>/model`),
 `device`, `vae_dir` (the Wan VAE folder a latent-space checkpoint was trained with; checked by
 fingerprint, unused by voxel-space models), `latent_cache_dir` (optional: condition latents on disk
 too; they are always cached in memory per case), `max_upload_mb` (default 512: one request body, and what an uploaded archive may
 expand to), `max_image_mb` (default 1024: memory one image may take when loaded, checked on its
 header before its data are read; `diffkt3d.io.image_guard`), `state_dir` (default `<studies>/.diffkt3d`, holds the
-preference store and case info), `ct_backbone` (`any2any`, the default, or `prdit`: `impute_ct` then
+preference store, the model versions and case info), `ct_backbone` (`any2any`, the default, or `prdit`: `impute_ct` then
 runs the PRDiT checkpoint `prdit_model` with sampler `prdit_sampler` and predictor multiplier
 `prdit_k`; see `diffkt3d.inference.ct_backbone`).
 
@@ -45,9 +46,11 @@ from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 from diffkt3d.audit import AuditLog  # noqa: E402
 from diffkt3d.errors import CaseError, ConfigError, DiffKT3DError  # noqa: E402
 from diffkt3d.ids import check_id  # noqa: E402
+from diffkt3d.inference import default_model_path  # noqa: E402
 from diffkt3d.inference.ct_backbone import CTImputationConfig  # noqa: E402
 from diffkt3d.io.archive import ArchiveLimits  # noqa: E402
 from diffkt3d.io.image_guard import ImageLimits  # noqa: E402
+from diffkt3d.models.registry import ModelRegistry  # noqa: E402
 from diffkt3d.preferences import PreferenceStore, ServedCandidates  # noqa: E402
 from diffkt3d.scorecard import list_templates  # noqa: E402
 from infer_tasks.common import (  # noqa: E402
@@ -63,12 +66,13 @@ from infer_tasks.impute import ImputeTask  # noqa: E402
 from infer_tasks.jobs import JobTable  # noqa: E402
 from monailabel_app.auth import AuthSettings, TokenVerifier  # noqa: E402
 from monailabel_app.datastore import CaseFolderDatastore, UnknownCaseError  # noqa: E402
+from monailabel_app.model_routes import MODELS_PATH, model_router, served_summary  # noqa: E402
 from monailabel_app.pacs_datastore import PacsDatastore, dicomweb_client  # noqa: E402
 from monailabel_app.pacs_store import answer_from_pacs  # noqa: E402
 from monailabel_app.redact import install_log_redaction, redact  # noqa: E402
 from monailabel_app.strategy import PreferenceStrategy, record_candidates  # noqa: E402
 from monailabel_app.uploads import UploadLimits  # noqa: E402
-from train_tasks import any2any, scardnft  # noqa: E402
+from train_tasks import any2any, lifecycle, scardnft  # noqa: E402
 from train_tasks.any2any import Any2AnyTrainTask  # noqa: E402
 from train_tasks.scardnft import NOT_AVAILABLE, ScardNFTTrainTask  # noqa: E402
 
@@ -96,8 +100,12 @@ class DiffKT3DApp(MONAILabelApp):
             self.auth = AuthSettings.from_monailabel(conf)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        self.models = model_provider(self.model_dir, conf.get("model"), conf.get("device"), conf.get("vae_dir"),
-                                     conf.get("latent_cache_dir"))
+        # Model versions: a training run adds one, validation or an administrator promotes one.
+        self.registry = ModelRegistry(self.state_dir / "models", default_model_path())
+        lifecycle.adopt_published(self.registry, self.model_dir)
+        self.conf_model = Path(conf["model"]) if conf.get("model") else None
+        self.models = model_provider(self.registry.served_path, conf.get("model"), conf.get("device"),
+                                     conf.get("vae_dir"), conf.get("latent_cache_dir"))
         self.ct_imputation = CTImputationConfig.from_conf(conf)
         self.jobs = JobTable()  # dose requests with a job_id: progress and cancel (/diffkt3d/jobs)
         self.ct_models = (PRDiTModelProvider(self.ct_imputation, self.models.run_lock)
@@ -124,9 +132,10 @@ class DiffKT3DApp(MONAILabelApp):
         }
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        return {"any2any": Any2AnyTrainTask(self.model_dir, self.audit),
+        return {"any2any": Any2AnyTrainTask(self.model_dir, self.registry, self.models.current_path, self.audit,
+                                            override=self.conf_model),
                 "scardnft": ScardNFTTrainTask(self.model_dir, self.preferences, self.models.current_path,
-                                              self.audit)}
+                                              self.registry, self.audit, override=self.conf_model)}
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {"preference": PreferenceStrategy(self.preferences)}
@@ -140,12 +149,17 @@ class DiffKT3DApp(MONAILabelApp):
                             "max_upload_mb": self.max_upload_bytes / 2**20,
                             "max_image_mb": self.image_limits.max_image_mb,
                             "preferences_url": "/diffkt3d/preferences", "auth": self.auth.enabled,
-                            "ct_backbone": self.ct_imputation.backbone, "ct_model_version": self.ct_models.version()}
+                            "ct_backbone": self.ct_imputation.backbone, "ct_model_version": self.ct_models.version(),
+                            "models_url": MODELS_PATH,
+                            # which version is served and the figures it was accepted on (--conf model pins a file)
+                            "served_model": ({"id": None, "pinned_by_conf_model": True} if self.conf_model
+                                             else served_summary(self.registry))}
         return meta
 
     def on_init_complete(self) -> None:
         super().on_init_complete()
         from monailabel.app import app as api  # the running server's FastAPI object
+        from monailabel.config import settings
 
         from monailabel_app.preference_routes import Provenance
         from monailabel_app.routes import install
@@ -159,6 +173,7 @@ class DiffKT3DApp(MONAILabelApp):
                 train_server_only=any2any.SERVER_DECIDED | scardnft.SERVER_DECIDED,
                 train_validators={"any2any": any2any.check_request, "scardnft": scardnft.check_request},
                 jobs=self.jobs, case_dir=self._datastore.case_dir)  # type: ignore[attr-defined]
+        api.include_router(model_router(self.registry), prefix=settings.MONAI_LABEL_API_STR)
         install_log_redaction()
         log.info("authentication %s; audit log %s", "ON" if self.auth.enabled else "off (local demo)",
                  self.audit.path)

@@ -21,6 +21,21 @@ def test_transfer_extra_declares_and_provides_peft_and_diffusers() -> None:
         assert importlib.util.find_spec(module) is not None, f"{module} missing: run pip install -e '.[transfer]'"
 
 
+def test_server_install_runs_scardnft() -> None:
+    """The server's quick start runs the preference -> ScardNFT loop: peft is in the server set, at a
+    version the `transfer` extra accepts."""
+    server = (REPO / "requirements-server.txt").read_text().splitlines()
+    pins = [line for line in server if line.startswith("peft==")]
+    assert len(pins) == 1, "requirements-server.txt must pin peft (ScardNFT's LoRA)"
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    floor = next(r for r in extras["transfer"] if r.startswith("peft>="))
+
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in text.split("=")[-1].split(".")[:2])
+
+    assert version(pins[0]) >= version(floor), (pins[0], floor)
+
+
 def test_documented_install_steps_are_the_ones_setup_env_runs() -> None:
     """docs/server.md and docs/slicer.md list pip commands; setup_env.sh (run by scripts/test.sh in CI)
     must run the same ones, so the documented install is the tested one."""

@@ -41,6 +41,9 @@ AUTH = "tests/monailabel_app/test_server_auth.py"
 AUTH_LOGIN = f"{AUTH}::test_login_through_the_server_gives_a_working_token"
 PACS = "tests/monailabel_app/test_server_pacs.py"
 PACS_SERVER = f"{PACS}::test_orthanc_needs_credentials_and_the_server_lists_its_ct_series"
+AUTH_AUDIT = "test_training_runs_models_and_refusals_are_audited_and_only_admins_read_the_trail"
+LIFECYCLE = ("tests/monailabel_app/test_server_model_lifecycle.py::"
+             "test_preference_loop_validates_keeps_a_ruined_candidate_promotes_and_rolls_back")
 GPU_NOTE = ("not run: needs 8 GPUs; the same entry point runs under torchrun with gloo on 2 CPU ranks in "
             "tests/training/test_distributed.py::test_torchrun_gloo_two_ranks")
 LATENT_GPU_NOTE = ("not run: needs a GPU and a trained Wan checkpoint; the same entry point serves a tiny latent "
@@ -79,7 +82,6 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/cli/test_import_cmd.py::test_import_openkbp_and_refuse_overwrite",),
         "diffkt3d import openkbp open-kbp/provided-data/validation-pats --out data/openkbp/validation": (
             "tests/cli/test_import_cmd.py::test_import_openkbp_and_refuse_overwrite",),
-        "pip install -e '.[transfer]'": (TRANSFER, ".ci/run"),
     },
     "docs/benchmarks.md": {
         "python benchmarks/dose_benchmark.py": ("tests/benchmarks/test_dose_benchmark_cmd.py::"
@@ -95,6 +97,16 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
         "export MONAI_LABEL_TRACKING_ENABLED=false": (SERVER,),
         "export MONAI_LABEL_INFER_CONCURRENCY=1": (SERVER,),
         "monailabel start_server --app monailabel_app --studies sample-data --port 8000": (SERVER,),
+        # the model lifecycle: trained, validated, kept or promoted, listed, rolled back over HTTP
+        "curl -X POST http://HOST:8000/train/scardnft -H 'Content-Type: application/json' "
+        "-d '{\"iterations\": 20, \"validation.rule.min_cases\": 5}'": (LIFECYCLE,),
+        "curl http://HOST:8000/train/": (LIFECYCLE,),
+        "curl http://HOST:8000/diffkt3d/models": (LIFECYCLE,),
+        "curl http://HOST:8000/diffkt3d/models/v2-scardnft": (LIFECYCLE,),
+        "curl -X POST http://HOST:8000/diffkt3d/models/v2-scardnft/promote -H 'Content-Type: application/json' "
+        "-d '{\"reason\": \"accepted by the physics team\"}'": (LIFECYCLE, f"{AUTH}::{AUTH_AUDIT}"),
+        "curl -X POST http://HOST:8000/diffkt3d/models/shipped/promote -H 'Content-Type: application/json' "
+        "-d '{\"reason\": \"roll back\"}'": (LIFECYCLE,),
     },
     "docs/request-format.md": {
         "curl -X POST \"http://HOST:8000/infer/dose?image=pt_201&output=all\" "

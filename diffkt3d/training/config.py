@@ -158,6 +158,10 @@ class TrainConfig:
             preview and the first sampling steps need) learns slowly; "x0" weights all t alike.
         seed: makes data order, noise and init reproducible.
         threads: torch CPU threads (None: torch default).
+        init_from: checkpoint to fine-tune (None: a new model). Its architecture, encoding and flow
+            shift are used, so `model_preset`, `model_overrides`, `grid` and `ptv_resampling` do
+            not apply; the stages, losses and budgets are this config's. A clinic adapting its
+            served model to its own cases starts here instead of from random weights.
     """
 
     model_preset: str = "cpu-default"
@@ -180,6 +184,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     threads: int | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.loss_space not in ("v", "x0"):

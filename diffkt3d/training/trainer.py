@@ -30,7 +30,7 @@ from diffkt3d.data.encoding import EncodingConfig
 from diffkt3d.flow.matching import FlowConfig, add_noise, predict_x0, sample_timesteps, velocity_target
 from diffkt3d.machine import describe_machine
 from diffkt3d.models.any2any_dit import Any2AnyDiT
-from diffkt3d.models.checkpoint import read_checkpoint, save_checkpoint
+from diffkt3d.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from diffkt3d.models.config import DiTConfig, get_config
 from diffkt3d.training.augment import augment_case
 from diffkt3d.training.config import StageConfig, TrainConfig
@@ -91,13 +91,22 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.encoding = EncodingConfig(grid=tuple(cfg.grid), ptv_resampling=cfg.ptv_resampling)
-        self.model_config = build_model_config(cfg, self.encoding)
-        self.flow = FlowConfig(shift=cfg.flow_shift)
+        base = load_checkpoint(cfg.init_from) if cfg.init_from else None
+        if base is not None:  # fine-tuning: the checkpoint decides architecture and preprocessing
+            self.encoding, self.model_config = base.encoding, base.model.config
+            self.flow = FlowConfig(shift=base.flow_shift)
+            log.info("fine-tuning %s (its architecture, grid %s and encoding; the recipe's model fields unused)",
+                     base.version, list(base.encoding.grid))
+        else:
+            self.encoding = EncodingConfig(grid=tuple(cfg.grid), ptv_resampling=cfg.ptv_resampling)
+            self.model_config = build_model_config(cfg, self.encoding)
+            self.flow = FlowConfig(shift=cfg.flow_shift)
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.model = Any2AnyDiT(self.model_config).to(self.device)
+        if base is not None:
+            self.model.load_state_dict(base.model.state_dict())
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.stages[0].lr, betas=(0.9, 0.999),
                                           eps=1e-8, weight_decay=0.0)

@@ -243,23 +243,25 @@ def test_routes_preferences_upload_limit_and_unavailable_trainer(tmp_path):
 
 
 @pytest.mark.slow
-def test_any2any_task_trains_on_two_processes_through_torchrun(tmp_path):
-    """The train task's several-GPU path (DDP via torchrun), exercised with gloo on 2 CPU processes."""
+def test_any2any_task_trains_on_two_processes_through_torchrun(tmp_path, tiny_checkpoint):
+    """The train task's several-GPU path (DDP via torchrun), exercised with gloo on 2 CPU processes:
+    it fine-tunes the served model as the one-process path does."""
     from diffkt3d.data.synthetic import make_synthetic_case
     from diffkt3d.io.case_folder import save_case_folder
-    from diffkt3d.models.checkpoint import load_checkpoint
+    from diffkt3d.models.checkpoint import load_checkpoint, read_checkpoint
+    from diffkt3d.models.registry import ModelRegistry
     from train_tasks.any2any import Any2AnyTrainTask, train_config_from_request
 
     dirs = [str(save_case_folder(make_synthetic_case(case_id=f"c{i}", seed=i), tmp_path / "cases" / f"c{i}"))
             for i in range(2)]
-    request = {"model_preset": "tiny", "model_overrides": {}, "stages.any2any.steps": 2, "stages.dose.steps": 2,
-               "grid": 16, "gpus": 2}
-    task = Any2AnyTrainTask(tmp_path / "model")
+    request = {"stages.any2any.steps": 2, "stages.dose.steps": 2, "gpus": 2}
+    task = Any2AnyTrainTask(tmp_path / "model", ModelRegistry(tmp_path / "reg", None), lambda: tiny_checkpoint)
     run_dir = tmp_path / "run"
-    cfg = train_config_from_request(request, dirs, run_dir, tmp_path / "cache")
+    cfg = train_config_from_request(request, dirs, run_dir, tmp_path / "cache", base_model=tiny_checkpoint)
     final = task._run_distributed(cfg, run_dir, nproc=2)
     assert final.exists()
     assert load_checkpoint(final).meta["global_step"] == 4
+    assert read_checkpoint(final)["model_config"] == read_checkpoint(tiny_checkpoint)["model_config"]
 
 
 def test_gpus_request_field_maps_to_training_processes():
@@ -282,7 +284,7 @@ def test_dose_task_keeps_only_multi_candidate_results(tmp_path, tiny_checkpoint)
     from infer_tasks.common import CASE_ID_KEY, SOURCE_KEY, ModelProvider
     from infer_tasks.dose import DoseTask
 
-    task = DoseTask(ModelProvider(tiny_checkpoint, [], None, "cpu"), max_upload_bytes=10**9)
+    task = DoseTask(ModelProvider(tiny_checkpoint, None, None, "cpu"), max_upload_bytes=10**9)
     request = {"image": str(_write_case(tmp_path / "case_a", with_dose=False)), SOURCE_KEY: "datastore",
                CASE_ID_KEY: "case_a"}
     for _ in range(3):
@@ -308,7 +310,7 @@ def test_dose_answer_feeds_the_preference_strategy(studies, tiny_checkpoint):
     from monailabel_app.strategy import INFO_KEY
 
     ds = CaseFolderDatastore(studies)
-    task = DoseTask(ModelProvider(tiny_checkpoint, [], None, "cpu"), max_upload_bytes=10**9,
+    task = DoseTask(ModelProvider(tiny_checkpoint, None, None, "cpu"), max_upload_bytes=10**9,
                     on_candidates=lambda case_id, source, result: record_candidates(ds, case_id, result))
     out, answer = task({"image": str(studies / "case_a"), SOURCE_KEY: "datastore", CASE_ID_KEY: "case_a",
                         "preview": True, "candidates": 2, "seed": 1})

@@ -229,6 +229,22 @@ ROWS = [
     Row("train: a server-decided key",
         lambda s: requests.post(f"{s['url']}/train/any2any", json={"out_dir": "/tmp/elsewhere"}, timeout=30),
         422, ("out_dir", "decided by the server")),
+    Row("train: the start model named by the client",
+        lambda s: requests.post(f"{s['url']}/train/any2any", json={"init_from": "/etc/passwd"}, timeout=30),
+        422, ("init_from", "decided by the server")),
+    Row("train: a bad validation rule",
+        lambda s: requests.post(f"{s['url']}/train/any2any", json={"validation.rule.min_cases": 0}, timeout=30),
+        422, ("min_cases must be an integer >= 1", "validation.yaml")),
+    Row("models: promote a path instead of a version",
+        lambda s: requests.post(f"{s['url']}/diffkt3d/models/..%2F..%2Fetc/promote", json={}, timeout=30),
+        404, ()),
+    Row("models: promote an unknown version",
+        lambda s: requests.post(f"{s['url']}/diffkt3d/models/v7-any2any/promote", json={}, timeout=30),
+        404, ("no model version 'v7-any2any'", "shipped")),
+    Row("models: a reason longer than 500 characters",
+        lambda s: requests.post(f"{s['url']}/diffkt3d/models/shipped/promote", json={"reason": "x" * 501},
+                                timeout=30),
+        422, ()),
 ]
 
 
@@ -242,6 +258,7 @@ def _stored(srv: dict[str, Any]) -> dict[str, Any]:
     state = srv["state"]
     prefs = state / "preferences"
     return {"datastore": _tree(srv["studies"]), "case info": _tree(state / "info"),
+            "model versions": _tree(state / "models") if (state / "models").is_dir() else {},
             "preferences": (prefs / "preferences.jsonl").read_bytes() if (prefs / "preferences.jsonl").exists() else b"",
             "served": (prefs / "served_candidates.jsonl").read_bytes()
             if (prefs / "served_candidates.jsonl").exists() else b""}

@@ -212,6 +212,10 @@ def _privileged_routes(server, idp) -> list[tuple[str, object, set[str], set[int
         ("GET", fixed("/model/info/dose"), DATA_ROLES, {404}),
         ("PUT", fixed("/model/dose", files={"file": ("m.pt", b"x")}), DATA_ROLES, {404}),
         ("DELETE", fixed("/model/dose"), DATA_ROLES, {404}),
+        # model versions: physicists and admins read them, only an admin promotes (here the served one again)
+        ("GET", fixed("/diffkt3d/models"), DATA_ROLES, {200}),
+        ("GET", fixed("/diffkt3d/models/shipped"), DATA_ROLES, {200}),
+        ("POST", fixed("/diffkt3d/models/shipped/promote", json={}), {ADMIN}, {200}),
         # admin only: the trail, the server log, reload, and writes no policy entry names (deny by default)
         ("GET", fixed("/diffkt3d/audit"), {ADMIN}, {200}),
         ("GET", fixed("/logs/"), {ADMIN}, {200}),
@@ -304,9 +308,9 @@ def test_forged_rater_is_ignored(server, idp):
 # -- 4. audit trail ------------------------------------------------------------------------------------------
 def test_training_runs_models_and_refusals_are_audited_and_only_admins_read_the_trail(server, idp):
     url, phys = server["url"], _h(idp, "phys.jones")
-    request = {"model_preset": "tiny", "model_overrides": {}, "stages.any2any.steps": 1, "stages.dose.steps": 1,
-               "grid": 16}
-    # one run to the end: its published model is audited ...
+    request = {"from_scratch": True, "model_preset": "tiny", "model_overrides": {}, "stages.any2any.steps": 1,
+               "stages.dose.steps": 1, "grid": 16, "validation.steps": 1}
+    # one run to the end: its validation is audited ...
     r = requests.post(f"{url}/train/any2any", json=request, headers=phys, timeout=60)
     assert r.status_code == 200, r.text[:300]
     deadline, status = time.time() + 900, {}
@@ -321,16 +325,28 @@ def test_training_runs_models_and_refusals_are_audited_and_only_admins_read_the_
     r = requests.delete(f"{url}/train/", headers=phys, timeout=60)
     assert r.status_code == 200, r.text[:300]
     requests.put(f"{url}/model/dose", files={"file": ("m.pt", b"x")}, headers=_h(idp, "dr.smith"), timeout=30)
+    # model versions: physicists see them, only an administrator changes the served one (and rolls back)
+    assert requests.get(f"{url}/diffkt3d/models", headers=phys, timeout=30).status_code == 200
+    assert requests.get(f"{url}/diffkt3d/models", headers=_h(idp, "dr.smith"), timeout=30).status_code == 403
+    promote = f"{url}/diffkt3d/models/v1-any2any/promote"
+    assert requests.post(promote, json={}, headers=phys, timeout=30).status_code == 403
+    r = requests.post(promote, json={"reason": "audit test"}, headers=_h(idp, "root.admin"), timeout=30)
+    assert r.status_code == 200 and r.json()["served"]["by"] == "root.admin", r.text
+    r = requests.post(f"{url}/diffkt3d/models/shipped/promote", json={}, headers=_h(idp, "root.admin"), timeout=30)
+    assert r.status_code == 200 and r.json()["previous"] == "v1-any2any"
     for user in ("dr.smith", "phys.jones", "visitor"):
         assert requests.get(f"{url}/diffkt3d/audit", headers=_h(idp, user), timeout=30).status_code == 403
     entries = _audit(server, idp)
     seen = {(e["user"], e["action"], e["status"]) for e in entries}
     assert ("phys.jones", "train.start", 200) in seen and ("phys.jones", "train.stop", 200) in seen
     assert ("dr.smith", "model.upload", 403) in seen
-    published = [e for e in entries if e["action"] == "model.publish"]
-    assert len(published) == 1 and published[0]["details"]["model"] == "any2any/model.pt"
+    assert ("phys.jones", "model.promote", 403) in seen and ("root.admin", "model.promote", 200) in seen
+    validated = [e for e in entries if e["action"] == "model.validate"]
+    assert len(validated) == 1 and validated[0]["details"]["version"] == "v1-any2any", validated
+    assert validated[0]["details"]["decision"] == "keep"  # one case: nothing to validate on, not served
+    assert not [e for e in entries if e["action"] == "model.promote" and e["user"] == "training-run"]
     starts = [i for i, e in enumerate(entries) if e["action"] == "train.start" and e["status"] == 200]
-    assert starts[0] < entries.index(published[0])  # who started the run precedes what it published
+    assert starts[0] < entries.index(validated[0])  # who started the run precedes what it made
     assert ("anonymous", "model.upload", 401) in seen or any(e["action"] == "model.upload" and e["status"] == 401
                                                             for e in entries)
     # filters

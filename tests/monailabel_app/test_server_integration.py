@@ -265,7 +265,9 @@ def _wait_training(url: str, timeout_s: float = 900) -> dict:
 
 
 @pytest.mark.slow
-def test_short_scardnft_run_publishes_a_model_or_says_unavailable(server):
+def test_short_scardnft_run_adds_a_version_that_too_few_cases_keep_from_service(server):
+    """Two cases with a dose: one trains, one validates, and the rule wants three: the post-trained
+    model is kept as a version with its figures, and the served model does not change."""
     from train_tasks.scardnft import ScardNFTTrainTask
 
     url = server["url"]
@@ -273,9 +275,9 @@ def test_short_scardnft_run_publishes_a_model_or_says_unavailable(server):
         r = requests.post(f"{url}/train/scardnft", json={}, timeout=30)
         assert r.status_code == 503 and "not available" in r.json()["detail"]
         return
-    before = requests.get(f"{url}/info/", timeout=30).json()["diffkt3d"]["model_version"]
+    before = requests.get(f"{url}/info/", timeout=30).json()["diffkt3d"]
     params = {"iterations": 1, "group_size": 2, "sample_steps": 1, "inner_steps": 1, "lora_rank": 4,
-              "lora_alpha": 4.0, "max_cpu_minutes": 10}
+              "lora_alpha": 4.0, "max_cpu_minutes": 10, "validation.steps": 1}
     # The server decides the base model (the served one): a client naming one is refused before training.
     r = requests.post(f"{url}/train/scardnft", json={**params, "base_model": "/etc/passwd"}, timeout=60)
     assert r.status_code == 422 and "base_model" in r.json()["detail"], r.text
@@ -283,28 +285,37 @@ def test_short_scardnft_run_publishes_a_model_or_says_unavailable(server):
     assert r.status_code == 200, r.text
     status = _wait_training(url)
     assert status.get("status") == "DONE", json.dumps(status)[-3000:]
-    assert (server["root"] / "model" / "scardnft" / "model.pt").is_file()
     info = requests.get(f"{url}/info/", timeout=30).json()
     stats = info["train_stats"]["scardnft"]
-    assert stats["status"] == "done" and stats["iterations"] == 1 and stats["base_model"] != "/etc/passwd"
-    assert info["diffkt3d"]["model_version"] != before  # the post-trained model is served next
+    assert stats["status"] == "done" and stats["iterations"] == 1 and stats["base_model"] == "shipped"
+    assert stats["promoted"] is False and "min_cases = 3" in stats["validation"]["reasons"][0], stats
+    assert len(stats["validation"]["cases"]) == 1 and stats["validation"]["candidate_means"]["dose_score_gy"] > 0
+    assert (server["root"] / "state" / "models" / "versions" / stats["version"] / "model.pt").is_file()
+    assert info["diffkt3d"]["model_version"] == before["model_version"]  # kept, not served
+    assert info["diffkt3d"]["served_model"]["id"] == before["served_model"]["id"] == "shipped"
 
 
 @pytest.mark.slow
-def test_short_any2any_training_publishes_a_model_used_by_the_next_inference(server):
+def test_short_any2any_fine_tune_promoted_by_the_rule_serves_the_next_inference(server):
     url = server["url"]
     before = requests.get(f"{url}/info/", timeout=30).json()["diffkt3d"]["model_version"]
-    params = {"model_preset": "tiny", "model_overrides": {}, "stages.any2any.steps": 2, "stages.dose.steps": 2,
-              "grid": 16, "stages.any2any.warmup_steps": 1, "stages.dose.warmup_steps": 1}
+    # a fine-tune of the served model cannot change its architecture without from_scratch
+    r = requests.post(f"{url}/train/any2any", json={"grid": 16}, timeout=60)
+    assert r.status_code == 422 and "from_scratch" in r.json()["detail"], r.text
+    accept = {"validation.rule.min_cases": 1, "validation.rule.dose_score_margin_gy": 1000.0,
+              "validation.rule.dvh_score_margin_gy": 1000.0, "validation.rule.scorecard_margin_pct": 100.0}
+    params = {"stages.any2any.steps": 1, "stages.dose.steps": 2, "stages.any2any.warmup_steps": 1,
+              "stages.dose.warmup_steps": 1, "validation.steps": 1, **accept}
     r = requests.post(f"{url}/train/any2any", json=params, timeout=60)
     assert r.status_code == 200, r.text
     status = _wait_training(url)
     assert status.get("status") == "DONE", json.dumps(status)[-2000:]
-    model = server["root"] / "model" / "any2any" / "model.pt"
-    assert model.is_file()
     info = requests.get(f"{url}/info/", timeout=30).json()
-    assert info["train_stats"]["any2any"]["status"] == "done"
-    # the trained model takes over from the shipped one at the next request (mtime reload)
+    stats = info["train_stats"]["any2any"]
+    assert stats["status"] == "done" and stats["from_scratch"] is False and stats["promoted"] is True, stats
+    served = info["diffkt3d"]["served_model"]
+    assert served["id"] == stats["version"] and served["task"] == "any2any" and served["parent"] is not None
+    # the promoted model takes over at the next request
     after = info["diffkt3d"]["model_version"]
     assert after != before
     r = _infer(server, "dose", {"preview": True}, image="pt_202")

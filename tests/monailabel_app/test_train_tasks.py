@@ -26,10 +26,11 @@ def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def _server(request: dict, tmp_path: Path) -> TrainConfig:
+def _server(request: dict, tmp_path: Path, base_model: Path | None = None) -> TrainConfig:
     cases = [str(tmp_path / "datasets" / "openkbp" / "train")]
-    return train_config_from_request({"model": "any2any", "gpus": "all", **request}, cases, tmp_path / "run",
-                                     tmp_path / "cache")
+    scratch = {} if base_model else {"from_scratch": True}
+    return train_config_from_request({"model": "any2any", "gpus": "all", **scratch, **request}, cases,
+                                     tmp_path / "run", tmp_path / "cache", base_model=base_model)
 
 
 def _cli(args: list[str], data_root: Path) -> TrainConfig:
@@ -45,7 +46,7 @@ def _cli(args: list[str], data_root: Path) -> TrainConfig:
 def test_server_and_command_line_build_the_same_run(data_root: Path, tmp_path: Path, monkeypatch, request_body,
                                                      cli_args) -> None:
     """Field by field the same TrainConfig, apart from the fields the server decides (its data, its
-    run folder, no validation split)."""
+    run folder, no validation split during the run); from scratch, as the command line trains."""
     monkeypatch.chdir(REPO)
     server, cli = _server(request_body, tmp_path), _cli(cli_args, data_root)
     assert type(server) is type(cli) is TrainConfig
@@ -56,6 +57,35 @@ def test_server_and_command_line_build_the_same_run(data_root: Path, tmp_path: P
             assert getattr(server, field.name) == getattr(cli, field.name), field.name
     assert server.train_roots == [str(tmp_path / "datasets/openkbp/train")] and server.val_roots == []
     assert cli.val_roots == [str(data_root / "openkbp/validation")]
+
+
+def test_by_default_the_server_fine_tunes_the_served_model(data_root: Path, tmp_path: Path) -> None:
+    served = tmp_path / "served.pt"
+    cfg = _server({"stages.dose.steps": 5, "validation.rule.min_cases": 1}, tmp_path, base_model=served)
+    assert cfg.init_from == str(served) and cfg.stages[1].steps == 5 and cfg.stages[1].loss_norm == "l1"
+    # fields that describe a new model need the explicit from_scratch; without a served model too
+    for request in ({"grid": 32}, {"model_preset": "tiny"}, {"model_overrides.depth": 2}):
+        with pytest.raises(ConfigError, match="from_scratch"):
+            _server(request, tmp_path, base_model=served)
+    with pytest.raises(ConfigError, match="no served model to fine-tune"):
+        train_config_from_request({}, [], tmp_path / "run", tmp_path / "cache", base_model=None)
+    with pytest.raises(ConfigError, match="from_scratch must be true or false"):
+        _server({"from_scratch": "yes"}, tmp_path, base_model=served)
+    assert _server({"grid": 32}, tmp_path).init_from is None
+
+
+def test_validation_keys_are_checked_against_their_file(tmp_path: Path) -> None:
+    from train_tasks.any2any import PARAM_NAMES, check_request
+
+    assert {"validation.rule.min_cases", "validation.case_ids", "validation", "from_scratch"} <= PARAM_NAMES
+    check_request({"validation.rule.min_cases": 1, "validation": {"steps": 2}})
+    with pytest.raises(ConfigError, match=r"validation\.yaml.*min_cases must be an integer >= 1|min_cases must"):
+        check_request({"validation.rule.min_cases": 0})
+    with pytest.raises(ConfigError, match="unknown override 'stepz'"):
+        check_request({"validation.stepz": 2})
+    with pytest.raises(ConfigError) as err:
+        check_request({"validation.steps": "ten"})
+    assert "validation.yaml" in str(err.value) and str(REPO) not in str(err.value)
 
 
 def test_a_request_for_fewer_steps_keeps_the_recipes_stage_settings(data_root: Path, tmp_path: Path) -> None:
@@ -76,8 +106,11 @@ def test_unknown_request_keys_are_refused_and_server_paths_ignored(data_root: Pa
 
 
 def test_task_config_lists_the_recipes_fields(tmp_path: Path) -> None:
-    config = Any2AnyTrainTask(tmp_path / "model").config()
+    from diffkt3d.models.registry import ModelRegistry
+
+    config = Any2AnyTrainTask(tmp_path / "model", ModelRegistry(tmp_path / "reg", None), lambda: None).config()
     assert config["stages.dose.loss_norm"] == "l1" and config["stages.any2any.max_cpu_minutes"] == 13
+    assert config["from_scratch"] is False and config["validation.rule.min_cases"] == 3
     assert config["model_preset"] == "cpu-default" and config["gpus"] == "all"
     assert not {k for k in config if k.split(".")[0] in SERVER_DECIDED}
     assert RECIPE == REPO / "configs" / "cpu-default.yaml"
@@ -103,7 +136,10 @@ def test_scardnft_task_overrides_its_recipe(data_root: Path, tmp_path: Path, mon
     with pytest.raises(ConfigError, match="unknown override 'iteratons'"):
         scardnft_config_from_request({"iteratons": 3}, cases, tmp_path / "m.pt", tmp_path / "run", tmp_path / "p")
 
-    task = ScardNFTTrainTask(tmp_path / "model", PreferenceStore(tmp_path / "prefs"), lambda: None)
+    from diffkt3d.models.registry import ModelRegistry
+
+    task = ScardNFTTrainTask(tmp_path / "model", PreferenceStore(tmp_path / "prefs"), lambda: None,
+                             ModelRegistry(tmp_path / "reg", None))
     config = task.config()
     if not task.available():
         assert config == {"available": False, "reason": config["reason"]} and "peft" in config["reason"]

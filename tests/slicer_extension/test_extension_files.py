@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "slicer_extension" / "DiffKT3D"
 LIB = MODULE / "DiffKT3DLib"
 PURE = {"__init__", "candidates", "client", "client_jobs", "constants", "dvh", "parameters", "preview", "roles",
-        "scorecard", "slicerrt", "training", "worker"}
+        "scorecard", "served_model", "slicerrt", "training", "worker"}
 
 
 def _cmake_list(text: str, var: str) -> list[str]:

@@ -258,3 +258,18 @@ def test_comparison_rows(small_case):
     first = answer["candidates"][1]["scorecard"]["items"][0]
     row = [r for r in rows if r[0] == first["structure"] and r[1] == (first["label"] or first["metric"])][0]
     assert row[3] == pytest.approx(first["score"])
+
+
+def test_served_model_line_names_the_version_its_parent_and_its_figures():
+    from DiffKT3DLib.served_model import served_model_text
+
+    served = {"id": "v2-scardnft", "parent": "shipped", "validation": {
+        "cases": ["pt_1", "pt_2"], "candidate_means": {"dose_score_gy": 3.104, "dvh_score_gy": 2.0,
+                                                       "scorecard_pct": 71.25, "preference_scorecard_pct": None}}}
+    assert served_model_text({"diffkt3d": {"served_model": served}}) == (
+        "model v2-scardnft (from shipped), validated on 2 cases: dose score 3.10 Gy, DVH score 2.00 Gy, "
+        "Scorecard 71.2 %")
+    assert served_model_text({"diffkt3d": {"served_model": {"id": "shipped", "validation": None}}}) == (
+        "model shipped (the shipped model)")
+    assert "--conf model" in served_model_text({"diffkt3d": {"served_model": {"pinned_by_conf_model": True}}})
+    assert "does not report" in served_model_text({"diffkt3d": {}})

@@ -257,3 +257,25 @@ def test_each_run_is_recorded_as_a_piece_with_its_machine_and_cost(tmp_path, dat
     Trainer(cfg, device="cpu").run()
     meta = read_checkpoint(tmp_path / "run" / "final.pt")["meta"]
     assert [p["from_step"] for p in meta["pieces"]] == [2, 4] and meta["pieces"][1]["to_step"] == 4
+
+
+def test_init_from_fine_tunes_the_checkpoint_with_its_own_architecture(tmp_path, data_root, tiny_checkpoint):
+    """A fine-tune starts from the checkpoint's weights (not random ones) and keeps its architecture
+    and encoding, whatever the recipe's model fields say."""
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(tiny_config(tmp_path, data_root, steps_a=1, steps_b=1), model_preset="cpu-default",
+                              grid=(32, 32, 32), init_from=str(tiny_checkpoint), val_roots=[], eval_every=0)
+    trainer = Trainer(cfg, device="cpu")
+    base = read_checkpoint(tiny_checkpoint)
+    assert trainer.model_config.to_dict() == base["model_config"] and list(trainer.encoding.grid) == [16, 16, 16]
+    start = trainer.model.state_dict()
+    assert all(torch.equal(start[k], v) for k, v in base["state_dict"].items())
+    final = read_checkpoint(trainer.run(resume=False))
+    assert final["model_config"] == base["model_config"] and final["encoding"] == base["encoding"]
+    moved = [k for k, v in base["state_dict"].items() if not torch.equal(final["state_dict"][k], v)]
+    assert moved  # it trained ...
+    scratch = Trainer(dataclasses.replace(cfg, init_from=None, model_preset="tiny", grid=(16, 16, 16),
+                                          out_dir=str(tmp_path / "scratch")), device="cpu")
+    differ = sum(float((scratch.model.state_dict()[k] - v).abs().sum()) for k, v in base["state_dict"].items())
+    close = sum(float((final["state_dict"][k] - v).abs().sum()) for k, v in base["state_dict"].items())
+    assert close < differ / 3  # ... from the checkpoint's weights, not from a new random model

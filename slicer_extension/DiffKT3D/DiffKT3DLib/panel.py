@@ -24,6 +24,7 @@ from .constants import (
 from .parameters import CT_REFERENCE, REFERENCE_DOSE_REFERENCE, SEGMENTATION_REFERENCE, ModuleSettings
 from .roles import StructureRole
 from .scene import COMPARISON_TABLE_NAME, REFERENCE_TABLE_NAME
+from .served_model import served_model_text
 from .worker import ThreadRunner
 from .workflow import DoseRequest, Workflow
 
@@ -175,6 +176,7 @@ class Panel:
         self.ui.trainTaskComboBox.clear()
         self.ui.trainTaskComboBox.addItems(result["tasks"]["trainers"])
         self.poll_training()
+        self.status(served_model_text(result["info"]))
 
     # -- inputs --------------------------------------------------------------------------------
     def fill_roles(self) -> None:
