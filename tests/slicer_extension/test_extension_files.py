@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "slicer_extension" / "DiffKT3D"
 LIB = MODULE / "DiffKT3DLib"
-PURE = {"__init__", "candidates", "client", "client_jobs", "constants", "dvh", "parameters", "preview", "roles",
+PURE = {"__init__", "candidates", "client", "client_jobs", "constants", "dvh", "imputation_quality", "parameters", "preview", "roles",
         "scorecard", "served_model", "slicerrt", "training", "worker"}
 
 

@@ -273,3 +273,19 @@ def test_served_model_line_names_the_version_its_parent_and_its_figures():
         "model shipped (the shipped model)")
     assert "--conf model" in served_model_text({"diffkt3d": {"served_model": {"pinned_by_conf_model": True}}})
     assert "does not report" in served_model_text({"diffkt3d": {}})
+
+
+def test_imputation_quality_lines_follow_the_servers_verdicts():
+    from DiffKT3DLib.imputation_quality import experimental_targets, experimental_text, warnings_text
+
+    info = {"models": {"dose": {}, "impute_ct": {"quality": {"status": "validated", "reason": "MAE 120 HU"}},
+                       "impute_oar": {"quality": {"status": "experimental", "reason": "mean Dice 0.02"}},
+                       "impute_ptv": {}}}
+    assert experimental_targets(info) == {"oar": "mean Dice 0.02", "ptv": "the server reports no quality verdict"}
+    assert experimental_text(info) == "imputation oar, ptv: experimental (no passing benchmark)"
+    info["models"]["impute_oar"]["quality"]["status"] = "validated"
+    del info["models"]["impute_ptv"]  # a task the server does not offer is not flagged
+    assert experimental_text(info) == ""
+    assert warnings_text("impute_oar", {"warnings": []}) == "impute_oar: done"
+    assert warnings_text("impute_oar", {"warnings": ["a", "Larynx: the imputed mask is empty"]}) == \
+        "impute_oar: done -- WARNING: a; Larynx: the imputed mask is empty"

@@ -201,6 +201,8 @@ def test_impute_ptv_and_ct(workflow, loaded_case, nifti_kji):
     errors, out = [], []
     _run(workflow, workflow.request_imputation("ptv", ct, seg, rs, on_done=out.append, on_error=errors.append))
     assert not errors, errors
+    # the served model has no passing PTV benchmark: the gate's warning reaches the module
+    assert out[0]["warnings"] and out[0]["warnings"][0].startswith("ptv imputation is experimental")
     labels = out[0]["params"]["labels"]
     result_file = sorted((workflow.work_dir).glob("*impute_ptv/result/*.nii*"))[0]
     labelmap = nifti_kji(result_file)[0]

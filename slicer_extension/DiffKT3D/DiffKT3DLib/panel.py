@@ -21,6 +21,7 @@ from .constants import (
     ROLES,
     TRAIN_POLL_INTERVAL_S,
 )
+from .imputation_quality import experimental_text
 from .parameters import CT_REFERENCE, REFERENCE_DOSE_REFERENCE, SEGMENTATION_REFERENCE, ModuleSettings
 from .roles import StructureRole
 from .scene import COMPARISON_TABLE_NAME, REFERENCE_TABLE_NAME
@@ -176,7 +177,9 @@ class Panel:
         self.ui.trainTaskComboBox.clear()
         self.ui.trainTaskComboBox.addItems(result["tasks"]["trainers"])
         self.poll_training()
-        self.status(served_model_text(result["info"]))
+        experimental = experimental_text(result["info"])
+        self.ui.imputeTargetComboBox.toolTip = experimental
+        self.status(served_model_text(result["info"]) + (f"; {experimental}" if experimental else ""))
 
     # -- inputs --------------------------------------------------------------------------------
     def fill_roles(self) -> None:

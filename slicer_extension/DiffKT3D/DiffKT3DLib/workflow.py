@@ -33,6 +33,7 @@ from .constants import (
     PREVIEW_STEPS,
     PREVIEW_TIMEOUT_S,
 )
+from .imputation_quality import warnings_text
 from .parameters import ParameterNode
 from .preview import Debouncer, SegmentEditWatcher
 from .scene import SceneLogic
@@ -409,7 +410,8 @@ class Workflow(CasesAndTraining):
                     raise ValueError(f"the {task} answer has no 'labels' mapping")
                 out["segments"] = self.scene_logic.add_imputed_labelmap(
                     segmentation_node, result["image"], labels, reference or ct_node)
-            self.on_status(f"{task}: done")
+            out["warnings"] = list(result["params"].get("warnings") or [])
+            self.on_status(warnings_text(task, result["params"]))
             if on_done:
                 on_done(out)
 
