@@ -58,9 +58,9 @@ def test_default_steps_are_the_named_constant(predictor, synthetic_case, monkeyp
     seen = {}
     real = predictor._sample
 
-    def spy(conditions, target, seeds, steps):
+    def spy(conditions, target, seeds, steps, on_step=None):
         seen["steps"] = steps
-        return real(conditions, target, seeds, 1)
+        return real(conditions, target, seeds, 1, on_step)
 
     monkeypatch.setattr(predictor, "_sample", spy)
     assert predictor.predict_dose(synthetic_case, template=None).steps == DEFAULT_STEPS == seen["steps"]

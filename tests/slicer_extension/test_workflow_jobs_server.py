@@ -185,7 +185,7 @@ def test_training_is_started_followed_and_stopped_from_the_panel(workflow):
     with pytest.raises(ValueError, match="no training task"):
         wf.start_training("nonexistent")
     # 1. a short run: followed to the end, with its loss and validation lines
-    params = {"model_preset": "tiny", "model_overrides": {}, "grid": 16, "stages.any2any.steps": 2,
+    params = {"from_scratch": True, "model_preset": "tiny", "model_overrides": {}, "grid": 16, "stages.any2any.steps": 2,
               "stages.dose.steps": 2, "stages.any2any.warmup_steps": 1, "stages.dose.warmup_steps": 1}
     run(wf.start_training("any2any", params, on_done=results.append, on_error=errors.append))
     deadline = time.monotonic() + 900
