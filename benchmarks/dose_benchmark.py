@@ -82,6 +82,11 @@ def run_child(args: argparse.Namespace) -> None:
         from diffkt3d.inference import Predictor
 
         predictor = Predictor.load(args.model)
+        meta = predictor.bundle.meta
+        model_info = {"version": predictor.model_version, "total_cpu_minutes": meta.get("total_cpu_minutes"),
+                      "global_step": meta.get("global_step"), "pieces": meta.get("pieces")}
+    else:
+        model_info = None
     if args.child == "peer":
         from peer import load_peer, predict_peer
 
@@ -140,7 +145,7 @@ def run_child(args: argparse.Namespace) -> None:
         rows.append(row)
         log.info("%s %s %s", args.child, ref.case_id, {k: v for k, v in row.items() if isinstance(v, float)})
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(args.child_out).write_text(json.dumps({"rows": rows, "peak_rss_mb": peak_mb}))
+    Path(args.child_out).write_text(json.dumps({"rows": rows, "peak_rss_mb": peak_mb, "model": model_info}))
 
 
 def quality_figures(rows: list[dict]) -> dict[str, dict]:
@@ -221,14 +226,27 @@ def reference_through_grid(predictor, folder: Path) -> np.ndarray:
     return decode_dose(x0, case.grid, predictor.encoding, case.body)
 
 
+# Per-case figures the paired table compares, and whether higher is better.
+PAIRED_FIGURES = {"dose_score": ("dose score, Gy", False), "dvh_case": ("DVH score, Gy", False),
+                  "scorecard": ("Scorecard", True)}
+
+
+def case_figure(row: dict, key: str) -> float:
+    """A per-case figure; ``dvh_case`` is the case's mean DVH error (the OpenKBP DVH score pools all
+    cases' errors, so a paired test needs one number per case)."""
+    return float(np.mean(row["dvh_errors"])) if key == "dvh_case" else float(row[key])
+
+
 def paired(rows_a: list[dict], rows_b: list[dict], key: str = "dose_score") -> dict:
     """Per-case paired comparison a - b over the cases both have: mean, cases a is better, Wilcoxon p."""
     from scipy.stats import wilcoxon
 
-    b = {r["case"]: r[key] for r in rows_b}
-    diffs = [r[key] - b[r["case"]] for r in rows_a if r["case"] in b]
+    higher_better = PAIRED_FIGURES[key][1]
+    b = {r["case"]: case_figure(r, key) for r in rows_b}
+    diffs = [case_figure(r, key) - b[r["case"]] for r in rows_a if r["case"] in b]
     p = float(wilcoxon(diffs).pvalue) if len(diffs) > 1 and any(diffs) else float("nan")
-    return {"n": len(diffs), "mean_diff": float(np.mean(diffs)), "a_better": int(sum(d < 0 for d in diffs)), "p": p}
+    better = sum(d > 0 for d in diffs) if higher_better else sum(d < 0 for d in diffs)
+    return {"n": len(diffs), "mean_diff": float(np.mean(diffs)), "a_better": int(better), "p": p}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -246,6 +264,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default=openkbp_dir("validation"))
     p.add_argument("--model", default=None, help="DiT checkpoint (default: shipped)")
+    p.add_argument("--label", default=None, help="model name in the report (default: cpu-default or the file name)")
     p.add_argument("--peer", default=str(ROOT / "runs/peer/basicunet.pt"))
     p.add_argument("--template", default=DEFAULT_TEMPLATE)
     p.add_argument("--limit", type=int, default=0, help="first N cases only (0 = all)")
@@ -281,7 +300,7 @@ def main() -> None:
         blob = json.loads(Path(child_out).read_text())
         Path(child_out).unlink()
         results[variant] = {"summary": summarise(blob["rows"]), "peak_rss_mb": blob["peak_rss_mb"], "rows": blob["rows"],
-                            "threads": args.threads if variant in TIMED else 1}
+                            "threads": args.threads if variant in TIMED else 1, "model": blob.get("model")}
 
     # Phase 1: the timed DiT variants, one at a time with all threads (their s/case are the figures).
     for variant in [v for v in args.variants if v in TIMED]:
@@ -329,8 +348,9 @@ def scorecard_item_lines(results: dict, names: dict[str, str]) -> list[str]:
 def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    names = {"dit10": "DiffKT3D cpu-default, 10 steps", "dit1": "DiffKT3D cpu-default, 1-step preview",
-             "dit10flip": "DiffKT3D cpu-default, 10 steps, test-time flip average",
+    label = args.label or ("DiffKT3D cpu-default" if args.model is None else f"DiffKT3D {Path(args.model).name}")
+    names = {"dit10": f"{label}, 10 steps", "dit1": f"{label}, 1-step preview",
+             "dit10flip": f"{label}, 10 steps, test-time flip average",
              "peer": "MONAI BasicUNet peer (L1 regression)",
              "prior": "geometric dose prior alone (no network; what the DiT starts from)",
              "grid": "reference dose through the working grid (encode, then decode: the floor for any prediction made on this grid)"}
@@ -354,16 +374,19 @@ def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) 
     pairs = [(a, b) for a, b in (("dit10", "peer"), ("dit10", "prior"), ("dit1", "peer"), ("dit1", "prior"),
                                                  ("dit10flip", "dit10"), ("dit10flip", "peer")) if a in results and b in results]
     if pairs:
-        lines += ["", "## Paired per-case comparison (dose score, Gy; Wilcoxon signed-rank, two-sided)", "",
-                  "| A vs B | cases | mean A - B (Gy) | cases A better | p |", "|---|---|---|---|---|"]
+        lines += ["", "## Paired per-case comparison (Wilcoxon signed-rank, two-sided)", "",
+                  "DVH: each case's mean DVH error. Scorecard: higher is better.", "",
+                  "| A vs B | figure | cases | mean A - B | cases A better | p |", "|---|---|---|---|---|---|"]
         for a, b in pairs:
-            c = paired(results[a]["rows"], results[b]["rows"])
-            results.setdefault("paired", {})[f"{a}-{b}"] = c
-            lines.append(f"| {a} vs {b} | {c['n']} | {c['mean_diff']:+.3f} | {c['a_better']} | {c['p']:.2g} |")
+            for key, (label, _) in PAIRED_FIGURES.items():
+                c = paired(results[a]["rows"], results[b]["rows"], key)
+                results.setdefault("paired", {})[f"{a}-{b}:{key}"] = c
+                lines.append(f"| {a} vs {b} | {label} | {c['n']} | {c['mean_diff']:+.3f} | {c['a_better']} | "
+                             f"{c['p']:.2g} |")
     if "impute" in results:
         rows = results["impute"]["rows"]
         ct = [r for r in rows if "ct_mae_hu" in r]
-        lines += ["", "## Imputation (DiffKT3D cpu-default, 10 steps)", "",
+        lines += ["", f"## Imputation ({label}, 10 steps)", "",
                   "| modality | cases | figure |", "|---|---|---|"]
         if ct:
             lines.append(f"| CT | {len(ct)} | MAE {np.mean([r['ct_mae_hu'] for r in ct]):.1f} HU inside the body, "
@@ -382,6 +405,14 @@ def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) 
         lines.append(f"\nPeer training: {meta.get('steps')} steps in {meta.get('cpu_minutes', 0):.1f} CPU-minutes, "
                      f"L1 loss over {'the body' if meta.get('loss_region') == 'body' else 'every voxel'} "
                      "(compare with the DiT's budget in docs/model-card.md; equal budgets are the target).")
+    info = next((r["model"] for r in results.values() if isinstance(r, dict) and r.get("model")), None)
+    if info:
+        pieces = info.get("pieces") or []
+        budget = (f"{info['total_cpu_minutes']:.1f} CPU-minutes recorded in {len(pieces)} piece(s)"
+                  if info.get("total_cpu_minutes") is not None else "CPU time not recorded in the checkpoint")
+        lines.append(f"\nDiT: model version {info['version']}, {info.get('global_step')} training steps, {budget}"
+                     + "".join(f"; piece {i}: {pc.get('machine')}, steps {pc.get('from_step')}-{pc.get('to_step')}, "
+                               f"{pc.get('cpu_minutes', 0):.1f} CPU-min" for i, pc in enumerate(pieces)) + ".")
     write_results(out, lines, started, args=vars(args), results=results)
     print("\n".join(lines))
 

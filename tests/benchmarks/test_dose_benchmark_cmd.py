@@ -28,9 +28,15 @@ def test_dose_benchmark_one_case_preview(tmp_path: Path, openkbp_root: Path) -> 
     prior = blob["results"]["prior"]["summary"]
     assert prior["n"] == 1 and 0 < prior["dose_score"] < 40
     # The paired row is the per-case difference of the two variants' own figures.
-    assert blob["results"]["paired"]["dit1-prior"]["mean_diff"] == pytest.approx(
-        summary["dose_score"] - prior["dose_score"])
-    assert "| dit1 vs prior | 1 |" in report
+    paired = blob["results"]["paired"]
+    assert paired["dit1-prior:dose_score"]["mean_diff"] == pytest.approx(summary["dose_score"] - prior["dose_score"])
+    # DVH is paired on each case's mean DVH error (one case: the pooled score), Scorecard on its total.
+    assert paired["dit1-prior:dvh_case"]["mean_diff"] == pytest.approx(summary["dvh_score"] - prior["dvh_score"])
+    assert paired["dit1-prior:scorecard"]["mean_diff"] == pytest.approx(summary["scorecard"] - prior["scorecard"])
+    assert paired["dit1-prior:scorecard"]["a_better"] == int(summary["scorecard"] > prior["scorecard"])
+    assert "| dit1 vs prior | dose score, Gy | 1 |" in report and "| dit1 vs prior | DVH score, Gy | 1 |" in report
+    # The DiT's own version and training record are named.
+    assert "DiT: model version cpu-default@" in report
     # Per-item table: item ids are the template's own.
     assert "## Scorecard by item" in report and "| ptv_high_d95 |" in report
     from diffkt3d.scorecard import load_template
