@@ -95,7 +95,7 @@ def store_result(datastore: PacsDatastore, case_id: str, task: str, result_file:
         labels = {str(k): int(v) for k, v in (result.get("labels") or {}).items()}
         label_map, _ = load_nifti(_path(result_file), case_id, np.uint8, datastore.image_limits)
         masks = {name: (label_map == value, ROLE[task]) for name, value in labels.items()}
-        d = derived_rtstruct(masks, ref, identity=ident, series_number=series_base + version,
+        d = derived_rtstruct(masks, ref, model_version=model_version, identity=ident, series_number=series_base + version,
                              description=description, label="DiffKT3D imputed")
     answer = {"study": study, "series": str(d.SeriesInstanceUID), "sop_instance": str(d.SOPInstanceUID),
               "modality": modality, "earlier": [str(s.SeriesInstanceUID) for s in ours
