@@ -105,3 +105,16 @@ def test_write_case_then_export_dicom_marks_imputed_rois(tmp_path, openkbp_root,
     assert main(["import", "dicom", str(dicom / "pt_201"), "--out", str(back)]) == 0
     reimported = json.loads((back / "pt_201" / "plan.json").read_text())["structures"]
     assert {n for n, s in reimported.items() if s.get("imputed_by") == version} == set(imputed)
+
+
+def test_write_case_refusals_keep_the_input_case(tmp_path, synthetic_case_dir, tiny_checkpoint, capsys):
+    before = {p.name: p.read_bytes() for p in synthetic_case_dir.iterdir()}
+    base = ["impute", str(synthetic_case_dir), "--steps", "1", "--model", str(tiny_checkpoint)]
+    assert main([*base, "--target", "ct", "--out", str(tmp_path / "o"), "--write-case"]) == 2
+    assert "--write-case writes imputed structures" in capsys.readouterr().err
+    # ROOT/<case> would be the input folder itself: refused, with or without --write-case
+    for extra in ([], ["--write-case"]):
+        assert main([*base, "--target", "oar", "--out", str(synthetic_case_dir.parent), *extra]) == 2
+        assert "would write into the input case folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in synthetic_case_dir.iterdir()} == before
+    assert not (tmp_path / "o").exists()
