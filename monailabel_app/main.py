@@ -67,6 +67,7 @@ from infer_tasks.jobs import JobTable  # noqa: E402
 from monailabel_app.auth import AuthSettings, TokenVerifier  # noqa: E402
 from monailabel_app.datastore import CaseFolderDatastore, UnknownCaseError  # noqa: E402
 from monailabel_app.model_routes import MODELS_PATH, model_router, served_summary  # noqa: E402
+from monailabel_app.pacs_audit import PacsWriteAudit  # noqa: E402
 from monailabel_app.pacs_datastore import PacsDatastore, dicomweb_client  # noqa: E402
 from monailabel_app.pacs_store import answer_from_pacs  # noqa: E402
 from monailabel_app.redact import install_log_redaction, redact  # noqa: E402
@@ -219,7 +220,8 @@ class DiffKT3DApp(MONAILabelApp):
             answer = super().infer(request, datastore)
             if isinstance(self._datastore, PacsDatastore) and request[SOURCE_KEY] == "datastore":
                 answer_from_pacs(self._datastore, request[CASE_ID_KEY], model, request, answer,
-                                 getattr(self._infers[model], "param_names", frozenset()))
+                                 getattr(self._infers[model], "param_names", frozenset()),
+                                 PacsWriteAudit(self.audit, f"/infer/{model}"))
             return answer
         # Error texts go through `redact`: an uploaded file named after the patient stays out of them.
         except TaskError as exc:

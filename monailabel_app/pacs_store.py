@@ -14,6 +14,8 @@ what it is (task, CT series, structure set, plan, model version and the request'
 Nothing is deleted: DICOMweb has no delete, and a clinic's PACS decides what it keeps.
 
 A preview dose (`preview`) and a fetched candidate (`request_id`) are answered but not stored.
+Every store is audited (`monailabel_app.pacs_audit`): journalled before the STOW-RS request, the
+outcome in the audit trail after, with the requesting user.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from diffkt3d.io.dicom_study import (
     derived_rtdose,
     derived_rtstruct,
 )
+from monailabel_app.pacs_audit import PacsWriteAudit
 from monailabel_app.pacs_datastore import PacsDatastore, PacsError
 
 log = logging.getLogger(__name__)
@@ -61,10 +64,11 @@ def _study_series(datastore: PacsDatastore, study: str, modality: str) -> list[D
 
 
 def store_result(datastore: PacsDatastore, case_id: str, task: str, result_file: str, result: dict[str, Any],
-                 request: dict[str, Any]) -> dict[str, Any]:
+                 request: dict[str, Any], audit: PacsWriteAudit | None = None) -> dict[str, Any]:
     """Store one result in the case's study; returns the `stored` part of the answer.
 
-    `request` holds the client's parameters of the task (nothing the server added).
+    `request` holds the client's parameters of the task (nothing the server added). `audit`
+    records the write (None: not audited; only for tests of the DICOM content).
 
     Raises:
         CaseError: the result does not fit the study's CT grid; PacsError: the PACS refused it.
@@ -95,7 +99,7 @@ def store_result(datastore: PacsDatastore, case_id: str, task: str, result_file:
         labels = {str(k): int(v) for k, v in (result.get("labels") or {}).items()}
         label_map, _ = load_nifti(_path(result_file), case_id, np.uint8, datastore.image_limits)
         masks = {name: (label_map == value, ROLE[task]) for name, value in labels.items()}
-        d = derived_rtstruct(masks, ref, identity=ident, series_number=series_base + version,
+        d = derived_rtstruct(masks, ref, model_version=model_version, identity=ident, series_number=series_base + version,
                              description=description, label="DiffKT3D imputed")
     answer = {"study": study, "series": str(d.SeriesInstanceUID), "sop_instance": str(d.SOPInstanceUID),
               "modality": modality, "earlier": [str(s.SeriesInstanceUID) for s in ours
@@ -103,11 +107,30 @@ def store_result(datastore: PacsDatastore, case_id: str, task: str, result_file:
     same = [s for s in ours if str(s.SeriesInstanceUID) == str(d.SeriesInstanceUID)]
     if same:
         return {**answer, "status": "already stored", "series_description": str(same[0].get("SeriesDescription", ""))}
-    response = datastore._call(f"storing the {modality} (STOW-RS)", datastore.client.store_instances, [d], study)
-    failed = response.get("FailedSOPSequence") if response is not None else None
-    if failed:
-        reason = failed[0].get("FailureReason", "?")
-        raise PacsError(f"the PACS refused the {modality} (STOW-RS FailureReason {reason})", case=case_id)
+    details = {"case_id": case_id, "task": task, "modality": modality, "study": study,
+               "series": answer["series"], "sop_instance": answer["sop_instance"], "model_version": model_version,
+               "series_description": description}
+    audit_id = None
+    if audit is not None:
+        try:
+            audit_id = audit.before(details)
+        except Exception:
+            log.exception("AUDIT JOURNAL WRITE FAILED: case %s %s not stored in the PACS", case_id, modality)
+            return {**answer, "status": "not stored",
+                    "reason": "audit trail unavailable: the server could not record the PACS write, so it did not "
+                              "store it; ask the server's administrator to check the audit directory"}
+    try:
+        response = datastore._call(f"storing the {modality} (STOW-RS)", datastore.client.store_instances, [d], study)
+        failed = response.get("FailedSOPSequence") if response is not None else None
+        if failed:
+            reason = failed[0].get("FailureReason", "?")
+            raise PacsError(f"the PACS refused the {modality} (STOW-RS FailureReason {reason})", case=case_id)
+    except CaseError as exc:
+        if audit is not None and audit_id is not None:
+            audit.after(audit_id, getattr(exc, "status", 502), {**details, "reason": str(exc)})
+        raise
+    if audit is not None and audit_id is not None:
+        audit.after(audit_id, 201, details)
     log.info("case %s: stored %s series %s (%s)", case_id, modality, d.SeriesInstanceUID, description)
     return {**answer, "status": "stored", "series_description": description, "version": version}
 
@@ -120,10 +143,10 @@ def _path(result_file: str) -> Path:
 
 
 def answer_from_pacs(datastore: PacsDatastore, case_id: str, task: str, request: dict[str, Any],
-                     answer: dict[str, Any], param_names: frozenset[str]) -> None:
+                     answer: dict[str, Any], param_names: frozenset[str], audit: PacsWriteAudit | None = None) -> None:
     """Add to a task's answer where its case came from in the PACS (every choice and inference) and,
     for the tasks that write back, what was stored (`stored`; a failed store is reported there, the
-    prediction is still answered)."""
+    prediction is still answered). `audit`: as in `store_result`."""
     result = answer.get("params")
     if not isinstance(result, dict):
         return
@@ -136,7 +159,8 @@ def answer_from_pacs(datastore: PacsDatastore, case_id: str, task: str, request:
         return
     params = {k: v for k, v in request.items() if k in param_names}
     try:
-        result["stored"] = store_result(datastore, case_id, task, str(answer.get("file") or ""), result, params)
+        result["stored"] = store_result(datastore, case_id, task, str(answer.get("file") or ""), result, params,
+                                        audit)
     except CaseError as exc:
         log.error("case %s: %s result not stored in the PACS: %s", case_id, task, exc)
         result["stored"] = {"status": "failed", "reason": str(exc)}

@@ -52,6 +52,7 @@ from monailabel_app.auth import (
 )
 from monailabel_app.case_routes import case_router
 from monailabel_app.job_routes import job_router
+from monailabel_app.pacs_audit import acting_as
 from monailabel_app.preference_routes import Provenance, preference_router
 from monailabel_app.redact import redact
 from monailabel_app.request_checks import check_infer_source, infer_params, train_endpoint
@@ -191,7 +192,7 @@ def _threaded_infer_route(api: FastAPI) -> None:
     # Imported here: monailabel.endpoints.infer pulls in all of MONAI (slow), only needed by a server.
     from monailabel.endpoints.infer import ResultType, run_inference
 
-    def infer(background_tasks: BackgroundTasks, model: str, user: UserDep,
+    def infer(background_tasks: BackgroundTasks, model: str, user: UserDep, request: Request,
               image: str = "", session_id: str = "", params: Annotated[str, Form()] = "{}",
               file: Annotated[UploadFile | None, File()] = None, label: Annotated[UploadFile | None, File()] = None,
               output: str | None = None):
@@ -201,8 +202,10 @@ def _threaded_infer_route(api: FastAPI) -> None:
         kinds = [k.value for k in ResultType]
         if output is not None and output not in kinds:
             raise HTTPException(status_code=422, detail=f"output must be one of {kinds}, found {output!r}")
-        return run_inference(background_tasks, model, image, session_id, params, file, label,
-                             None if output is None else ResultType(output))
+        # the task runs here, in this thread: a PACS write it makes is audited under this user (pacs_audit.py)
+        with acting_as(getattr(request.state, STATE_IDENTITY, None)):
+            return run_inference(background_tasks, model, image, session_id, params, file, label,
+                                 None if output is None else ResultType(output))
 
     _add_first(api, f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}", infer, "POST")
 

@@ -66,6 +66,10 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
         "diffkt3d impute --target ct|ptv|oar CASE... --out ROOT [--steps 10] [--seed S]": (
             f"{CLI}::test_impute_ptv_writes_masks_on_the_case_grid",
             "tests/cli/test_impute_cmd.py::test_prdit_backbone_writes_ct_on_the_case_grid"),
+        "diffkt3d impute --target ptv|oar CASE --out ROOT --write-case": (
+            "tests/cli/test_impute_cmd.py::test_write_case_then_export_dicom_marks_imputed_rois",),
+        "diffkt3d export dicom ROOT/<case>": (
+            "tests/cli/test_impute_cmd.py::test_write_case_then_export_dicom_marks_imputed_rois",),
         "diffkt3d evaluate --pred ROOT --ref ROOT [--json FILE] [--template openkbp_hn]": (
             f"{CLI}::test_evaluate_predictions_against_sample_data",),
         "diffkt3d train --config configs/cpu-default.yaml --data-root DIR [--set KEY=VALUE] [--out-dir D] "

@@ -14,11 +14,14 @@ from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS, IMPUTABLE
 from diffkt3d.errors import ConfigError
 from diffkt3d.inference.ct_backbone import CT_BACKBONES, PRDIT_SAMPLERS, CTImputationConfig
 from diffkt3d.io.case_folder import load_case_folder, save_nifti
+from diffkt3d.io.imputed_case import MASK_ROLES, write_imputed_case
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("impute", help="impute CT, PTV or OAR masks of case folders",
-                       description="Writes ROOT/<case>/ct.nii.gz (HU) or one <Structure>.nii.gz per mask.")
+                       description="Writes ROOT/<case>/ct.nii.gz (HU) or one <Structure>.nii.gz per mask; "
+                                   "with --write-case ROOT/<case> is the whole case with the imputed "
+                                   "structures in it, ready for `diffkt3d export dicom`.")
     p.add_argument("cases", nargs="+", help="case folders")
     p.add_argument("--target", required=True, choices=IMPUTABLE)
     p.add_argument("--out", required=True)
@@ -26,6 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--device", default=None)
+    p.add_argument("--write-case", action="store_true",
+                   help="(--target ptv / oar) write ROOT/<case> as a complete case folder: the input case's "
+                        "files, the imputed structures added or replacing those of the same name, and plan.json "
+                        "with their roles, prescriptions and `imputed_by` (model version); ROOT/<case> must not "
+                        "hold files yet")
     add_latent_model_args(p)
     g = p.add_argument_group("CT backbone", "PRDiT as an alternative CT-imputation backbone")
     g.add_argument("--ct-backbone", choices=CT_BACKBONES, default="any2any",
@@ -42,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
     from diffkt3d.inference.prdit_predictor import PRDiTCTPredictor
 
     require_at_least(args, {"steps": 1, "seed": 0})
+    if args.write_case and args.target not in MASK_ROLES:
+        raise ConfigError(f"--write-case writes imputed structures (--target {' / '.join(MASK_ROLES)}); an imputed "
+                          "CT is written as ROOT/<case>/ct.nii.gz without it")
     ct_config = CTImputationConfig(backbone=args.ct_backbone, prdit_model=args.prdit_model,
                                    prdit_k=args.prdit_k, prdit_sampler=args.prdit_sampler)
     if ct_config.uses_prdit:
@@ -53,19 +64,32 @@ def run(args: argparse.Namespace) -> int:
                                latent_cache_dir=args.latent_cache_dir)
     for folder in args.cases:
         case = load_case_folder(folder)
-        res = predictor.impute(case, args.target, steps=args.steps, seed=args.seed)
         out = Path(args.out) / case.case_id
-        written = []
-        if res.ct_hu is not None:
-            written.append(save_nifti(np.round(res.ct_hu), case.grid, out / "ct.nii.gz", np.int16))
-        for name, mask in res.masks.items():
-            written.append(save_nifti(mask, case.grid, out / f"{name}.nii.gz", np.uint8))
+        if out.resolve() == Path(folder).resolve():
+            raise ConfigError(f"--out {args.out} would write into the input case folder {folder}; choose another "
+                              "--out (the input case is never overwritten)")
+        res = predictor.impute(case, args.target, steps=args.steps, seed=args.seed)
+        extra: dict = {}
+        if args.write_case:
+            written_case = write_imputed_case(folder, case, res.masks, args.target, res.model_version, out)
+            written = [out / f"{n}.nii.gz" for n in (*written_case.added, *written_case.replaced)]
+            extra = {"case_folder": True, "added": written_case.added, "replaced": written_case.replaced,
+                     "empty": written_case.empty, "input_kept": written_case.kept}
+        else:
+            written = []
+            if res.ct_hu is not None:
+                written.append(save_nifti(np.round(res.ct_hu), case.grid, out / "ct.nii.gz", np.int16))
+            for name, mask in res.masks.items():
+                written.append(save_nifti(mask, case.grid, out / f"{name}.nii.gz", np.uint8))
         (out / f"impute_{args.target}.json").write_text(json.dumps(
             {"case": case.case_id, "target": args.target, "steps": res.steps, "seed": res.seed,
              "model_version": res.model_version, "timings": res.timings,
              "quality": res.quality.to_dict() if res.quality else None, "warnings": res.warnings,
-             "files": [p.name for p in written], **({"latent": res.latent} if res.latent else {})}, indent=2))
+             "files": [p.name for p in written], **extra, **({"latent": res.latent} if res.latent else {})}, indent=2))
         for warning in res.warnings:
             print(f"{case.case_id}: WARNING: {warning}", file=sys.stderr)
-        print(f"{case.case_id}: imputed {args.target} -> {', '.join(p.name for p in written)}")
+        if args.write_case:
+            print(f"{case.case_id}: imputed {args.target} -> case folder {out} ({written_case.summary()})")
+        else:
+            print(f"{case.case_id}: imputed {args.target} -> {', '.join(p.name for p in written)}")
     return 0

@@ -76,12 +76,16 @@ class Structure:
         mask: boolean array on the case grid.
         role: target / oar / body / other.
         prescription_gy: total prescribed dose for targets, else None.
+        imputed_by: the model version that generated this mask (`diffkt3d impute`), or None for a
+            contour that came with the case (a clinician's, an import). Kept through plan.json and
+            DICOM RT so an imputed structure is never taken for a clinician's contour.
     """
 
     name: str
     mask: np.ndarray
     role: Role = "oar"
     prescription_gy: float | None = None
+    imputed_by: str | None = None
 
 
 @dataclass

@@ -64,6 +64,17 @@ def check_fractions(value: Any, case_id: str, file: str | None) -> int:
     return int(value)
 
 
+def check_imputed_by(value: Any, name: str, case_id: str, file: str | None) -> str | None:
+    """plan.json's `imputed_by` of a structure: absent (a contour that came with the case) or the
+    non-empty model version that imputed it."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise CaseError(f"structure {name}: imputed_by must be the model version that imputed it (a non-empty "
+                        f"string), found {value!r}", case=case_id, file=file)
+    return value.strip()
+
+
 def _stem(path: Path) -> str:
     name = path.name
     for ext in (".nii.gz", ".nii"):
@@ -192,6 +203,7 @@ def load_case_folder(folder: str | Path, *, with_dose: bool = True, limits: Imag
             rx = check_prescription_gy(
                 rx, f"structure {name}" + (" in plan.json" if from_plan else " (prescription read from its name)"),
                 case_id, PLAN_FILE if from_plan else path.name)
+        imputed_by = check_imputed_by(cfg.get("imputed_by"), name, case_id, str(folder / PLAN_FILE))
         if "role" not in cfg:
             inferred.append(f"{name}: role '{role}' from its name"
                             + (f", prescription {rx:g} Gy" if rx is not None else ""))
@@ -201,7 +213,7 @@ def load_case_folder(folder: str | Path, *, with_dose: bool = True, limits: Imag
         if role == "target" and not mask.any():
             raise CaseError(f"target {name} is empty (no voxels)", case=case_id, file=str(path))
         structures[name] = Structure(name=name, mask=mask, role=role,
-                                     prescription_gy=None if rx is None else float(rx))
+                                     prescription_gy=None if rx is None else float(rx), imputed_by=imputed_by)
     for name in structures_cfg:
         if name not in structures and not (folder / f"{name}.nii.gz").exists():
             raise CaseError(f"plan.json names structure {name!r} but {name}.nii.gz is missing",
@@ -268,8 +280,9 @@ def default_isocenter_mm(case: Case) -> tuple[float, float, float]:
 def plan_to_dict(case: Case) -> dict[str, Any]:
     """plan.json content for a case (roles, prescriptions, beams), the inverse of the reader."""
     out: dict[str, Any] = {
-        "structures": {n: {"role": s.role, **({"prescription_gy": s.prescription_gy}
-                                              if s.prescription_gy is not None else {})}
+        "structures": {n: {"role": s.role,
+                           **({"prescription_gy": s.prescription_gy} if s.prescription_gy is not None else {}),
+                           **({"imputed_by": s.imputed_by} if s.imputed_by else {})}
                        for n, s in case.structures.items()},
     }
     if case.plan.beams is not None:

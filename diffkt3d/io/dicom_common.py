@@ -34,6 +34,22 @@ SOP_CLASS_NAMES: dict[str, str] = {
     RT_PLAN_STORAGE: "RT Plan",
 }
 
+# ROIGenerationDescription (LO: 64 characters at most) of an ROI DiffKT3D imputed, followed by the model
+# version; the reader gives such an ROI back its `Structure.imputed_by`.
+IMPUTED_ROI_PREFIX = "IMPUTED by DiffKT3D, model "
+
+
+def imputed_roi_description(model_version: str) -> str:
+    return (IMPUTED_ROI_PREFIX + model_version)[:64]
+
+
+def imputed_by_from_description(description: str) -> str | None:
+    """The model version an ROI's ROIGenerationDescription names, or None for any other ROI."""
+    if not description.startswith(IMPUTED_ROI_PREFIX):
+        return None
+    return description[len(IMPUTED_ROI_PREFIX):].strip() or "unknown"
+
+
 # x and y flip between RAS+ (our affines) and LPS (DICOM); 4x4 so it applies to affines too.
 LPS_FROM_RAS: np.ndarray = np.diag([-1.0, -1.0, 1.0, 1.0])
 

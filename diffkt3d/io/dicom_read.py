@@ -219,7 +219,7 @@ def read_dicom_case(folder: str | Path, *, with_dose: bool = True, case_id: str 
     if rs is not None:
         with malformed(rs, case_id, "RTSTRUCT"):
             rois = read_rtstruct(rs, grid.shape, affine_lps, case_id)
-        for number, name, interpreted, mask in rois:
+        for number, name, interpreted, mask, imputed_by in rois:
             role, rx, source = roi_role(name, interpreted)
             if number in prescriptions:
                 role, rx = "target", prescriptions[number]
@@ -233,7 +233,7 @@ def read_dicom_case(folder: str | Path, *, with_dose: bool = True, case_id: str 
             if name in structures:
                 raise CaseError(f"two ROIs are named {name!r}", case=case_id, file=str(rs.path))
             structures[name] = Structure(name=name, mask=mask, role=role,  # type: ignore[arg-type]
-                                         prescription_gy=rx if role == "target" else None)
+                                         prescription_gy=rx if role == "target" else None, imputed_by=imputed_by)
     else:
         log.info("case %s: no RTSTRUCT; the case has no structures", case_id)
 

@@ -17,7 +17,7 @@ from scipy.ndimage import affine_transform
 
 from diffkt3d.data.case import BeamGeometry, infer_role
 from diffkt3d.errors import CaseError
-from diffkt3d.io.dicom_common import lps_affine, lps_to_ras
+from diffkt3d.io.dicom_common import imputed_by_from_description, lps_affine, lps_to_ras
 from diffkt3d.io.dicom_read_files import DicomFile, dicom_floats, dicom_pixels
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,13 @@ def _contour_data(contour: Dataset) -> np.ndarray:
 
 
 def read_rtstruct(f: DicomFile, grid_shape: tuple[int, int, int], affine_lps: np.ndarray,
-                   case_id: str) -> list[tuple[int, str, str, np.ndarray]]:
-    """Returns [(ROINumber, name, interpreted type, mask)] for ROIs with at least one voxel."""
+                   case_id: str) -> list[tuple[int, str, str, np.ndarray, str | None]]:
+    """Returns [(ROINumber, name, interpreted type, mask, imputed_by)] for ROIs with at least one voxel;
+    imputed_by is the model version of an ROI DiffKT3D imputed (its ROIGenerationDescription), else None."""
     names = {int(r.ROINumber): str(r.get("ROIName", f"ROI{int(r.ROINumber)}"))
              for r in f.ds.get("StructureSetROISequence", [])}
+    imputed = {int(r.ROINumber): imputed_by_from_description(str(r.get("ROIGenerationDescription", "") or ""))
+               for r in f.ds.get("StructureSetROISequence", [])}
     types = {int(o.ReferencedROINumber): str(o.get("RTROIInterpretedType", "") or "").upper()
              for o in f.ds.get("RTROIObservationsSequence", []) if "ReferencedROINumber" in o}
     lps_to_index = np.linalg.inv(affine_lps)
@@ -109,7 +112,7 @@ def read_rtstruct(f: DicomFile, grid_shape: tuple[int, int, int], affine_lps: np
         if not mask.any():
             log.warning("case %s: ROI %s has no voxels on the CT grid; skipped", case_id, name)
             continue
-        out.append((number, name, types.get(number, ""), mask))
+        out.append((number, name, types.get(number, ""), mask, imputed.get(number)))
     return out
 
 

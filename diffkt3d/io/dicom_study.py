@@ -241,12 +241,13 @@ def derived_rtdose(dose_gy: np.ndarray, ref: StudyRef, *, model_version: str, id
     return d
 
 
-def derived_rtstruct(masks: dict[str, tuple[np.ndarray, str]], ref: StudyRef, *, identity: str, series_number: int,
-                     description: str, label: str) -> Dataset:
+def derived_rtstruct(masks: dict[str, tuple[np.ndarray, str]], ref: StudyRef, *, model_version: str, identity: str,
+                     series_number: int, description: str, label: str) -> Dataset:
     """An RTSTRUCT of imputed structures on the study's CT (contours reference its slices).
 
     Args:
         masks: ROI name -> (bool mask on `ref.grid`, role "target" / "oar" / "other").
+        model_version: the model that imputed them; every ROI says so in its ROIGenerationDescription.
         description: SeriesDescription (must start with `IMPUTED_PREFIX`).
         label: StructureSetLabel (16 characters at most are kept).
     """
@@ -257,7 +258,8 @@ def derived_rtstruct(masks: dict[str, tuple[np.ndarray, str]], ref: StudyRef, *,
                             f"{tuple(ref.grid.shape)}", case=ref.ct_series_uid)
     uids = ExportUids(identity)
     case = Case(case_id=ref.ct_series_uid, grid=ref.grid,
-                structures={n: Structure(name=n, mask=np.asarray(m, dtype=bool), role=r)  # type: ignore[arg-type]
+                structures={n: Structure(name=n, mask=np.asarray(m, dtype=bool), role=r,  # type: ignore[arg-type]
+                                         imputed_by=model_version)
                             for n, (m, r) in masks.items()})
     ct_files = [(uid, Path(f"CT_{k}.dcm")) for k, uid in enumerate(ref.ct_instances)]
     with tempfile.TemporaryDirectory(prefix="diffkt3d-rtstruct-") as tmp:

@@ -27,6 +27,7 @@ from diffkt3d.io.dicom_common import (
     RT_STRUCTURE_SET_STORAGE,
     STUDY_COMPONENT_MANAGEMENT,
     ds,
+    imputed_roi_description,
     ras_to_lps,
 )
 from diffkt3d.io.dicom_write_modules import ExportUids, common_modules, file_dataset, image_plane
@@ -102,7 +103,13 @@ def _interpreted_type(name: str, role: str) -> str:
 
 def write_rtstruct(case: Case, grid: Grid, flip: bool, ct_files: list[tuple[str, Path]],
                     out_dir: Path, ctx: dict[str, str], uids: ExportUids) -> tuple[Path, dict[str, int]]:
-    """RTSTRUCT with one ROI per structure (and the body as EXTERNAL); returns path, name->ROINumber."""
+    """RTSTRUCT with one ROI per structure (and the body as EXTERNAL); returns path, name->ROINumber.
+
+    An imputed structure (`Structure.imputed_by`) is marked where a planning system shows it:
+    ROIGenerationAlgorithm AUTOMATIC, ROIGenerationDescription "IMPUTED by DiffKT3D, model <version>",
+    and the StructureSetDescription lists the imputed ROIs. For the other ROIs DiffKT3D does not know
+    how they were drawn, so ROIGenerationAlgorithm (type 2) is left empty rather than guessed.
+    """
     path = out_dir / "RS.dcm"
     fds = file_dataset(path, RT_STRUCTURE_SET_STORAGE, ctx["rs_uid"])
     common_modules(fds, ctx, "RTSTRUCT", uids.new("rs-series"), 2, "DiffKT3D structures",
@@ -130,22 +137,29 @@ def write_rtstruct(case: Case, grid: Grid, flip: bool, ct_files: list[tuple[str,
     frame.RTReferencedStudySequence = Sequence([study])
     fds.ReferencedFrameOfReferenceSequence = Sequence([frame])
 
-    rois: list[tuple[str, np.ndarray, str]] = []
+    rois: list[tuple[str, np.ndarray, str, str | None]] = []
     if case.body is not None:
         rois.append((BODY_ROI_NAME if BODY_ROI_NAME not in case.structures else "BODY_external",
-                     case.body, "body"))
-    rois += [(s.name, s.mask, s.role) for s in case.structures.values()]
+                     case.body, "body", None))
+    rois += [(s.name, s.mask, s.role, s.imputed_by) for s in case.structures.values()]
+    imputed = [(name, by) for name, _, _, by in rois if by]
+    if imputed:
+        versions = sorted({by for _, by in imputed})
+        fds.StructureSetDescription = (f"ROIs {', '.join(n for n, _ in imputed)} are IMPUTED by DiffKT3D "
+                                       f"(model {', '.join(versions)}), not clinician contours")[:1024]
 
     a_lps = LPS_FROM_RAS @ grid.affine
     roi_items, contour_items, observation_items = [], [], []
     numbers: dict[str, int] = {}
-    for number, (name, mask, role) in enumerate(rois, start=1):
+    for number, (name, mask, role, imputed_by) in enumerate(rois, start=1):
         numbers[name] = number
         roi = Dataset()
         roi.ROINumber = number
         roi.ReferencedFrameOfReferenceUID = ctx["for_uid"]
         roi.ROIName = name
-        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        roi.ROIGenerationAlgorithm = "AUTOMATIC" if imputed_by else ""
+        if imputed_by:
+            roi.ROIGenerationDescription = imputed_roi_description(imputed_by)
         roi_items.append(roi)
 
         mask = np.asarray(mask, dtype=bool)

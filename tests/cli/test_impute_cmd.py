@@ -50,3 +50,71 @@ def test_prdit_backbone_errors_are_one_line_exit_2(tmp_path, synthetic_case_dir,
     assert main([*base, "--target", "oar", "--prdit-model", str(tiny_prdit_checkpoint)]) == 2
     assert "imputes CT only" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_write_case_then_export_dicom_marks_imputed_rois(tmp_path, openkbp_root, capsys):
+    """impute --write-case -> export dicom on a real OpenKBP case with the shipped model (1 step):
+    the RTSTRUCT's imputed ROIs carry their names, interpreted type and 'IMPUTED' generation, and read
+    back (pydicom, read_dicom_case, import dicom) as the imputed masks."""
+    import pydicom
+
+    from diffkt3d.io.case_folder import load_case_folder
+    from diffkt3d.io.dicom import read_dicom_case
+
+    source = openkbp_root / "validation" / "pt_201"
+    out, dicom, back = tmp_path / "imputed", tmp_path / "dicom", tmp_path / "back"
+    rc = main(["impute", str(source), "--target", "ptv", "--out", str(out), "--steps", "1", "--write-case"])
+    assert rc == 0, capsys.readouterr().err
+    case_dir = out / "pt_201"
+    report = json.loads((case_dir / "impute_ptv.json").read_text())
+    version = report["model_version"]
+    imputed = report["added"] + report["replaced"]
+    assert imputed, "the shipped model imputed no PTV with voxels"
+    assert sorted(imputed + report["empty"]) == ["PTV56", "PTV63", "PTV70"]
+    assert report["input_kept"] == [n for n in report["empty"] if (source / f"{n}.nii.gz").exists()]
+    plan = json.loads((case_dir / "plan.json").read_text())["structures"]
+    for name in imputed:
+        assert plan[name] == {"role": "target", "prescription_gy": float(name[3:]), "imputed_by": version}
+    assert "imputed_by" not in plan["Brainstem"] and plan["Brainstem"]["role"] == "oar"
+    case = load_case_folder(case_dir)  # the written folder is a case; everything else came from the input
+    original = load_case_folder(source)
+    assert np.array_equal(case.ct_hu, original.ct_hu) and np.array_equal(case.body, original.body)
+    for name in set(original.structures) - set(imputed):
+        assert np.array_equal(case.structures[name].mask, original.structures[name].mask), name
+        assert case.structures[name].imputed_by is None
+
+    assert main(["export", "dicom", str(case_dir), "--out", str(dicom), "--no-dose"]) == 0
+    rs = pydicom.dcmread(str(dicom / "pt_201" / "RS.dcm"))
+    rois = {r.ROIName: r for r in rs.StructureSetROISequence}
+    types = {r.ReferencedROINumber: r.RTROIInterpretedType for r in rs.RTROIObservationsSequence}
+    for name in imputed:
+        assert rois[name].ROIGenerationAlgorithm == "AUTOMATIC"
+        assert rois[name].ROIGenerationDescription == f"IMPUTED by DiffKT3D, model {version}"
+        assert types[rois[name].ROINumber] == "PTV"
+        assert name in rs.StructureSetDescription and "IMPUTED" in rs.StructureSetDescription
+    assert types[rois["Brainstem"].ROINumber] == "ORGAN" and "ROIGenerationDescription" not in rois["Brainstem"]
+    assert rois["Brainstem"].ROIGenerationAlgorithm == ""  # a contour that came with the case: origin unknown
+
+    read = read_dicom_case(dicom / "pt_201", with_dose=False)
+    for name in imputed:
+        s, ref = read.structures[name], case.structures[name].mask
+        dice = 2 * (s.mask & ref).sum() / (s.mask.sum() + ref.sum())
+        assert dice > 0.995, (name, dice)
+        assert (s.role, s.prescription_gy, s.imputed_by) == ("target", float(name[3:]), version)
+    assert read.structures["Brainstem"].imputed_by is None
+    assert main(["import", "dicom", str(dicom / "pt_201"), "--out", str(back)]) == 0
+    reimported = json.loads((back / "pt_201" / "plan.json").read_text())["structures"]
+    assert {n for n, s in reimported.items() if s.get("imputed_by") == version} == set(imputed)
+
+
+def test_write_case_refusals_keep_the_input_case(tmp_path, synthetic_case_dir, tiny_checkpoint, capsys):
+    before = {p.name: p.read_bytes() for p in synthetic_case_dir.iterdir()}
+    base = ["impute", str(synthetic_case_dir), "--steps", "1", "--model", str(tiny_checkpoint)]
+    assert main([*base, "--target", "ct", "--out", str(tmp_path / "o"), "--write-case"]) == 2
+    assert "--write-case writes imputed structures" in capsys.readouterr().err
+    # ROOT/<case> would be the input folder itself: refused, with or without --write-case
+    for extra in ([], ["--write-case"]):
+        assert main([*base, "--target", "oar", "--out", str(synthetic_case_dir.parent), *extra]) == 2
+        assert "would write into the input case folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in synthetic_case_dir.iterdir()} == before
+    assert not (tmp_path / "o").exists()

@@ -111,8 +111,8 @@ def test_derived_rtdose_lies_on_the_study_ct_and_is_marked_predicted(sample, tmp
 def test_derived_rtstruct_contours_reference_the_study_ct_and_read_back_exactly(sample, tmp_path: Path) -> None:
     by, case, ref = sample
     masks = {n: (s.mask, s.role) for n, s in case.structures.items() if n in ("Brainstem", "PTV70")}
-    d = derived_rtstruct(masks, ref, identity="y", series_number=9101, description=f"{IMPUTED_PREFIX} OARs v1",
-                         label="DiffKT3D imputed")
+    d = derived_rtstruct(masks, ref, model_version="m@2", identity="y", series_number=9101,
+                         description=f"{IMPUTED_PREFIX} OARs v1", label="DiffKT3D imputed")
     ct_uids = {c.SOPInstanceUID for c in by["CT"]}
     refs = {c.ContourImageSequence[0].ReferencedSOPInstanceUID for roi in d.ROIContourSequence
             for c in roi.ContourSequence}
@@ -121,3 +121,5 @@ def test_derived_rtstruct_contours_reference_the_study_ct_and_read_back_exactly(
     back = _reread(tmp_path, d, with_structures=True)
     for name, (mask, _) in masks.items():
         assert np.array_equal(back.structures[name].mask, mask), name
+        assert back.structures[name].imputed_by == "m@2", name  # the ROIs say who imputed them
+    assert {r.ROIGenerationDescription for r in d.StructureSetROISequence} == {"IMPUTED by DiffKT3D, model m@2"}

@@ -75,6 +75,8 @@ ATTRIBUTE_PREFIX = "DiffKT3D."
 CANDIDATE_ATTRIBUTE = ATTRIBUTE_PREFIX + "CandidateId"
 ROLE_ATTRIBUTE = ATTRIBUTE_PREFIX + "Role"  # segment tag holding the role
 PRESCRIPTION_ATTRIBUTE = ATTRIBUTE_PREFIX + "PrescriptionGy"  # segment tag
+IMPUTED_ATTRIBUTE = ATTRIBUTE_PREFIX + "Imputed"  # "1" on a segment / volume a DiffKT3D model generated
+IMPUTED_BY_ATTRIBUTE = ATTRIBUTE_PREFIX + "ImputedBy"  # segment tag: the model version (plan.json imputed_by)
 
 # -- segment-to-dose preview -----------------------------------------------------------------------
 PREVIEW_DEBOUNCE_S = 1.0  # wait this long after the last edit before asking for a preview

@@ -40,6 +40,7 @@ from .constants import (
     DOSE_WINDOW_FRACTION,
     DVH_BIN_WIDTH_GY,
     DVH_DOSE_COLUMN,
+    IMPUTED_ATTRIBUTE,
     ISODOSE_COLORS,
     ISODOSE_LEVELS_PCT,
     PRESCRIPTION_ATTRIBUTE,
@@ -264,7 +265,7 @@ class SceneLogic(SceneInputs):
         """Imputed CT (HU) as a new scalar volume (grey window -1000..1000 HU)."""
         node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
         self.read_volume(path, node)
-        node.SetAttribute(ATTRIBUTE_PREFIX + "Imputed", "1")
+        node.SetAttribute(IMPUTED_ATTRIBUTE, "1")
         node.CreateDefaultDisplayNodes()
         display = node.GetDisplayNode()
         display.AutoWindowLevelOff()
@@ -299,7 +300,7 @@ class SceneLogic(SceneInputs):
                     continue
                 sid = self.add_segment_from_array(segmentation_node, mask, node, f"{name} (imputed)")
                 segment = segmentation_node.GetSegmentation().GetSegment(sid)
-                segment.SetTag(ATTRIBUTE_PREFIX + "Imputed", "1")
+                segment.SetTag(IMPUTED_ATTRIBUTE, "1")
                 role, rx = roles.infer_role(name)
                 segment.SetTag(ROLE_ATTRIBUTE, role)
                 segment.SetTag(PRESCRIPTION_ATTRIBUTE, "" if rx is None else repr(rx))

@@ -22,6 +22,8 @@ from .constants import (
     CT_FILE,
     DOSE_FILE,
     DOSE_VOLUME_ATTRIBUTE,
+    IMPUTED_ATTRIBUTE,
+    IMPUTED_BY_ATTRIBUTE,
     PLAN_FILE,
     PRESCRIPTION_ATTRIBUTE,
     ROLE_ATTRIBUTE,
@@ -88,7 +90,10 @@ def load_case_folder(scene, folder: str | Path, structures: tuple[str, ...] | No
     """Load a case folder (ct.nii.gz, one mask per structure, optional plan.json and dose.nii.gz).
 
     Each `<Name>.nii.gz` becomes segment `<Name>`; roles and prescriptions come from plan.json when
-    it names them, else from the names (stored as segment tags, like the user's own choices).
+    it names them, else from the names (stored as segment tags, like the user's own choices). A
+    structure plan.json marks `imputed_by` (e.g. written by `diffkt3d impute --write-case`) keeps its
+    name and gets the tags `Imputed` = "1" and `ImputedBy` = the model version, as the module's own
+    imputations do, so it is not taken for a clinician's contour.
     `as_case` (a case fetched from the server): node names start with the case id, the case's
     dose.nii.gz is loaded as a dose volume ("<case> reference dose") and all nodes go into one
     patient / study named after the case.
@@ -137,8 +142,8 @@ def load_case_folder(scene, folder: str | Path, structures: tuple[str, ...] | No
     return loaded
 
 
-def _plan_roles(folder: Path) -> dict[str, tuple[str, float | None]]:
-    """{structure: (role, prescription Gy)} from plan.json's `structures` (empty when absent)."""
+def _plan_roles(folder: Path) -> dict[str, tuple[str, float | None, str | None]]:
+    """{structure: (role, prescription Gy, imputed_by)} from plan.json's `structures` (empty when absent)."""
     path = folder / PLAN_FILE
     if not path.exists():
         return {}
@@ -149,20 +154,23 @@ def _plan_roles(folder: Path) -> dict[str, tuple[str, float | None]]:
     out = {}
     for name, entry in (plan.get("structures") or {}).items():
         if isinstance(entry, dict) and entry.get("role"):
-            rx = entry.get("prescription_gy")
-            out[str(name)] = (str(entry["role"]), float(rx) if rx is not None else None)
+            rx, by = entry.get("prescription_gy"), entry.get("imputed_by")
+            out[str(name)] = (str(entry["role"]), float(rx) if rx is not None else None, str(by) if by else None)
     return out
 
 
-def _tag_roles(seg, plan_roles: dict[str, tuple[str, float | None]]) -> None:
+def _tag_roles(seg, plan_roles: dict[str, tuple[str, float | None, str | None]]) -> None:
     if not plan_roles:
         return
     segmentation = seg.GetSegmentation()
     for i in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetSegment(segmentation.GetNthSegmentID(i))
-        role, rx = plan_roles.get(segment.GetName(), roles.infer_role(segment.GetName()))
+        role, rx, imputed_by = plan_roles.get(segment.GetName(), (*roles.infer_role(segment.GetName()), None))
         segment.SetTag(ROLE_ATTRIBUTE, role)
         segment.SetTag(PRESCRIPTION_ATTRIBUTE, "" if rx is None else repr(rx))
+        if imputed_by:
+            segment.SetTag(IMPUTED_ATTRIBUTE, "1")
+            segment.SetTag(IMPUTED_BY_ATTRIBUTE, imputed_by)
 
 
 def _read(scene, path: Path, node) -> None:
