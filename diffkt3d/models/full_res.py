@@ -22,6 +22,8 @@ is how the benchmark's fair peer is built.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import asdict, dataclass
 
 import torch
@@ -176,8 +178,9 @@ class FullResStage(nn.Module):
         self.condition_channels = sum(channels[m] for m in config.conditions)
         self.coarse_channels = coarse_channels(config, encoding) if config.coarse_input else 0
         self.out_channels = target_channels(config, encoding)
-        self.net = BasicUNet(spatial_dims=3, in_channels=self.condition_channels + self.coarse_channels,
-                             out_channels=self.out_channels, features=config.features)
+        with contextlib.redirect_stdout(io.StringIO()):  # BasicUNet prints its features; stdout is the CLI's
+            self.net = BasicUNet(spatial_dims=3, in_channels=self.condition_channels + self.coarse_channels,
+                                 out_channels=self.out_channels, features=config.features)
         if self.residual:
             final = self.net.final_conv.conv if hasattr(self.net.final_conv, "conv") else self.net.final_conv
             nn.init.zeros_(final.weight)
