@@ -99,6 +99,10 @@ class Predictor:
         if bundle.meta.get("latent") is not None:
             from diffkt3d.inference.latent_predictor import LatentPredictor
 
+            if bundle.full_res:
+                raise ConfigError(f"{path}: a latent-space model with full-res stages {sorted(bundle.full_res)} is "
+                                  "not supported (a stage refines a voxel-space model's case-grid output)")
+
             return LatentPredictor.from_bundle(bundle, dev, vae_dir, latent_cache_dir, source=path.name)
         if vae_dir is not None:
             log.info("%s is a voxel-space model: the VAE folder %s is not used", path.name, vae_dir)

@@ -63,6 +63,13 @@ def test_trained_stages_change_the_outputs_on_the_case_grid(plain, tiny_checkpoi
     assert sorted(ptv.masks) == ["PTV56", "PTV63", "PTV70"]
 
 
+def test_a_missing_condition_enters_the_stage_as_empty(tiny_checkpoint, tmp_path, synthetic_case):
+    staged = Predictor.load(with_stages(tiny_checkpoint, tmp_path / "m.pt", ["dose"], perturb=True), device="cpu")
+    synthetic_case.ct_hu = None  # the DiT treats a missing CT as a missing condition; so does the stage
+    pred = staged.predict_dose(synthetic_case, steps=1, template=None, with_dvh=False)
+    assert pred.full_res and pred.dose_gy.shape == synthetic_case.grid.shape and np.isfinite(pred.dose_gy).all()
+
+
 def test_coarse_prediction_is_what_the_dose_path_refines(plain, synthetic_case):
     coarse = plain.predict_coarse(synthetic_case, "dose", steps=1, seed=4)
     dose = plain.predict_dose(synthetic_case, steps=1, seed=4, template=None, with_dvh=False).dose_gy
