@@ -151,7 +151,8 @@ def write_full_res_stages(base_path: str | Path, out_path: str | Path, stages: d
         train_state: resumption state of the stage's trainer (omit for a model to serve).
 
     The base's own tensors, config and encoding are copied unchanged; ``base_path`` may equal
-    ``out_path`` (atomic replace). The digest, and so the model version, changes.
+    ``out_path`` (atomic replace). The digest, and so the model version, changes, and the
+    quality-gate record of each staged target is dropped (it measured the output without the stage).
     """
     blob = read_checkpoint(base_path)
     blob.pop("train_state", None)  # the base's resumption state is not this file's
@@ -160,7 +161,13 @@ def write_full_res_stages(base_path: str | Path, out_path: str | Path, stages: d
         section[target] = {"config": config.to_dict(),
                            "state_dict": {k: v.detach().cpu().clone() for k, v in state.items()}}
     blob["full_res"] = section
-    blob["meta"] = {**dict(blob.get("meta") or {}), **(meta_updates or {})}
+    meta = {**dict(blob.get("meta") or {}), **(meta_updates or {})}
+    # A quality-gate record (inference.quality) measured the output without this stage: it no longer
+    # describes what the file serves, so the target is experimental again until benchmarked.
+    quality = {t: q for t, q in dict(meta.get("quality") or {}).items() if t not in stages}
+    if "quality" in meta:
+        meta["quality"] = quality
+    blob["meta"] = meta
     if train_state is not None:
         blob["train_state"] = train_state
     out_path = Path(out_path)

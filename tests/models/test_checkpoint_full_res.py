@@ -59,6 +59,17 @@ def test_stages_round_trip_inside_the_base_file(tiny_checkpoint, tmp_path):
     assert sorted(load_checkpoint(again).full_res) == ["dose", "oar"]
 
 
+def test_a_staged_target_loses_its_quality_record(tiny_checkpoint, tmp_path):
+    from diffkt3d.models.checkpoint import update_meta
+
+    base = tmp_path / "base.pt"
+    base.write_bytes(tiny_checkpoint.read_bytes())
+    update_meta(base, {"quality": {"oar": {"cases": 40}, "ct": {"cases": 40}}})
+    stage = make_stage(load_checkpoint(base), "oar")
+    out = write_full_res_stages(base, tmp_path / "m.pt", {"oar": (stage.config, stage.state_dict())})
+    assert load_checkpoint(out).meta["quality"] == {"ct": {"cases": 40}}  # measured without the stage
+
+
 def test_a_stage_that_does_not_match_its_config_is_refused(tiny_checkpoint, tmp_path):
     base = load_checkpoint(tiny_checkpoint)
     stage = make_stage(base, "dose")
