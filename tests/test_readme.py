@@ -48,6 +48,7 @@ GPU_NOTE = ("not run: needs 8 GPUs; the same entry point runs under torchrun wit
             "tests/training/test_distributed.py::test_torchrun_gloo_two_ranks")
 LATENT_GPU_NOTE = ("not run: needs a GPU and a trained Wan checkpoint; the same entry point serves a tiny latent "
                    "checkpoint with a tiny Wan VAE on the CPU")
+FULL_RES_TRAIN = "tests/cli/test_train_full_res_cmd.py::test_full_res_recipe_smoke_run"
 LATENT_CLI = "tests/cli/test_latent_model_cmd.py::test_predict_and_impute_with_a_latent_model"
 
 COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
@@ -92,6 +93,14 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
                                                "test_dose_benchmark_one_case_preview",),
         "python benchmarks/fit_gap.py": ("tests/benchmarks/test_fit_gap.py::"
                                          "test_validation_figure_is_the_one_the_trainer_selected_on",),
+    },
+    "docs/full-res.md": {
+        "diffkt3d train configs/full-res-dose.yaml --stage full-res --data-root DIR": (FULL_RES_TRAIN,),
+        "diffkt3d train configs/full-res-dose.yaml --stage full-res --data-root DIR --set stage.coarse_input=false "
+        "--out-dir runs/full-res-dose-peer": (FULL_RES_TRAIN,),
+        "python benchmarks/full_res.py --target dose --model runs/full-res-dose/final.pt "
+        "--peer runs/full-res-dose-peer/final.pt --limit 40": (
+            "tests/benchmarks/test_full_res_benchmark.py::test_benchmark_writes_figures_and_paired_tests",),
     },
     "docs/server.md": {
         "python3.11 -m venv .venv && source .venv/bin/activate": (INSTALL, ".ci/run"),

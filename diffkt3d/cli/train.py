@@ -1,5 +1,8 @@
 """`diffkt3d train CONFIG [--data-root DIR] [--set KEY=VALUE]`: Stage A Any2Any then Stage B dose (resumable).
 
+`--stage scardnft` runs the RL post-training recipe, `--stage full-res` trains a full-resolution
+cascade stage under a frozen base checkpoint (docs/full-res.md); both read their own recipe type.
+
 The recipe file holds every setting; `--set` overrides go on top of it through the same core
 function the server's train tasks use (diffkt3d.training.recipe), so both build the same run.
 """
@@ -27,8 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one recipe field, VALUE read as YAML (repeatable), e.g. --set stages.dose.steps=500")
     p.add_argument("--out-dir", default=None, help="override out_dir")
-    p.add_argument("--stage", default="supervised", choices=["supervised", "scardnft"],
-                   help="supervised = Stage A + B (default); scardnft = RL post-training")
+    p.add_argument("--stage", default="supervised", choices=["supervised", "scardnft", "full-res"],
+                   help="supervised = Stage A + B (default); scardnft = RL post-training; full-res = a "
+                        "full-resolution stage under the recipe's base_model (configs/full-res-*.yaml)")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if last.pt exists")
     p.add_argument("--device", default=None)
     p.add_argument("--nproc", type=int, default=None,
@@ -93,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{name} must be >= 1, found {value}")
     if args.stage == "scardnft":
         return _run_scardnft(args)
+    if args.stage == "full-res":
+        return _run_full_res(args)
     if args.nproc:
         if smoke:
             raise ConfigError("--max-steps/--max-cases are not supported with --nproc")
@@ -126,4 +132,28 @@ def _run_scardnft(args: argparse.Namespace) -> int:
     result = run_scardnft(cfg, out_dir=out_dir, device=args.device)
     log.info("adapter: %s; merged checkpoint: %s", result.adapter_path, result.merged_path)
     print(f"merged checkpoint: {result.merged_path}")
+    return 0
+
+
+def _run_full_res(args: argparse.Namespace) -> int:
+    """--stage full-res: the full-res recipe with --set overrides; the smoke options cap steps and cases."""
+    from diffkt3d.training.full_res_trainer import run_full_res_training
+    from diffkt3d.training.recipe import load_full_res_recipe
+
+    if args.nproc:
+        raise ConfigError("--nproc is not supported with --stage full-res")
+    overrides = parse_assignments(args.overrides)
+    if args.out_dir is not None:
+        overrides["out_dir"] = args.out_dir
+    cfg = load_full_res_recipe(config_path(args), overrides, data_root=args.data_root)
+    if args.max_steps is not None or args.max_cases is not None:
+        limits = {"steps": min(cfg.steps, args.max_steps) if args.max_steps else cfg.steps,
+                  "max_cases": min(cfg.max_cases or args.max_cases, args.max_cases) if args.max_cases
+                  else cfg.max_cases}
+        if args.out_dir is None:
+            limits["out_dir"] = f"{cfg.out_dir.rstrip('/')}-smoke"
+        cfg = dataclasses.replace(cfg, **limits)
+        log.warning("full-res smoke run (%s) into %s: not a model to ship", limits, cfg.out_dir)
+    path = run_full_res_training(cfg, device=args.device, resume=not args.no_resume)
+    print(f"final checkpoint (base model + full-res {cfg.stage.target} stage): {path}")
     return 0

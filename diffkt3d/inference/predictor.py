@@ -3,7 +3,8 @@
 The CLI, the MONAI Label tasks, the benchmarks and ScardNFT all go through `Predictor`, so what a
 clinician sees in Slicer is what the benchmark measured.
 Pipeline: case -> (plates if the plan allows) -> encode conditions on the working grid ->
-N-step Euler flow sampling (seeded) -> decode to the case grid -> Scorecard per candidate.
+N-step Euler flow sampling (seeded) -> decode to the case grid -> [full-resolution stage, when the
+checkpoint has one for the target: ``inference.full_res``] -> Scorecard per candidate.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class Predictor:
         self.model = bundle.model
         self.encoding = bundle.encoding
         self.model_version = bundle.version
+        # target -> full-resolution stage stored in the checkpoint (models.full_res); {} for most.
+        self.full_res = dict(getattr(bundle, "full_res", {}) or {})
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | None = None, vae_dir: str | Path | None = None,
@@ -95,6 +98,10 @@ class Predictor:
                  f"{sum(p.numel() for p in bundle.model.parameters()):,}", dev)
         if bundle.meta.get("latent") is not None:
             from diffkt3d.inference.latent_predictor import LatentPredictor
+
+            if bundle.full_res:
+                raise ConfigError(f"{path}: a latent-space model with full-res stages {sorted(bundle.full_res)} is "
+                                  "not supported (a stage refines a voxel-space model's case-grid output)")
 
             return LatentPredictor.from_bundle(bundle, dev, vae_dir, latent_cache_dir, source=path.name)
         if vae_dir is not None:
@@ -124,6 +131,40 @@ class Predictor:
         shape = (self.model.config.in_channels[target], *self.encoding.grid)
         return sample_with_seeds(self.model, conditions, target, shape, seeds, steps=steps,
                                  shift=self.bundle.flow_shift, device=self.device, on_step=on_step).cpu()
+
+    def predict_coarse(self, case: Case, target: str, steps: int = DEFAULT_STEPS,
+                       seed: int = DEFAULT_SEED) -> torch.Tensor:
+        """The base model's continuous prediction of ``target`` on the case grid, before any threshold.
+
+        (C, I, J, K) float32 in the [-1, 1] encoding: one candidate from ``seed``, conditioned as
+        ``predict_dose`` (dose) or ``impute`` (ct / ptv / oar) condition it, upsampled as they
+        upsample it (``inference.full_res.coarse_on_case_grid``). A full-resolution stage is
+        trained on this, so it is what the stage is given when serving.
+        """
+        from diffkt3d.inference.full_res import coarse_on_case_grid
+
+        if target == "dose":
+            case.validate(require=DOSE_PREDICTION_INPUTS)
+        elif target not in IMPUTABLE:
+            raise ValueError(f"no coarse prediction of {target!r}; targets: ('dose', *{IMPUTABLE})")
+        if target not in self.model.config.modalities:
+            raise ConfigError(f"this model was not trained with modality {target!r}")
+        conditions = self.encode_conditions(case, exclude={target})
+        if not conditions:
+            raise CaseError(f"nothing to condition the {target} prediction on", case=case.case_id)
+        x0 = self._sample(conditions, target, [int(seed)], int(steps))[0]
+        return coarse_on_case_grid(x0, target, case, self.encoding)
+
+    def _refine_doses(self, case: Case, cands: list[Candidate]) -> float:
+        """Replace each candidate's dose by the full-res stage's; returns the seconds it took."""
+        from diffkt3d.inference.full_res import refine_dose, stage_inputs
+
+        t0 = time.perf_counter()
+        stage = self.full_res["dose"]
+        conditions = stage_inputs(case, stage)
+        for c in cands:
+            c.dose_gy = refine_dose(stage, case, c.dose_gy, conditions, self.device)
+        return time.perf_counter() - t0
 
     # -- dose ------------------------------------------------------------------------------
     def predict_dose(self, case: Case, steps: int = DEFAULT_STEPS, candidates: int = DEFAULT_CANDIDATES,
@@ -179,6 +220,7 @@ class Predictor:
         cands = [Candidate(id=f"c{k}-seed{s}", seed=s,
                            dose_gy=decode_dose(x0[k], case.grid, self.encoding, case.body))
                  for k, s in enumerate(seeds)]
+        full_res_s = self._refine_doses(case, cands) if "dose" in self.full_res else None
         if aggregate == "mean" and len(cands) > 1:
             mean = np.mean([c.dose_gy for c in cands], axis=0).astype(np.float32)
             cands.append(Candidate(id="mean", seed=int(seed), dose_gy=mean))
@@ -201,10 +243,13 @@ class Predictor:
         t5 = time.perf_counter()
         timings = {"encode_s": t1 - t0, "sample_s": t2 - t1, "decode_s": t3 - t2, "scorecard_s": t4 - t3,
                    "dvh_s": t5 - t4, "total_s": t5 - t0}
+        if full_res_s is not None:  # only then, so a model without a stage reports what it always did
+            timings["full_res_s"] = full_res_s
         return DosePrediction(candidates=cands, chosen_id=chosen.id, steps=steps, seed=int(seed),
                               model_version=self.model_version, aggregate=aggregate,
                               template=str(template) if template else None, preview=bool(preview),
-                              case=CaseInfo.of(case), dvh=dvh, timings={k: round(v, 4) for k, v in timings.items()})
+                              case=CaseInfo.of(case), dvh=dvh, timings={k: round(v, 4) for k, v in timings.items()},
+                              full_res=full_res_s is not None)
 
     # -- imputation ------------------------------------------------------------------------
     def impute(self, case: Case, target: str, steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED,
@@ -225,7 +270,16 @@ class Predictor:
         x0 = self._sample(conditions, target, [int(seed)], int(steps), on_step)[0]
         t1 = time.perf_counter()
         result = ImputationResult(target=target, steps=int(steps), seed=int(seed), model_version=self.model_version)
-        if target == "ct":
+        stage = self.full_res.get(target)
+        if stage is not None:
+            result.full_res = True
+            from diffkt3d.inference.full_res import refine_ct, refine_masks
+
+            if target == "ct":
+                result.ct_hu = refine_ct(stage, case, x0, self.device)
+            else:
+                result.masks = refine_masks(stage, case, x0, self.device)
+        elif target == "ct":
             ct = decode_ct(x0, case.grid, self.encoding)
             if case.body is not None:  # outside the body is air
                 ct = np.where(case.body, ct, self.encoding.ct_window_hu[0]).astype(np.float32)
@@ -239,6 +293,8 @@ class Predictor:
         if target in ("oar", "ptv") and case.body is not None:
             result.masks = {n: m & case.body for n, m in result.masks.items()}
         result.timings = {"total_s": round(time.perf_counter() - t0, 4), "sample_s": round(t1 - t0, 4)}
+        if stage is not None:
+            result.timings["full_res_s"] = round(time.perf_counter() - t1, 4)
         return result.gate(self.bundle.meta)
 
     def quality(self) -> dict[str, dict]:

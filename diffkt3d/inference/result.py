@@ -104,6 +104,8 @@ class DosePrediction:
         timings: seconds per stage (encode, sample, decode, scorecard, dvh, total).
         latent: for a latent-space model, its VAE and crop and which conditions were VAE-encoded
             for this request or taken from the per-case cache (None for a voxel-space model).
+        full_res: whether a full-resolution stage (models.full_res) refined the dose on the case
+            grid; its seconds are ``timings["full_res_s"]``.
     """
 
     candidates: list[Candidate]
@@ -118,6 +120,7 @@ class DosePrediction:
     dvh: dict[str, StructureDvh] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     latent: dict[str, Any] | None = None
+    full_res: bool = False
 
     @property
     def chosen(self) -> Candidate:
@@ -155,6 +158,8 @@ class DosePrediction:
             "timings": dict(self.timings),
             # only for latent-space models, so a voxel model's description is unchanged
             **({"latent": dict(self.latent)} if self.latent is not None else {}),
+            # only when a full-resolution stage ran, for the same reason
+            **({"full_res": True} if self.full_res else {}),
         }
 
 
@@ -165,7 +170,8 @@ class ImputationResult:
     `quality` is the model's quality-gate verdict on the target (``inference.quality``) and
     `warnings` what a user must see before relying on the output (an experimental target, an
     empty mask); both are filled by :meth:`gate`.
-    `latent` as in :class:`DosePrediction` (None for voxel-space and PRDiT models).
+    `latent` as in :class:`DosePrediction` (None for voxel-space and PRDiT models), and
+    `full_res` (a full-resolution stage produced the output).
     """
 
     target: str
@@ -176,6 +182,7 @@ class ImputationResult:
     model_version: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     latent: dict[str, Any] | None = None
+    full_res: bool = False
     quality: TargetQuality | None = None
     warnings: list[str] = field(default_factory=list)
 

@@ -4,6 +4,11 @@ Loading rebuilds everything from the file alone: the DiT config, the encoding (w
 channel order, HU window, dose scale) and the flow shift. Files are read with
 `torch.load(weights_only=True)`, so a checkpoint cannot execute code.
 
+Full-resolution cascade stages (``models.full_res``) live inside the base checkpoint, in a
+``full_res`` section {target: {"config", "state_dict"}}: one served file is one model version, so
+the registry and its promotion rules need nothing new. A checkpoint without the section loads as
+before, with no stages.
+
 Checkpoints written by earlier versions load through :func:`migrate_model_state` at load time (the
 files themselves are never rewritten, so their digests, which name model versions, stay valid).
 """
@@ -42,6 +47,8 @@ class ModelBundle:
     flow_shift: float
     meta: dict[str, Any] = field(default_factory=dict)
     version: str = ""
+    # target -> FullResStage (eval mode); empty for a checkpoint without a full-res section.
+    full_res: dict[str, torch.nn.Module] = field(default_factory=dict)
 
 
 def save_checkpoint(
@@ -132,6 +139,69 @@ def update_meta(path: str | Path, updates: dict[str, Any]) -> Path:
     return path
 
 
+def write_full_res_stages(base_path: str | Path, out_path: str | Path, stages: dict[str, tuple[Any, dict]],
+                          meta_updates: dict[str, Any] | None = None,
+                          train_state: dict[str, Any] | None = None) -> Path:
+    """Write ``out_path``: the checkpoint at ``base_path`` with full-resolution stages added.
+
+    Args:
+        stages: target -> (FullResConfig, state dict); replaces a stage of the same target the
+            base may already hold, keeps the others.
+        meta_updates: merged into the base's meta (e.g. the stage's training record).
+        train_state: resumption state of the stage's trainer (omit for a model to serve).
+
+    The base's own tensors, config and encoding are copied unchanged; ``base_path`` may equal
+    ``out_path`` (atomic replace). The digest, and so the model version, changes, and the
+    quality-gate record of each staged target is dropped (it measured the output without the stage).
+    """
+    blob = read_checkpoint(base_path)
+    blob.pop("train_state", None)  # the base's resumption state is not this file's
+    section = dict(blob.get("full_res") or {})
+    for target, (config, state) in stages.items():
+        section[target] = {"config": config.to_dict(),
+                           "state_dict": {k: v.detach().cpu().clone() for k, v in state.items()}}
+    blob["full_res"] = section
+    meta = {**dict(blob.get("meta") or {}), **(meta_updates or {})}
+    # A quality-gate record (inference.quality) measured the output without this stage: it no longer
+    # describes what the file serves, so the target is experimental again until benchmarked.
+    quality = {t: q for t, q in dict(meta.get("quality") or {}).items() if t not in stages}
+    if "quality" in meta:
+        meta["quality"] = quality
+    blob["meta"] = meta
+    if train_state is not None:
+        blob["train_state"] = train_state
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".part")
+    torch.save(blob, tmp)
+    tmp.replace(out_path)
+    return out_path
+
+
+def load_full_res_stages(blob: dict[str, Any], encoding: EncodingConfig, path: str | Path,
+                         device: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
+    """The full-res stages of a raw checkpoint dict, built and loaded (eval mode); {} without any."""
+    from diffkt3d.models.full_res import FullResConfig, FullResStage
+
+    stages: dict[str, torch.nn.Module] = {}
+    for target, entry in (blob.get("full_res") or {}).items():
+        if not isinstance(entry, dict) or "config" not in entry or "state_dict" not in entry:
+            raise ConfigError(f"checkpoint {path}: full-res stage {target!r} needs 'config' and 'state_dict', "
+                              f"found {sorted(entry) if isinstance(entry, dict) else type(entry).__name__}")
+        config = FullResConfig.from_dict(dict(entry["config"]))
+        if config.target != target:
+            raise ConfigError(f"checkpoint {path}: full-res stage stored under {target!r} is for target "
+                              f"{config.target!r}")
+        stage = FullResStage(config, encoding)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in entry["state_dict"].items()}
+        missing, unexpected = stage.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"checkpoint {path}: full-res {target} stage does not match its config: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}")
+        stages[target] = stage.to(device).eval()
+    return stages
+
+
 def file_digest(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -156,10 +226,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Mod
     model.to(device).eval()
     meta = dict(blob.get("meta", {}))
     version = f"{meta.get('name', Path(path).stem)}@{file_digest(path)}"
+    encoding = EncodingConfig.from_dict(blob["encoding"])
     return ModelBundle(
         model=model,
-        encoding=EncodingConfig.from_dict(blob["encoding"]),
+        encoding=encoding,
         flow_shift=float(blob["flow_shift"]),
         meta=meta,
         version=version,
+        full_res=load_full_res_stages(blob, encoding, path, device),
     )

@@ -30,6 +30,7 @@ from diffkt3d.errors import ConfigError
 from diffkt3d.training.config import StageConfig, TrainConfig
 
 if TYPE_CHECKING:
+    from diffkt3d.training.full_res_config import FullResTrainConfig
     from diffkt3d.training.scardnft import ScardNFTConfig
 
 log = logging.getLogger(__name__)
@@ -274,6 +275,22 @@ def load_scardnft_recipe(path: str | Path, overrides: Mapping[str, Any] | None =
 
     merged = apply_overrides(read_recipe(path), overrides, ScardNFTConfig, str(path))
     return ScardNFTConfig.from_dict(resolve_data_paths(merged, data_root, str(path), fields=("train_roots",)))
+
+
+def load_full_res_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None,
+                         data_root: str | Path | None = None) -> FullResTrainConfig:
+    """The full-res stage recipe at `path` (e.g. configs/full-res-dose.yaml) with `overrides` applied.
+
+    Same rules as :func:`load_recipe`; the stage's fields are set as `stage.<field>`
+    (`--set stage.coarse_input=false` makes the peer).
+    """
+    from diffkt3d.training.full_res_config import FullResTrainConfig
+
+    merged = apply_overrides(read_recipe(path), overrides, FullResTrainConfig, str(path))
+    try:
+        return FullResTrainConfig.from_dict(resolve_data_paths(merged, data_root, str(path), fields=("train_roots",)))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def flat_fields(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,230 @@
+"""Full-resolution stage benchmark: the cascade (DiT + stage) vs its plain U-Net peer vs the DiT alone.
+
+For each of the first N cases of a split (OpenKBP validation by default), three variants of one
+target:
+
+- ``model``: the checkpoint with its full-res stage, through ``Predictor`` (what a user gets);
+- ``base``: the same checkpoint with the stage left out (the 64^3 DiT upsampled: the floor the
+  stage is meant to lift);
+- ``peer``: the same trainer with ``stage.coarse_input: false`` (a MONAI BasicUNet with the same
+  inputs, crops, loss and CPU budget), run directly on the case grid (``inference.full_res``),
+  so its seconds are its own and not those of a DiT sampling run it would ignore.
+
+Figures per target: dose, the OpenKBP dose and DVH scores (Gy, lower is better); ct, the MAE in
+the body (HU); oar, per-OAR Dice and 95 % Hausdorff distance (mm, MONAI metrics); ptv, PTV70
+Dice and HD95. Then paired Wilcoxon signed-rank tests (scipy) per figure, model vs peer and model
+vs base, over the cases both have. Commands (docs/full-res.md):
+
+    python benchmarks/full_res.py --target oar --model runs/full-res-oar/final.pt \\
+        --peer runs/full-res-oar-peer/final.pt --limit 20
+
+writes benchmarks/results/full_res_<target>.md and .json with the machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from machine_info import openkbp_dir, write_results  # noqa: E402
+
+from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS  # noqa: E402
+from diffkt3d.io.case_folder import load_case_folder  # noqa: E402
+from diffkt3d.metrics.image import masked_mae_hu  # noqa: E402
+from diffkt3d.metrics.openkbp import score_case_object  # noqa: E402
+from diffkt3d.training.dataset import list_case_dirs  # noqa: E402
+
+log = logging.getLogger("full_res_benchmark")
+
+TARGETS = ("dose", "ct", "oar", "ptv")
+VARIANTS = ("model", "base", "peer")
+# Figures where a larger value is better; every other figure is an error.
+HIGHER_IS_BETTER = ("dice",)
+
+
+# -- predictions -----------------------------------------------------------------------------
+def predict(predictor, case, target: str, steps: int, seed: int):
+    """Dose (Gy) or CT (HU) array, or {name: mask}, through the Predictor (its stage if it has one)."""
+    if target == "dose":
+        return predictor.predict_dose(case, steps=steps, seed=seed, template=None, with_dvh=False).dose_gy
+    result = predictor.impute(case, target, steps=steps, seed=seed)
+    return result.ct_hu if target == "ct" else result.masks
+
+
+def predict_peer(stage, case, target: str):
+    """The peer stage alone on the case grid (it reads no coarse prediction, so none is made)."""
+    from diffkt3d.inference.full_res import refine_ct, refine_dose, refine_masks
+
+    if stage.config.coarse_input:
+        raise SystemExit(f"the peer's {target} stage reads a coarse prediction; a peer is trained with "
+                         "stage.coarse_input: false")
+    nothing = torch.zeros((stage.encoding.channels()[target], *stage.encoding.grid))
+    if target == "dose":
+        return refine_dose(stage, case, np.zeros(case.grid.shape, np.float32))
+    if target == "ct":
+        return refine_ct(stage, case, nothing)
+    masks = refine_masks(stage, case, nothing)
+    return {n: m & case.body for n, m in masks.items()} if case.body is not None else masks
+
+
+def without_stages(predictor):
+    """A Predictor of the same checkpoint that ignores its full-res stages (the base variant)."""
+    from diffkt3d.inference import Predictor
+
+    base = Predictor(predictor.bundle, predictor.device)
+    base.full_res = {}
+    return base
+
+
+# -- figures ---------------------------------------------------------------------------------
+def mask_figures(pred: np.ndarray, ref: np.ndarray, spacing_mm: tuple[float, ...]) -> dict[str, float]:
+    """Dice and 95 % Hausdorff distance (mm) with MONAI's metrics; HD95 is NaN for an empty prediction."""
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+
+    p = torch.from_numpy(np.asarray(pred, bool))[None, None].float()
+    r = torch.from_numpy(np.asarray(ref, bool))[None, None].float()
+    dice = float(compute_dice(p, r, include_background=True, ignore_empty=False)[0, 0])
+    hd95 = float("nan")
+    if p.any() and r.any():
+        hd95 = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95,
+                                                spacing=list(spacing_mm))[0, 0])
+    return {"dice": dice, "hd95_mm": hd95}
+
+
+def case_figures(case, target: str, output, oar_names: tuple[str, ...]) -> dict[str, float]:
+    """{figure: value} of one case; per-structure figures are named ``<figure>/<structure>``."""
+    if target == "dose":
+        s = score_case_object(case, output)
+        return {"dose_score": float(s.dose_score), "dvh_score": float(np.mean(list(s.dvh_errors.values())))}
+    if target == "ct":
+        return {"mae_hu": masked_mae_hu(output, case.ct_hu, case.body)}
+    names = [n for n in oar_names if n in case.oars] if target == "oar" else \
+        [n for n in ("PTV70",) if n in case.targets]
+    out = {}
+    for name in names:
+        pred = output.get(name, np.zeros(case.grid.shape, bool))
+        for key, value in mask_figures(pred, case.structures[name].mask, case.grid.spacing_mm).items():
+            out[f"{key}/{name}"] = value
+    return out
+
+
+def paired_test(rows_a: list[dict], rows_b: list[dict], key: str) -> dict:
+    """a vs b on ``key`` over the cases both have a finite value for: mean a - b, cases a is better, Wilcoxon p."""
+    from scipy.stats import wilcoxon
+
+    b = {r["case"]: r.get(key) for r in rows_b}
+    pairs = [(r[key], b[r["case"]]) for r in rows_a if _finite(r.get(key)) and _finite(b.get(r["case"]))]
+    diffs = [x - y for x, y in pairs]
+    higher = key.split("/")[0] in HIGHER_IS_BETTER
+    better = sum((d > 0) if higher else (d < 0) for d in diffs)
+    p = float(wilcoxon(diffs).pvalue) if len(diffs) > 1 and any(diffs) else float("nan")
+    return {"n": len(diffs), "mean_diff": float(np.mean(diffs)) if diffs else float("nan"),
+            "a_better": int(better), "p": p, "higher_is_better": higher}
+
+
+def _finite(value) -> bool:
+    return value is not None and bool(np.isfinite(value))
+
+
+def summarise(rows: list[dict]) -> dict[str, float]:
+    """Mean of each figure over the cases with a finite value (an empty prediction has no HD95)."""
+    keys = sorted({k for r in rows for k in r if k not in ("case", "seconds")})
+    out = {}
+    for k in keys:
+        values = [r[k] for r in rows if _finite(r.get(k))]
+        out[k] = float(np.mean(values)) if values else float("nan")
+        out[f"{k} (n)"] = len(values)
+    out["seconds_median"] = float(np.median([r["seconds"] for r in rows])) if rows else float("nan")
+    return out
+
+
+# -- run -------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict:
+    from diffkt3d.inference import Predictor
+    from diffkt3d.models.checkpoint import load_checkpoint
+
+    torch.set_num_threads(args.threads)
+    model = Predictor.load(args.model, device="cpu")
+    if args.target not in model.full_res:
+        raise SystemExit(f"{args.model} has no full-res {args.target} stage (it has {sorted(model.full_res)})")
+    peer_bundle = load_checkpoint(args.peer)
+    if args.target not in peer_bundle.full_res:
+        raise SystemExit(f"{args.peer} has no full-res {args.target} stage (it has {sorted(peer_bundle.full_res)})")
+    runners = {"model": lambda c: predict(model, c, args.target, args.steps, args.seed),
+               "base": lambda c: predict(without_stages(model), c, args.target, args.steps, args.seed),
+               "peer": lambda c: predict_peer(peer_bundle.full_res[args.target], c, args.target)}
+    rows: dict[str, list[dict]] = {v: [] for v in args.variants}
+    for folder in list_case_dirs([args.cases])[: args.limit or None]:
+        case = load_case_folder(folder)
+        if args.target == "dose" and (case.dose_gy is None or case.body is None):
+            log.info("%s: no reference dose, skipped", case.case_id)
+            continue
+        for variant in args.variants:
+            t0 = time.perf_counter()
+            output = runners[variant](case)
+            seconds = time.perf_counter() - t0
+            row = {"case": case.case_id, "seconds": round(seconds, 3),
+                   **case_figures(case, args.target, output, model.encoding.oar_channels)}
+            rows[variant].append(row)
+            log.info("%s %s: %s", variant, case.case_id, {k: round(v, 3) for k, v in row.items() if k != "case"})
+    figures = sorted({k for r in rows.get("model", []) for k in r if k not in ("case", "seconds")})
+    paired = {f"model_vs_{other}": {k: paired_test(rows["model"], rows[other], k) for k in figures}
+              for other in ("peer", "base") if other in rows and "model" in rows}
+    return {"target": args.target, "model": str(args.model), "peer": str(args.peer), "steps": args.steps,
+            "seed": args.seed, "threads": args.threads,
+            "summary": {v: summarise(r) for v, r in rows.items()}, "paired": paired, "rows": rows}
+
+
+def report_lines(results: dict, machine: str, started: dt.datetime) -> list[str]:
+    summary, variants = results["summary"], list(results["summary"])
+    figures = sorted({k for s in summary.values() for k in s})
+    lines = [f"# Full-res {results['target']} stage: cascade vs peer vs base", "",
+             f"Machine: {machine}. Date: {started.isoformat(timespec='seconds')}. Model {results['model']}, peer "
+             f"{results['peer']}, {results['steps']} sampling steps, seed {results['seed']}, "
+             f"{results['threads']} threads.", "",
+             "| figure | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
+    lines += [f"| {k} | " + " | ".join(f"{summary[v].get(k, float('nan')):.4g}" for v in variants) + " |"
+              for k in figures]
+    for name, tests in results["paired"].items():
+        lines += ["", f"Paired Wilcoxon, {name.replace('_', ' ')} (mean difference, cases the model is better, p):", "",
+                  "| figure | n | mean diff | model better | p |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {t['n']} | {t['mean_diff']:.4g} | {t['a_better']} | {t['p']:.3g} |"
+                  for k, t in tests.items()]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--target", required=True, choices=TARGETS)
+    p.add_argument("--model", required=True, help="checkpoint with a full-res stage for --target")
+    p.add_argument("--peer", required=True, help="checkpoint whose --target stage was trained with coarse_input false")
+    p.add_argument("--cases", default=openkbp_dir("validation"))
+    p.add_argument("--limit", type=int, default=0, help="first N cases only (0 = all)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--out", default=None, help="results path without suffix (default benchmarks/results/full_res_<target>)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    started = dt.datetime.now(dt.timezone.utc)
+    results = run(args)
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"full_res_{args.target}")
+    from machine_info import describe_machine
+
+    write_results(out, report_lines(results, describe_machine(), started), started, **results)
+    log.info("wrote %s.md and .json", out)
+
+
+if __name__ == "__main__":
+    main()

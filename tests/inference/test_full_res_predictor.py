@@ -1,0 +1,87 @@
+"""Predictor with a full-res stage in its checkpoint: applied automatically, case-grid results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffkt3d.errors import CaseError
+from diffkt3d.inference import Predictor
+from diffkt3d.inference.full_res import coarse_on_case_grid, refine_dose
+from diffkt3d.models.checkpoint import load_checkpoint, write_full_res_stages
+from diffkt3d.models.full_res import FullResConfig, FullResStage
+
+torch.set_num_threads(1)
+TINY = (4, 4, 8, 8, 16, 4)
+
+
+def with_stages(base_path, out_path, targets, perturb: bool, **cfg):
+    base = load_checkpoint(base_path)
+    stages = {}
+    for i, target in enumerate(targets):
+        torch.manual_seed(i)
+        config = FullResConfig(target=target, features=TINY, crop=(32, 32, 32), **cfg).resolved(base.encoding.modalities)
+        stage = FullResStage(config, base.encoding)
+        if perturb:
+            with torch.no_grad():
+                stage.net.final_conv.weight.normal_(0, 0.05)
+        stages[target] = (config, stage.state_dict())
+    return write_full_res_stages(base_path, out_path, stages)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_checkpoint):
+    return Predictor.load(tiny_checkpoint, device="cpu")
+
+
+def test_fresh_dose_stage_reproduces_the_plain_prediction(plain, tiny_checkpoint, tmp_path, synthetic_case):
+    staged = Predictor.load(with_stages(tiny_checkpoint, tmp_path / "m.pt", ["dose"], perturb=False), device="cpu")
+    a = plain.predict_dose(synthetic_case, steps=1, candidates=2, template=None, with_dvh=False)
+    b = staged.predict_dose(synthetic_case, steps=1, candidates=2, template=None, with_dvh=False)
+    for ca, cb in zip(a.candidates, b.candidates, strict=True):
+        np.testing.assert_array_equal(ca.dose_gy, cb.dose_gy)
+    assert b.full_res and "full_res_s" in b.timings and b.to_dict()["full_res"] is True
+    assert not a.full_res and "full_res_s" not in a.timings and "full_res" not in a.to_dict()
+
+
+def test_trained_stages_change_the_outputs_on_the_case_grid(plain, tiny_checkpoint, tmp_path, synthetic_case):
+    path = with_stages(tiny_checkpoint, tmp_path / "m.pt", ["dose", "ct", "oar", "ptv"], perturb=True)
+    staged = Predictor.load(path, device="cpu")
+    case = synthetic_case
+    shape = case.grid.shape
+    dose = staged.predict_dose(case, steps=1, template=None, with_dvh=False).dose_gy
+    base = plain.predict_dose(case, steps=1, template=None, with_dvh=False).dose_gy
+    assert dose.shape == shape and (dose >= 0).all() and (dose[~case.body] == 0).all()
+    assert not np.array_equal(dose, base)
+    ct = staged.impute(case, "ct", steps=1)
+    assert ct.full_res and ct.ct_hu.shape == shape and (ct.ct_hu[~case.body] == -1000).all()
+    oar = staged.impute(case, "oar", steps=1)
+    assert list(oar.masks) == list(staged.encoding.oar_channels) and oar.timings["full_res_s"] >= 0
+    assert all(m.shape == shape and m.dtype == bool and not m[~case.body].any() for m in oar.masks.values())
+    ptv = staged.impute(case, "ptv", steps=1)
+    assert sorted(ptv.masks) == ["PTV56", "PTV63", "PTV70"]
+
+
+def test_a_missing_condition_enters_the_stage_as_empty(tiny_checkpoint, tmp_path, synthetic_case):
+    staged = Predictor.load(with_stages(tiny_checkpoint, tmp_path / "m.pt", ["dose"], perturb=True), device="cpu")
+    synthetic_case.ct_hu = None  # the DiT treats a missing CT as a missing condition; so does the stage
+    pred = staged.predict_dose(synthetic_case, steps=1, template=None, with_dvh=False)
+    assert pred.full_res and pred.dose_gy.shape == synthetic_case.grid.shape and np.isfinite(pred.dose_gy).all()
+
+
+def test_coarse_prediction_is_what_the_dose_path_refines(plain, synthetic_case):
+    coarse = plain.predict_coarse(synthetic_case, "dose", steps=1, seed=4)
+    dose = plain.predict_dose(synthetic_case, steps=1, seed=4, template=None, with_dvh=False).dose_gy
+    assert coarse.shape == (1, *synthetic_case.grid.shape)
+    np.testing.assert_allclose((coarse[0].numpy() + 1) * 0.5 * plain.encoding.dose_scale_gy, dose, atol=1e-4)
+    oar = plain.predict_coarse(synthetic_case, "oar", steps=1, seed=4)
+    assert oar.shape == (len(plain.encoding.oar_channels), *synthetic_case.grid.shape)
+    assert torch.equal(coarse_on_case_grid(torch.zeros(1, 16, 16, 16), "ct", synthetic_case, plain.encoding),
+                       torch.zeros(1, *synthetic_case.grid.shape))
+
+
+def test_a_coarse_dose_on_another_grid_is_refused(tiny_checkpoint, tmp_path, synthetic_case):
+    staged = Predictor.load(with_stages(tiny_checkpoint, tmp_path / "m.pt", ["dose"], perturb=False), device="cpu")
+    with pytest.raises(CaseError, match="coarse prediction has grid \\(8, 8, 8\\), expected the case grid"):
+        refine_dose(staged.full_res["dose"], synthetic_case, np.zeros((8, 8, 8), np.float32))
