@@ -59,7 +59,7 @@ class FullResTrainConfig:
     train_roots: list[str] = field(default_factory=lambda: ["openkbp/train"])
     max_cases: int | None = None
     out_dir: str = "runs/full-res"
-    cache_dir: str = "cache/full-res"
+    cache_dir: str = "runs/cache/full-res"
     coarse_steps: int = 10
     coarse_seed: int = 0
     steps: int = 100_000
