@@ -2,6 +2,10 @@
 
 impute_ct returns a float32 CT (HU) NIfTI; impute_ptv / impute_oar return a uint8 label map with
 the JSON `labels` mapping names to values. The model work is `Predictor.impute`.
+
+An imputation takes longer than a dose (and may add a full-resolution stage after the sampling),
+so a request with a `job_id` joins the app's job table like a dose request: its steps can be read
+and it can be cancelled between two of them (infer_tasks/jobs.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from infer_tasks.common import (
     int_param,
     load_request_case,
 )
+from infer_tasks.jobs import JOB_ID_KEY, JobTable
 
 
 class ImputeTask(InferTask):
@@ -38,10 +43,13 @@ class ImputeTask(InferTask):
         max_upload_bytes: session upload limit.
         image_limits: image size limits checked on every header before its data are read
             (None: `ImageLimits.from_env()`).
+        jobs: where a request with a `job_id` reports its steps and can be cancelled; the app
+            passes the dose task's table, so one GET /diffkt3d/jobs/{id} serves every task (None:
+            a table of its own).
     """
 
     def __init__(self, target: str, models: ModelProvider, max_upload_bytes: int,
-                 image_limits: ImageLimits | None = None):
+                 image_limits: ImageLimits | None = None, jobs: JobTable | None = None):
         if target not in IMPUTABLE:
             raise ValueError(f"cannot impute {target!r}; imputable: {IMPUTABLE}")
         super().__init__(type=InferType.OTHERS if target == "ct" else InferType.SEGMENTATION, labels=None,
@@ -51,7 +59,8 @@ class ImputeTask(InferTask):
         self.models = models
         self.max_upload_bytes = max_upload_bytes
         self.image_limits = image_limits
-        self.param_names = frozenset({"steps", "seed"})  # every key a client may send
+        self.jobs = jobs or JobTable()
+        self.param_names = frozenset({"steps", "seed", JOB_ID_KEY})  # every key a client may send
 
     def is_valid(self) -> bool:
         return True
@@ -79,8 +88,10 @@ class ImputeTask(InferTask):
         seed = int_param(request, "seed", DEFAULT_SEED, 0, MAX_SEED)
         case = load_request_case(request, self.max_upload_bytes, self.image_limits)
         predictor = self.models.get()
-        with self.models.run_lock:
-            res = predictor.impute(case, target=self.target, steps=steps, seed=seed)
+        with self.jobs.track(request, f"impute_{self.target}") as job, self.models.run_lock:
+            JobTable.start(job)  # a job cancelled while it waited for the model stops here
+            res = predictor.impute(case, target=self.target, steps=steps, seed=seed,
+                                   on_step=JobTable.step_hook(job))
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix=f"impute-{self.target}-", delete=False).name
         result: dict[str, Any] = {"task": f"impute_{self.target}", "target": self.target,
                                   "case": case_summary(case, str(request.get(SOURCE_KEY))),

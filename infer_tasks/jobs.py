@@ -2,10 +2,13 @@
 
 A client names its request with a `job_id` parameter (its own pseudonymous id, so it can ask about
 the job while the POST /infer/ it sent is still waiting for its answer). The task registers the job
-here and passes `JobTable.step_hook` to the core sampler, which calls it after every Euler step;
+here and passes `JobTable.step_hook` to the core sampler, which calls it after every sampling step
+(and once more after a full-resolution stage, when the model has one);
 the hook records the step and raises `Cancelled` once a client has asked to stop, so the sampler
 stops between two steps, the model lock is released and the next request runs. Read and cancelled
-through GET / DELETE /diffkt3d/jobs/{job_id} (monailabel_app/job_routes.py).
+through GET / DELETE /diffkt3d/jobs/{job_id} (monailabel_app/job_routes.py). The `dose` and the
+`impute_*` tasks share the app's one table, so a client follows any of them the same way (the job's
+`task` says which it is).
 
 Anyone who may run inference may read or cancel a job whose id they know: the client draws the id
 at random (a UUID), so it is known only to the client that sent the request.

@@ -1,6 +1,7 @@
 """GET / DELETE /diffkt3d/jobs/{job_id}: progress of a running inference, and cancelling it.
 
-The job table is infer_tasks/jobs.py; a dose request joins it by sending a `job_id` parameter.
+The job table is infer_tasks/jobs.py, one per app; a dose or imputation request joins it by sending a
+`job_id` parameter.
 """
 
 from __future__ import annotations

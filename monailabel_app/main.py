@@ -4,7 +4,7 @@
 
 Tasks: infer `dose`, `impute_ct`, `impute_ptv`, `impute_oar` (infer_tasks/), train `any2any`,
 `scardnft` (train_tasks/), strategy `preference`; extra routes `/diffkt3d/preferences`,
-`/diffkt3d/jobs/{id}` (progress and cancel of a dose request), `/diffkt3d/cases/{id}` (a case as a zip),
+`/diffkt3d/jobs/{id}` (progress and cancel of a dose or imputation request), `/diffkt3d/cases/{id}` (a case as a zip),
 `/diffkt3d/models` (model versions: list, promote, roll back; monailabel_app/model_routes.py).
 Request format: docs/request-format.md; install and start: docs/server.md.
 
@@ -108,7 +108,7 @@ class DiffKT3DApp(MONAILabelApp):
         self.models = model_provider(self.registry.served_path, conf.get("model"), conf.get("device"),
                                      conf.get("vae_dir"), conf.get("latent_cache_dir"))
         self.ct_imputation = CTImputationConfig.from_conf(conf)
-        self.jobs = JobTable()  # dose requests with a job_id: progress and cancel (/diffkt3d/jobs)
+        self.jobs = JobTable()  # every infer task's requests with a job_id: progress, cancel (/diffkt3d/jobs)
         self.ct_models = (PRDiTModelProvider(self.ct_imputation, self.models.run_lock)
                           if self.ct_imputation.uses_prdit else self.models)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DiffKT3D",
@@ -127,8 +127,8 @@ class DiffKT3DApp(MONAILabelApp):
         return {
             "dose": DoseTask(self.models, self.max_upload_bytes, on_candidates=self._store_candidates,
                              image_limits=self.image_limits, jobs=self.jobs),
-            "impute_ct": ImputeTask("ct", self.ct_models, self.max_upload_bytes, self.image_limits),
-            **{f"impute_{t}": ImputeTask(t, self.models, self.max_upload_bytes, self.image_limits)
+            "impute_ct": ImputeTask("ct", self.ct_models, self.max_upload_bytes, self.image_limits, jobs=self.jobs),
+            **{f"impute_{t}": ImputeTask(t, self.models, self.max_upload_bytes, self.image_limits, jobs=self.jobs)
                for t in ("ptv", "oar")},
         }
 

@@ -6,6 +6,8 @@ what it is (task, CT series, structure set, plan, model version and the request'
 
 * the same request again finds its series already in the study and stores nothing
   (`stored.status` "already stored", same series UID);
+  A request's `job_id` is not part of it: it names the run (for progress and cancel), not the
+  result, and a client draws a new one per request;
 * a different request (another model version, seed, step count, template...) stores a new
   series, numbered: SeriesDescription "DiffKT3D predicted dose v<N> ..." / "DiffKT3D imputed
   OARs v<N> ...", SeriesNumber 9000 + N (dose) or 9100 + N (structures), and the answer lists the
@@ -38,6 +40,7 @@ from diffkt3d.io.dicom_study import (
     derived_rtdose,
     derived_rtstruct,
 )
+from infer_tasks.jobs import JOB_ID_KEY
 from monailabel_app.pacs_audit import PacsWriteAudit
 from monailabel_app.pacs_datastore import PacsDatastore, PacsError
 
@@ -157,7 +160,7 @@ def answer_from_pacs(datastore: PacsDatastore, case_id: str, task: str, request:
     case["inferred"] = [*notes, *(x for x in case.get("inferred", []) if x not in notes)]
     if task not in WRITE_BACK:
         return
-    params = {k: v for k, v in request.items() if k in param_names}
+    params = {k: v for k, v in request.items() if k in param_names and k != JOB_ID_KEY}
     try:
         result["stored"] = store_result(datastore, case_id, task, str(answer.get("file") or ""), result, params,
                                         audit)

@@ -14,6 +14,7 @@ import time
 from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS
 from diffkt3d.data.case import Case
 from diffkt3d.errors import ConfigError
+from diffkt3d.flow.sampler import StepCallback
 from diffkt3d.inference.ct_backbone import CTImputationConfig
 from diffkt3d.inference.quality import target_quality
 from diffkt3d.inference.result import ImputationResult
@@ -59,8 +60,12 @@ class PRDiTCTPredictor:
         meta = read_checkpoint(path).get("meta") or {}
         return cls(imputer, config, version, meta if isinstance(meta, dict) else {})
 
-    def impute(self, case: Case, target: str, steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED) -> ImputationResult:
+    def impute(self, case: Case, target: str, steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED,
+               on_step: StepCallback | None = None) -> ImputationResult:
         """CT of ``case`` in HU on the case grid, -1000 HU outside the body.
+
+        ``on_step`` as in ``Predictor.impute``: called after each of the ``steps`` sampler steps (a
+        PRDiT checkpoint has no full-res stage), so a server reports and cancels either backbone alike.
 
         Raises:
             ConfigError: ``target`` is not "ct" (PRDiT is a CT backbone only).
@@ -72,7 +77,7 @@ class PRDiTCTPredictor:
             raise ValueError(f"steps must be >= 1, found {steps}")
         t0 = time.perf_counter()
         ct_hu = self.imputer.impute_case(case, steps=int(steps), k=self.config.prdit_k, seed=int(seed),
-                                         sampler=self.config.prdit_sampler)
+                                         sampler=self.config.prdit_sampler, on_step=on_step)
         total = round(time.perf_counter() - t0, 4)
         return ImputationResult(target="ct", ct_hu=ct_hu, steps=int(steps), seed=int(seed),
                                 model_version=self.model_version,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,6 +65,35 @@ def default_model_path() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[1] / "weights" / "cpu-default.pt"
+
+
+@dataclass(frozen=True)
+class StageProgress:
+    """Progress over the sampling steps and, when a full-res stage follows, one more step for it.
+
+    The sampler counts only its own steps: a client reading "10 of 10" while a full-res stage still
+    runs for seconds would see a job as finished that is not, so the stage is the count's last step.
+    A cancel asked for during sampling stops before the stage (the last sampling step's report).
+
+    Args:
+        on_step: the caller's hook (None: nothing reported).
+        stage: whether a full-res stage follows the sampling.
+    """
+
+    on_step: StepCallback | None
+    stage: bool
+
+    def sampling(self) -> StepCallback | None:
+        """The hook the sampler is given: its own count, plus one when a stage follows."""
+        on_step = self.on_step
+        if on_step is None or not self.stage:
+            return on_step
+        return lambda done, total: on_step(done, total + 1)
+
+    def stage_done(self, sampling_total: int) -> None:
+        """Report the stage's step, once it ran after ``sampling_total`` sampling steps."""
+        if self.on_step is not None and self.stage:
+            self.on_step(sampling_total + 1, sampling_total + 1)
 
 
 class Predictor:
@@ -185,7 +215,8 @@ class Predictor:
                 callers that score the dose themselves, such as the benchmarks, so their timings
                 stay the model's).
             on_step: called after each sampling step with (done, total); a server reports progress
-                with it and cancels by raising `diffkt3d.errors.Cancelled` from it.
+                with it and cancels by raising `diffkt3d.errors.Cancelled` from it. A full-res
+                stage, when the checkpoint has one, is counted as one more step (`StageProgress`).
             flip_average: test-time augmentation: each candidate is the mean of the sample on the
                 case and the mirrored sample on its left-right mirror (the OpenKBP winner's
                 test-time flip); twice the sampling time (`on_step` counts both passes). Off by default.
@@ -200,18 +231,20 @@ class Predictor:
         conditions = self.encode_conditions(case, exclude={"dose"})  # a stored dose is never an input
         t1 = time.perf_counter()
         seeds = [int(seed) + k for k in range(int(candidates))]
+        progress = StageProgress(on_step, "dose" in self.full_res)
+        sampling_step = progress.sampling()
         if not flip_average:
-            x0 = self._sample(conditions, "dose", seeds, steps, on_step)
+            x0 = self._sample(conditions, "dose", seeds, steps, sampling_step)
         else:
             from diffkt3d.training.augment import mirror_volumes
 
             first = second = None
-            if on_step is not None:  # one progress count over both passes
+            if sampling_step is not None:  # one progress count over both passes
                 def first(done: int, total: int) -> None:
-                    on_step(done, 2 * total)
+                    sampling_step(done, 2 * total)
 
                 def second(done: int, total: int) -> None:
-                    on_step(total + done, 2 * total)
+                    sampling_step(total + done, 2 * total)
             x0 = self._sample(conditions, "dose", seeds, steps, first)
             mirrored = self._sample(mirror_volumes(conditions, self.encoding.oar_channels), "dose", seeds, steps,
                                     second)
@@ -220,7 +253,10 @@ class Predictor:
         cands = [Candidate(id=f"c{k}-seed{s}", seed=s,
                            dose_gy=decode_dose(x0[k], case.grid, self.encoding, case.body))
                  for k, s in enumerate(seeds)]
-        full_res_s = self._refine_doses(case, cands) if "dose" in self.full_res else None
+        full_res_s = None
+        if progress.stage:
+            full_res_s = self._refine_doses(case, cands)
+            progress.stage_done(steps * (2 if flip_average else 1))
         if aggregate == "mean" and len(cands) > 1:
             mean = np.mean([c.dose_gy for c in cands], axis=0).astype(np.float32)
             cands.append(Candidate(id="mean", seed=int(seed), dose_gy=mean))
@@ -257,7 +293,7 @@ class Predictor:
         """Generate a missing modality (ct / ptv / oar) from everything else the case has.
 
         The dose may be a condition here (Any2Any), unlike in dose prediction. `on_step`: as in
-        `predict_dose`.
+        `predict_dose` (called ``steps`` times, ``steps + 1`` when a full-res stage runs).
         """
         if target not in IMPUTABLE:
             raise ValueError(f"cannot impute {target!r}; imputable modalities: {IMPUTABLE}")
@@ -267,10 +303,11 @@ class Predictor:
         conditions = self.encode_conditions(case, exclude={target})
         if not conditions:
             raise CaseError(f"nothing to condition the {target} imputation on", case=case.case_id)
-        x0 = self._sample(conditions, target, [int(seed)], int(steps), on_step)[0]
+        stage = self.full_res.get(target)
+        progress = StageProgress(on_step, stage is not None)
+        x0 = self._sample(conditions, target, [int(seed)], int(steps), progress.sampling())[0]
         t1 = time.perf_counter()
         result = ImputationResult(target=target, steps=int(steps), seed=int(seed), model_version=self.model_version)
-        stage = self.full_res.get(target)
         if stage is not None:
             result.full_res = True
             from diffkt3d.inference.full_res import refine_ct, refine_masks
@@ -279,6 +316,7 @@ class Predictor:
                 result.ct_hu = refine_ct(stage, case, x0, self.device)
             else:
                 result.masks = refine_masks(stage, case, x0, self.device)
+            progress.stage_done(int(steps))
         elif target == "ct":
             ct = decode_ct(x0, case.grid, self.encoding)
             if case.body is not None:  # outside the body is air

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffkt3d.errors import CaseError, ConfigError
+from diffkt3d.errors import Cancelled, CaseError, ConfigError
 from diffkt3d.inference.ct_backbone import CTImputationConfig
 from diffkt3d.inference.prdit_predictor import PRDiTCTPredictor
 
@@ -50,6 +50,22 @@ def test_ct_on_the_case_grid_air_outside_body_and_seeded(predictor, synthetic_ca
     assert ct[synthetic_case.body].std() > 0
     np.testing.assert_array_equal(ct, predictor.impute(synthetic_case, "ct", steps=3, seed=4).ct_hu)
     assert not np.array_equal(ct, predictor.impute(synthetic_case, "ct", steps=3, seed=5).ct_hu)
+
+
+def test_progress_and_cancel_between_sampler_steps(predictor, synthetic_case):
+    """The same `on_step` hook as the Any2Any predictor, so a server follows and cancels either backbone."""
+    seen = []
+    predictor.impute(synthetic_case, "ct", steps=3, on_step=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    seen.clear()
+
+    def cancel_at_one(done: int, total: int) -> None:
+        seen.append(done)
+        raise Cancelled("cancelled by the client")
+
+    with pytest.raises(Cancelled):
+        predictor.impute(synthetic_case, "ct", steps=5, on_step=cancel_at_one)
+    assert seen == [1]
 
 
 def test_stored_ct_is_not_an_input(predictor, synthetic_case):

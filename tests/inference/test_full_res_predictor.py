@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffkt3d.errors import CaseError
+from diffkt3d.errors import Cancelled, CaseError
 from diffkt3d.inference import Predictor
 from diffkt3d.inference.full_res import coarse_on_case_grid, refine_dose
 from diffkt3d.models.checkpoint import load_checkpoint, write_full_res_stages
@@ -85,3 +85,23 @@ def test_a_coarse_dose_on_another_grid_is_refused(tiny_checkpoint, tmp_path, syn
     staged = Predictor.load(with_stages(tiny_checkpoint, tmp_path / "m.pt", ["dose"], perturb=False), device="cpu")
     with pytest.raises(CaseError, match="coarse prediction has grid \\(8, 8, 8\\), expected the case grid"):
         refine_dose(staged.full_res["dose"], synthetic_case, np.zeros((8, 8, 8), np.float32))
+
+
+def test_a_full_res_stage_is_the_last_step_of_the_progress_count(tiny_checkpoint, tmp_path, synthetic_case):
+    """The stage runs after the sampler's last step: a client must not read "3 of 3" while it still runs."""
+    staged = Predictor.load(with_stages(tiny_checkpoint, tmp_path / "m.pt", ["dose", "ct"], perturb=False),
+                            device="cpu")
+    seen = []
+    ct = staged.impute(synthetic_case, "ct", steps=3, on_step=lambda done, total: seen.append((done, total)))
+    assert ct.full_res and seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    seen.clear()
+    staged.predict_dose(synthetic_case, steps=2, template=None, with_dvh=False, flip_average=True,
+                        on_step=lambda done, total: seen.append((done, total)))
+    assert seen == [(k, 5) for k in range(1, 6)]
+
+    def cancel_at_last_sampling_step(done: int, total: int) -> None:
+        if done == 3:
+            raise Cancelled("cancelled")
+
+    with pytest.raises(Cancelled):  # before the stage runs
+        staged.impute(synthetic_case, "ct", steps=3, on_step=cancel_at_last_sampling_step)

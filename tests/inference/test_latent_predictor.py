@@ -102,10 +102,13 @@ def test_vae_runs_in_fp32_inside_a_bf16_autocast_region(tiny_vae_dir):
     assert out_bf.dtype == torch.float32 and torch.equal(out_bf, codec.decode(z))
 
 
-def test_latent_path_reports_progress_per_step(predictor):
+def test_latent_path_reports_progress_per_step_of_a_dose_and_an_imputation(predictor):
     case = make_synthetic_case(shape=GRID)
     case.dose_gy = None
     seen = []
     predictor.predict_dose(case, steps=3, candidates=1, template=None, with_dvh=False,
                            on_step=lambda done, total: seen.append((done, total)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
+    seen.clear()
+    predictor.impute(case, "oar", steps=2, on_step=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 2), (2, 2)]  # an imputation in latent space reports as the voxel path does

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffkt3d.errors import CaseError, ConfigError
+from diffkt3d.errors import Cancelled, CaseError, ConfigError
 from diffkt3d.inference import Predictor
 
 
@@ -71,6 +71,27 @@ def test_imputation_returns_case_grid_outputs(predictor, synthetic_case, target)
         assert res.ct_hu.min() >= -1000 and res.ct_hu.max() <= 1000
     else:
         assert res.masks and all(m.shape == synthetic_case.grid.shape and m.dtype == bool for m in res.masks.values())
+
+
+@pytest.mark.parametrize("target", ["ct", "oar"])
+def test_imputation_reports_every_sampling_step(predictor, synthetic_case, target):
+    seen = []
+    res = predictor.impute(synthetic_case, target, steps=4, on_step=lambda done, total: seen.append((done, total)))
+    assert seen == [(k, 4) for k in range(1, 5)]
+    assert not res.full_res
+
+
+def test_a_cancelled_imputation_stops_between_steps(predictor, synthetic_case):
+    seen = []
+
+    def cancel_at_two(done: int, total: int) -> None:
+        seen.append(done)
+        if done == 2:
+            raise Cancelled("cancelled by the client")
+
+    with pytest.raises(Cancelled):
+        predictor.impute(synthetic_case, "ptv", steps=10, on_step=cancel_at_two)
+    assert seen == [1, 2]  # no step ran after the cancel
 
 
 def test_unknown_imputation_target_and_missing_model(predictor, synthetic_case, tmp_path):

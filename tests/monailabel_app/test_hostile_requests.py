@@ -165,7 +165,7 @@ ROWS = [
     Row("unknown key (dose)", lambda s: _infer(s, {"step": 3}, image=CASE),
         422, ("unknown parameter", "'step'", "known parameters", "steps")),
     Row("unknown key (impute_ct)", lambda s: _infer(s, {"candidates": 2}, task="impute_ct", image=CASE),
-        422, ("unknown parameter", "'candidates'", "['seed', 'steps']")),
+        422, ("unknown parameter", "'candidates'", "['job_id', 'seed', 'steps']")),
     Row("MONAI Label key in params", lambda s: _infer(s, {"timeout": "soon"}, image=CASE),
         422, ("unknown parameter", "'timeout'")),
     Row("params sets the image", lambda s: _infer(s, {"image": "/etc"}, image=CASE), 422, ("may not set", "image")),

@@ -1,4 +1,4 @@
-"""Progress and cancel of a running dose request, and a case download, on a REAL server.
+"""Progress and cancel of a running dose or imputation request, and a case download, on a REAL server.
 
 The server runs a random `tiny` model on a 32^3 working grid (about 0.1-0.3 s per sampling step
 of two candidates on one CPU thread), so a 30-step request lasts long enough to watch its steps
@@ -46,16 +46,16 @@ def server(tmp_path_factory):
 
 
 class _Request(threading.Thread):
-    """POST /infer/dose in the background (the job is watched from the test thread)."""
+    """POST /infer/{task} in the background (the job is watched from the test thread)."""
 
-    def __init__(self, url: str, params: dict):
+    def __init__(self, url: str, params: dict, task: str = "dose"):
         super().__init__(daemon=True)
-        self.url, self.params = url, params
+        self.url, self.params, self.task = url, params, task
         self.response: requests.Response | None = None
         self.ended = 0.0
 
     def run(self) -> None:
-        self.response = requests.post(f"{self.url}/infer/dose", params={"image": CASE, "output": "json"},
+        self.response = requests.post(f"{self.url}/infer/{self.task}", params={"image": CASE, "output": "json"},
                                       data={"params": json.dumps(self.params)}, timeout=600)
         self.ended = time.monotonic()
 
@@ -126,6 +126,54 @@ def test_cancel_stops_the_job_early_and_frees_the_model(server):
     # cancelling a finished job changes nothing
     again = requests.delete(f"{server}/diffkt3d/jobs/{job_id}", timeout=30).json()
     assert again["state"] == "cancelled"
+
+
+def test_imputation_progress_is_reported_per_sampling_step(server):
+    job_id = uuid.uuid4().hex
+    request = _Request(server, {"steps": 40, "job_id": job_id}, task="impute_oar")
+    request.start()
+    states = _watch(server, job_id, request)
+    request.join(600)
+    assert request.response is not None and request.response.status_code == 200, request.response.text
+    running = [s for s in states if s["state"] == "running"]
+    steps = [s["step"] for s in running]
+    assert len(set(steps)) >= 3, f"too few distinct steps seen: {steps}"
+    assert steps == sorted(steps) and steps[-1] > steps[0]
+    assert all(s["total_steps"] == 40 and s["task"] == "impute_oar" for s in running if s["step"])
+    final = _job(server, job_id).json()
+    assert final["state"] == "done" and final["step"] == final["total_steps"] == 40 and final["progress"] == 1.0
+    # the job id is refused as a dose request's is: malformed, or reused while its job runs
+    r = requests.post(f"{server}/infer/impute_ct", params={"image": CASE, "output": "json"},
+                      data={"params": json.dumps({"steps": 1, "job_id": "../x"})}, timeout=120)
+    assert r.status_code == 422 and "job_id" in r.json()["detail"]
+
+
+def test_a_cancelled_imputation_stops_early_and_frees_the_model(server):
+    job_id = uuid.uuid4().hex
+    request = _Request(server, {"steps": 100, "job_id": job_id}, task="impute_ct")
+    request.start()
+    states = _watch(server, job_id, request, until=lambda s: s["step"] >= 3)
+    assert states and states[-1]["step"] >= 3, f"the job never reached step 3: {states[-3:]}"
+    per_step_s = max(states[-1]["elapsed_s"], 0.01) / states[-1]["step"]
+    cancelled_at = time.monotonic()
+    r = requests.delete(f"{server}/diffkt3d/jobs/{job_id}", timeout=30)
+    assert r.status_code == 200 and r.json()["cancel_requested"] is True
+    request.join(600)
+    answer = request.response
+    assert answer is not None and answer.status_code == 409, answer.text
+    assert "cancelled" in answer.json()["detail"]
+    final = _job(server, job_id).json()
+    assert final["state"] == "cancelled" and final["task"] == "impute_ct" and final["step"] < 50, final
+    remaining_s = (100 - final["step"]) * per_step_s
+    assert request.ended - cancelled_at < max(5.0, 0.5 * remaining_s), (request.ended - cancelled_at, remaining_s)
+    # the model is free: the next request (an imputation with a job of its own) is served at once
+    t0 = time.monotonic()
+    next_id = uuid.uuid4().hex
+    r = requests.post(f"{server}/infer/impute_ptv", params={"image": CASE, "output": "json"},
+                      data={"params": json.dumps({"steps": 1, "job_id": next_id})}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - t0 < 60
+    assert _job(server, next_id).json()["state"] == "done"
 
 
 def test_unknown_and_malformed_job_ids(server):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -154,8 +155,9 @@ def test_impute_oar_is_stored_as_rtstruct_and_not_used_as_input(pacs):
             for c in roi.get("ContourSequence", [])}
     assert refs <= ct_uids
     assert bool(refs) == any(answer["voxels"].values()), answer["voxels"]
-    # the clinical structure set stays the input of the next request
-    again = _multipart(_infer(pacs, "impute_oar", pacs["ct"], {"steps": STEPS}))[0]
+    # the clinical structure set stays the input of the next request; a job id (progress and cancel)
+    # names the run, not the result: the same request with one is the same series
+    again = _multipart(_infer(pacs, "impute_oar", pacs["ct"], {"steps": STEPS, "job_id": uuid.uuid4().hex}))[0]
     assert again["case"]["dicom"]["rtstruct"] == pacs["sample"]["RTSTRUCT"][0].SOPInstanceUID
     assert again["stored"]["status"] == "already stored"
 

@@ -76,3 +76,14 @@ def test_impute_ct_runs_prdit_and_other_tasks_keep_any2any(server):
 
     meta, _ = _infer(server, "impute_oar", {"steps": 1})
     assert meta["model_version"] == info["model_version"]
+
+
+def test_a_prdit_imputation_reports_its_steps_as_a_job(server):
+    """The PRDiT backbone calls the same step hook: its job ends at the request's step count."""
+    import uuid
+
+    job_id = uuid.uuid4().hex
+    meta, _ = _infer(server, "impute_ct", {"steps": 3, "job_id": job_id})
+    assert meta["model_version"].startswith("prdit:")
+    job = requests.get(f"{server['url']}/diffkt3d/jobs/{job_id}", timeout=30).json()
+    assert job["task"] == "impute_ct" and job["state"] == "done" and job["step"] == job["total_steps"] == 3, job

@@ -1,4 +1,5 @@
-"""The module's step progress, Cancel, "Next case" and training controls against a REAL server.
+"""The module's step progress, Cancel (dose and imputation), "Next case" and training controls
+against a REAL server.
 
 Same server as test_workflow_server.py (fixture `diffkt3d_server`: a random `tiny` model). What the
 panel shows is compared with what the server says, read here independently with `requests`.
@@ -85,6 +86,63 @@ def test_cancel_in_the_panel_cancels_on_the_server(workflow, loaded_case, diffkt
     quick = DoseRequest(ct, seg, wf.scene_logic.segment_roles(seg), candidates=1, steps=1)
     t0 = time.monotonic()
     done = wf.request_dose(quick, on_error=errors.append)
+    wait_for(wf.runner, done, 120)
+    assert done.state == "done" and not errors and time.monotonic() - t0 < 60
+
+
+def test_imputation_progress_follows_the_sampling_steps(workflow, loaded_case, diffkt3d_server):
+    wf = workflow
+    ct, seg = loaded_case
+    progress: list[tuple[float | None, str]] = []
+    errors: list[BaseException] = []
+    out: list[dict] = []
+    job = wf.request_imputation("oar", ct, seg, wf.scene_logic.segment_roles(seg), steps=100,
+                                on_done=out.append, on_error=errors.append,
+                                on_progress=lambda f, m: progress.append((f, m)))
+    wait_for(wf.runner, job, 600)
+    assert not errors and job.state == "done" and out[0]["segments"], errors
+    steps = [(f, int(m.group(1))) for f, text in progress if (m := re.search(r"imputing oar: step (\d+) of 100", text))]
+    assert steps, progress
+    assert [s for _, s in steps] == sorted(s for _, s in steps)
+    fractions = [f for f, _ in steps]
+    assert fractions == sorted(fractions) and 0.2 <= fractions[0] and fractions[-1] <= 0.95 + 1e-9
+    # the steps the panel showed are the server's job: an imputation that ended at step 100 of 100
+    final = _server_job(diffkt3d_server, wf.last_job_id)
+    assert final["task"] == "impute_oar" and final["state"] == "done"
+    assert final["step"] == final["total_steps"] == 100
+
+
+def test_cancel_in_the_panel_cancels_an_imputation_on_the_server(workflow, loaded_case, diffkt3d_server):
+    """Cancel pressed once the POST is on its way: the module's DELETE is sent again until the
+    server knows the job, which then stops between two steps and frees the model."""
+    wf = workflow
+    ct, seg = loaded_case
+    progress: list[str] = []
+    job = wf.request_imputation("ct", None, seg, wf.scene_logic.segment_roles(seg), steps=100,
+                                on_progress=lambda f, m: progress.append(m))
+    deadline = time.monotonic() + 300
+    while not any("waiting for the server" in m for m in progress) and time.monotonic() < deadline \
+            and not job.finished:
+        wf.poll()
+        time.sleep(0.01)
+    assert any("waiting for the server" in m for m in progress), progress
+    wf.runner.cancel(job)  # what the panel's Cancel button does
+    wf.poll()
+    assert job.state == "cancelled"
+    deadline = time.monotonic() + 60
+    while True:
+        r = requests.get(f"http://{diffkt3d_server}/diffkt3d/jobs/{wf.last_job_id}", timeout=30)
+        if r.status_code == 200 and r.json()["state"] in ("cancelled", "done", "failed"):
+            break
+        assert time.monotonic() < deadline, f"the server job did not stop: {r.status_code} {r.text}"
+        time.sleep(0.05)
+    state = r.json()
+    assert state["task"] == "impute_ct" and state["state"] == "cancelled", state
+    assert state["step"] < 100, state
+    # and the model is free for the next imputation at once
+    errors: list[BaseException] = []
+    t0 = time.monotonic()
+    done = wf.request_imputation("oar", ct, seg, wf.scene_logic.segment_roles(seg), steps=1, on_error=errors.append)
     wait_for(wf.runner, done, 120)
     assert done.state == "done" and not errors and time.monotonic() - t0 < 60
 

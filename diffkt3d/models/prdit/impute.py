@@ -19,6 +19,7 @@ from diffkt3d.constants import CT_WINDOW_HU, PRDIT_DEFAULT_K
 from diffkt3d.data.case import Case
 from diffkt3d.data.encoding import EncodingConfig, decode_ct, encode_modality
 from diffkt3d.errors import ConfigError
+from diffkt3d.flow.sampler import StepCallback
 from diffkt3d.models.prdit.checkpoint import load_checkpoint, read_checkpoint
 from diffkt3d.models.prdit.model import PRDiT, stack_conditions
 from diffkt3d.models.prdit.multires import PRDiTHighRes
@@ -45,7 +46,8 @@ def unit_to_hu(ct_unit: Tensor) -> Tensor:
 def impute_ct(model: PRDiT | PRDiTHighRes, conditions: Mapping[str, Tensor] | None, steps: int = 20,
               k: float = PRDIT_DEFAULT_K,
               generator: torch.Generator | None = None, *, shape: tuple[int, ...] | None = None,
-              sampler: str = "predictor-corrector", use_global: bool = True) -> Tensor:
+              sampler: str = "predictor-corrector", use_global: bool = True,
+              on_step: StepCallback | None = None) -> Tensor:
     """Sample a CT given the other modalities.
 
     Args:
@@ -59,6 +61,8 @@ def impute_ct(model: PRDiT | PRDiTHighRes, conditions: Mapping[str, Tensor] | No
         shape: (B, D, H, W) for an unconditional model (conditions give it otherwise).
         sampler: "predictor-corrector" (Algorithm 1) or "ancestral".
         use_global: False drops the global DiT (ablation; ignored for the high-resolution model).
+        on_step: progress / cancellation hook, called after every sampler step (as the flow
+            sampler's ``on_step``).
 
     Returns:
         (B, 1, D, H, W) float32 CT in [-1, 1].
@@ -83,9 +87,11 @@ def impute_ct(model: PRDiT | PRDiTHighRes, conditions: Mapping[str, Tensor] | No
     model.eval()
     log.debug("impute_ct: batch %d, grid %s, %d steps, k=%g, %s sampler", b, spatial, steps, k, sampler)
     if sampler == "predictor-corrector":
-        out = sample_predictor_corrector(denoise, x_T, steps, k=k, num_timesteps=cfg.num_timesteps, generator=generator)
+        out = sample_predictor_corrector(denoise, x_T, steps, k=k, num_timesteps=cfg.num_timesteps, generator=generator,
+                                         on_step=on_step)
     elif sampler == "ancestral":
-        out = sample_ancestral(denoise, x_T, steps, num_timesteps=cfg.num_timesteps, generator=generator)
+        out = sample_ancestral(denoise, x_T, steps, num_timesteps=cfg.num_timesteps, generator=generator,
+                               on_step=on_step)
     else:
         raise ValueError(f"sampler must be 'predictor-corrector' or 'ancestral', found {sampler!r}")
     return out.sample.float().clamp(-1.0, 1.0)
@@ -120,7 +126,7 @@ class PRDiTImputer:
         return cls(load_checkpoint(path), EncodingConfig.from_dict(enc))
 
     def impute_case(self, case: Case, steps: int = 10, k: float = PRDIT_DEFAULT_K, seed: int = 0,
-                    sampler: str = "predictor-corrector") -> np.ndarray:
+                    sampler: str = "predictor-corrector", on_step: StepCallback | None = None) -> np.ndarray:
         """CT of ``case`` in HU, (I, J, K) float32 on the case grid; -1000 HU (air) outside the body.
 
         ``k`` defaults to ``PRDIT_DEFAULT_K``, the same default as the CLI and server (``prdit_k``).
@@ -132,7 +138,7 @@ class PRDiTImputer:
         g = torch.Generator().manual_seed(int(seed))
         shape = (1, *self.encoding.grid)
         x = impute_ct(self.model, conds, steps=steps, k=k, generator=g, shape=shape,
-                      sampler=sampler)  # (1, 1, D, H, W)
+                      sampler=sampler, on_step=on_step)  # (1, 1, D, H, W)
         ct = decode_ct(x[0], case.grid, self.encoding)
         if case.body is not None:  # outside the body is air, as the Any2Any predictor does
             ct = np.where(case.body, ct, self.encoding.ct_window_hu[0])

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from diffkt3d.constants import PRDIT_DEFAULT_K
+from diffkt3d.flow.sampler import StepCallback
 from diffkt3d.models.prdit.model import DenoiseFn, angle
 
 __all__ = [
@@ -138,6 +139,7 @@ def _run(
     step_fn,
     generator: torch.Generator | None,
     keep_trajectory: bool,
+    on_step: StepCallback | None = None,
 ) -> SampleResult:
     ts = timestep_schedule(steps, num_timesteps)
     x = x_T
@@ -154,6 +156,8 @@ def _run(
         if keep_trajectory:
             result.trajectory.append(x)
             result.x0_predictions.append(x0_hat)
+        if on_step is not None:  # the same hook as the flow sampler's: progress, and cancel by raising
+            on_step(steps - i + 1, steps)
     result.sample = x
     return result
 
@@ -167,6 +171,7 @@ def sample_predictor_corrector(
     num_timesteps: int = 1000,
     generator: torch.Generator | None = None,
     keep_trajectory: bool = False,
+    on_step: StepCallback | None = None,
 ) -> SampleResult:
     """Algorithm 1 of the PRDiT paper over ``steps`` uniform steps from t = T to 0.
 
@@ -180,6 +185,8 @@ def sample_predictor_corrector(
         generator: drives the corrector noise (one draw per step, also for k = 1, so that runs with
             different k consume the generator identically).
         keep_trajectory: keep every x_t and x0_hat (memory!).
+        on_step: called as ``on_step(done, steps)`` after every step, as by the flow sampler
+            (``diffkt3d.flow.sampler.sample``); an exception it raises stops the sampling.
     """
     if k < 1:
         raise ValueError(f"predictor multiplier k must be >= 1, found {k}")
@@ -187,7 +194,7 @@ def sample_predictor_corrector(
     def step(x, x0_hat, eps_hat, t, t_next, noise):
         return predictor_corrector_step(x, x0_hat, eps_hat, t, t_next, k, num_timesteps, noise)
 
-    return _run(denoise, x_T, steps, num_timesteps, step, generator, keep_trajectory)
+    return _run(denoise, x_T, steps, num_timesteps, step, generator, keep_trajectory, on_step)
 
 
 @torch.no_grad()
@@ -198,10 +205,12 @@ def sample_ancestral(
     num_timesteps: int = 1000,
     generator: torch.Generator | None = None,
     keep_trajectory: bool = False,
+    on_step: StepCallback | None = None,
 ) -> SampleResult:
-    """Conventional ancestral (DDPM / DDIM eta = 1) sampler on the cos/sin schedule, eps-driven."""
+    """Conventional ancestral (DDPM / DDIM eta = 1) sampler on the cos/sin schedule, eps-driven
+    (``on_step`` as in :func:`sample_predictor_corrector`)."""
 
     def step(x, x0_hat, eps_hat, t, t_next, noise):
         return ancestral_step(x, x0_hat, eps_hat, t, t_next, num_timesteps, noise)
 
-    return _run(denoise, x_T, steps, num_timesteps, step, generator, keep_trajectory)
+    return _run(denoise, x_T, steps, num_timesteps, step, generator, keep_trajectory, on_step)

@@ -3,7 +3,7 @@
 Split from client.py (request plumbing, login, inference, preferences) to keep both readable;
 `DiffKT3DClient` inherits these methods, so callers hold one client object.
 
-* Inference jobs: a dose request carries a random `job_id`; while the POST waits for its answer,
+* Inference jobs: a dose or imputation request carries a random `job_id`; while the POST waits for its answer,
   `follow_job` polls `GET /diffkt3d/jobs/{id}` from a second thread and turns the sampling step
   into progress, and once the user cancels it sends `DELETE /diffkt3d/jobs/{id}`: the server stops
   between two sampling steps and answers the POST with 409, so the model is free for the next
@@ -76,8 +76,10 @@ class JobCalls:
             while not stop.wait(interval_s):
                 try:
                     if ctx.cancelled and not cancel_sent:
-                        cancel_sent = True
+                        # Sent again until it lands: before the server has registered the job (the
+                        # POST still queued behind another request) the DELETE finds no job (404).
                         seen.append(self.cancel_job(job_id))
+                        cancel_sent = True
                         ctx.progress(None, "cancelling on the server")
                         continue
                     status = self.job_status(job_id)

@@ -295,7 +295,8 @@ class Panel:
         try:
             self.job = self.workflow.request_imputation(
                 target, self.ui.ctSelector.currentNode(), self.ui.segmentationSelector.currentNode(), self.roles(),
-                on_done=lambda out: (self.busy(False), self.fill_roles()), on_error=self.error)
+                on_done=lambda out: (self.busy(False), self.fill_roles()), on_error=self.error,
+                on_progress=self.progress)
         except ValueError as exc:
             return self.error(exc)
         self.busy(True)

@@ -111,7 +111,7 @@ class Workflow(CasesAndTraining):
         self.candidate_set: CandidateSet | None = None
         self.last_request: DoseRequest | None = None
         self.last_export: ExportedCase | None = None
-        self.last_job_id: str | None = None  # the server job of the latest dose request
+        self.last_job_id: str | None = None  # the server job of the latest dose or imputation request
         self.last_job_states: list[dict[str, Any]] = []  # its states as read while it ran
         self.dose_nodes: dict[str, Any] = {}
         self.scorecard_tables: dict[str, Any] = {}
@@ -245,12 +245,8 @@ class Workflow(CasesAndTraining):
             ctx.check_cancelled()
             ctx.progress(0.2, "predicting the dose" + (" (preview)" if preview else ""))
             timeout = PREVIEW_TIMEOUT_S if preview else None
-            # The server reports the sampling step of this job id and stops it when Cancel is pressed.
-            job_params = {**params, "job_id": new_job_id()}
-            self.last_job_id = job_params["job_id"]
-            with client.follow_job(job_params["job_id"], ctx) as self.last_job_states:
-                main = client.infer(DOSE_TASK, result_dir, session_id=session_id, params=job_params,
-                                    read_timeout_s=timeout, cancel=ctx)
+            main = self._infer_as_job(ctx, DOSE_TASK, result_dir, session_id, params, "sampling",
+                                      read_timeout_s=timeout)
             if preview:  # a preview is never re-fetched: free the server's copy of the case now
                 try:
                     client.delete_session(session_id)
@@ -277,6 +273,17 @@ class Workflow(CasesAndTraining):
         self.last_request, self.last_export = request, exported
         return self.runner.submit(work, description="preview" if preview else "dose prediction",
                                   on_done=done, on_error=on_error, on_progress=on_progress)
+
+    def _infer_as_job(self, ctx: JobContext, task: str, result_dir: Path, session_id: str, params: dict[str, Any],
+                      label: str, span: tuple[float, float] = (0.2, 0.6), read_timeout_s: float | None = None):
+        """`client.infer` as a server job (worker thread): the server reports the sampling step of a
+        fresh job id, shown on `ctx` over `span`, and stops it when Cancel is pressed, so the model is
+        free for the next request instead of finishing work nobody waits for."""
+        job_params = {**params, "job_id": new_job_id()}
+        self.last_job_id = job_params["job_id"]
+        with self.client.follow_job(job_params["job_id"], ctx, span=span, label=label) as self.last_job_states:
+            return self.client.infer(task, result_dir, session_id=session_id, params=job_params,
+                                     read_timeout_s=read_timeout_s, cancel=ctx)
 
     def _show_dose_result(self, result: dict[str, Any], request: DoseRequest, exported: ExportedCase,
                           preview: bool) -> CandidateSet:
@@ -372,11 +379,15 @@ class Workflow(CasesAndTraining):
     def request_imputation(self, target: str, ct_node, segmentation_node,
                            structure_roles: list[roles_mod.StructureRole],
                            on_done: Callable[[dict], None] | None = None,
-                           on_error: Callable[[BaseException], None] | None = None) -> Job:
+                           on_error: Callable[[BaseException], None] | None = None,
+                           on_progress: Callable[[float | None, str], None] | None = None,
+                           steps: int | None = None) -> Job:
         """Impute the CT ("ct") or target / OAR masks ("ptv" / "oar") and load the result.
 
         The CT result becomes a new volume; masks become segments "<name> (imputed)" added to
         `segmentation_node`. `on_done` receives {"params", "volume_node"} or {"params", "segments"}.
+        Like a dose request, the imputation runs as a server job: its sampling steps reach
+        `on_progress` and Cancel stops it on the server. `steps`: None for the server's default.
         """
         if target not in IMPUTE_TASKS:
             raise ValueError(f"unknown imputation target {target!r} (expected one of {sorted(IMPUTE_TASKS)})")
@@ -393,8 +404,11 @@ class Workflow(CasesAndTraining):
         def work(ctx: JobContext) -> dict[str, Any]:
             ctx.progress(0.05, "uploading the case")
             session_id = client.upload_case(exported.files, cancel=ctx)
+            ctx.check_cancelled()
             ctx.progress(0.2, f"imputing {target}")
-            res = client.infer(task, folder / "result", session_id=session_id, params={}, cancel=ctx)
+            params = {} if steps is None else {"steps": int(steps)}
+            res = self._infer_as_job(ctx, task, folder / "result", session_id, params, f"imputing {target}",
+                                     span=(0.2, 0.95))
             return {"params": res.params, "image": res.image_path}
 
         def done(result: dict[str, Any]) -> None:
@@ -415,7 +429,7 @@ class Workflow(CasesAndTraining):
             if on_done:
                 on_done(out)
 
-        return self.runner.submit(work, description=task, on_done=done, on_error=on_error)
+        return self.runner.submit(work, description=task, on_done=done, on_error=on_error, on_progress=on_progress)
 
     # -- segment-to-dose preview -------------------------------------------------------------------------
     def enable_preview(self, request: DoseRequest | None, enabled: bool) -> None:
