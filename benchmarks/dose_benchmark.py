@@ -232,9 +232,11 @@ PAIRED_FIGURES = {"dose_score": ("dose score, Gy", False), "dvh_case": ("DVH sco
 
 
 def case_figure(row: dict, key: str) -> float:
-    """A per-case figure; ``dvh_case`` is the case's mean DVH error (the OpenKBP DVH score pools all
+    """A per-case figure; ``dvh_case`` is the case's mean |DVH error| (the OpenKBP DVH score pools all
     cases' errors, so a paired test needs one number per case)."""
-    return float(np.mean(row["dvh_errors"])) if key == "dvh_case" else float(row[key])
+    if key == "dvh_case" and key not in row:
+        return float(np.mean(np.abs(row["dvh_errors"])))
+    return float(row[key])
 
 
 def paired(rows_a: list[dict], rows_b: list[dict], key: str = "dose_score") -> dict:
