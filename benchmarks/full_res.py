@@ -13,7 +13,14 @@ target:
 Figures per target: dose, the OpenKBP dose and DVH scores (Gy, lower is better); ct, the MAE in
 the body (HU); oar, per-OAR Dice and 95 % Hausdorff distance (mm, MONAI metrics); ptv, PTV70
 Dice and HD95. Then paired Wilcoxon signed-rank tests (scipy) per figure, model vs peer and model
-vs base, over the cases both have. Commands (docs/full-res.md):
+vs base, over the cases both have.
+
+Every variant reads the case from a copy of its folder without the target's files (OAR masks, the
+PTVs, ct.nii.gz or dose.nii.gz): the prediction cannot see what it is scored against. Cases
+without a CT are kept (the model must cope with a missing modality) and the OAR and PTV figures
+are also given over the cases that have one. ``--record-quality`` writes the model's figures into
+its checkpoint (``meta["quality"]``, the imputation quality gate of ``inference.quality``).
+Commands (docs/full-res.md):
 
     python benchmarks/full_res.py --target oar --model runs/full-res-oar/final.pt \\
         --peer runs/full-res-oar-peer/final.pt --limit 20
@@ -43,13 +50,51 @@ from diffkt3d.io.case_folder import load_case_folder  # noqa: E402
 from diffkt3d.metrics.image import masked_mae_hu  # noqa: E402
 from diffkt3d.metrics.openkbp import score_case_object  # noqa: E402
 from diffkt3d.training.dataset import list_case_dirs  # noqa: E402
+from diffkt3d.training.full_res_data import has_target  # noqa: E402
 
 log = logging.getLogger("full_res_benchmark")
 
 TARGETS = ("dose", "ct", "oar", "ptv")
 VARIANTS = ("model", "base", "peer")
 # Figures where a larger value is better; every other figure is an error.
-HIGHER_IS_BETTER = ("dice",)
+HIGHER_IS_BETTER = ("dice", "mean_dice")
+# Row keys that are not figures.
+ROW_INFO = ("case", "seconds", "has_ct")
+
+
+# -- inputs ----------------------------------------------------------------------------------
+def target_files(case, target: str) -> set[str]:
+    """Names of the files in a case folder that hold ``target`` (what an input must not contain)."""
+    from diffkt3d.constants import CT_FILE, DOSE_FILE
+
+    if target == "ct":
+        return {CT_FILE}
+    if target == "dose":
+        return {DOSE_FILE}
+    names = case.oars if target == "oar" else case.targets
+    return {f"{n}{ext}" for n in names for ext in (".nii.gz", ".nii")}
+
+
+def held_out_folder(folder: Path, case, target: str, tmp: Path) -> Path:
+    """A copy of the case folder (symlinks) without the target's files; plan.json loses their entries."""
+    import json
+
+    from diffkt3d.constants import PLAN_FILE
+
+    out = tmp / folder.name
+    out.mkdir(parents=True)
+    dropped = target_files(case, target)
+    for f in folder.iterdir():
+        if f.name in dropped:
+            continue
+        if f.name == PLAN_FILE and target in ("oar", "ptv"):
+            plan = json.loads(f.read_text())
+            names = case.oars if target == "oar" else case.targets
+            plan["structures"] = {k: v for k, v in (plan.get("structures") or {}).items() if k not in names}
+            (out / f.name).write_text(json.dumps(plan))
+        else:
+            (out / f.name).symlink_to(f.resolve())
+    return out
 
 
 # -- predictions -----------------------------------------------------------------------------
@@ -115,6 +160,9 @@ def case_figures(case, target: str, output, oar_names: tuple[str, ...]) -> dict[
         pred = output.get(name, np.zeros(case.grid.shape, bool))
         for key, value in mask_figures(pred, case.structures[name].mask, case.grid.spacing_mm).items():
             out[f"{key}/{name}"] = value
+    dice = [v for k, v in out.items() if k.startswith("dice/")]
+    if target == "oar" and dice:
+        out["mean_dice"] = float(np.mean(dice))
     return out
 
 
@@ -138,7 +186,7 @@ def _finite(value) -> bool:
 
 def summarise(rows: list[dict]) -> dict[str, float]:
     """Mean of each figure over the cases with a finite value (an empty prediction has no HD95)."""
-    keys = sorted({k for r in rows for k in r if k not in ("case", "seconds")})
+    keys = sorted({k for r in rows for k in r if k not in ROW_INFO})
     out = {}
     for k in keys:
         values = [r[k] for r in rows if _finite(r.get(k))]
@@ -164,25 +212,75 @@ def run(args: argparse.Namespace) -> dict:
                "base": lambda c: predict(without_stages(model), c, args.target, args.steps, args.seed),
                "peer": lambda c: predict_peer(peer_bundle.full_res[args.target], c, args.target)}
     rows: dict[str, list[dict]] = {v: [] for v in args.variants}
+    import tempfile
+
     for folder in list_case_dirs([args.cases])[: args.limit or None]:
         case = load_case_folder(folder)
         if args.target == "dose" and (case.dose_gy is None or case.body is None):
             log.info("%s: no reference dose, skipped", case.case_id)
             continue
+        if args.target != "dose" and not has_target(case, args.target):
+            log.info("%s: no %s to score, skipped", case.case_id, args.target)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            inp_folder = held_out_folder(folder, case, args.target, Path(tmp))
+            inputs = {v: load_case_folder(inp_folder, with_dose=args.target != "dose") for v in args.variants}
         for variant in args.variants:
             t0 = time.perf_counter()
-            output = runners[variant](case)
+            output = runners[variant](inputs[variant])
             seconds = time.perf_counter() - t0
-            row = {"case": case.case_id, "seconds": round(seconds, 3),
+            row = {"case": case.case_id, "seconds": round(seconds, 3), "has_ct": case.ct_hu is not None,
                    **case_figures(case, args.target, output, model.encoding.oar_channels)}
             rows[variant].append(row)
             log.info("%s %s: %s", variant, case.case_id, {k: round(v, 3) for k, v in row.items() if k != "case"})
-    figures = sorted({k for r in rows.get("model", []) for k in r if k not in ("case", "seconds")})
+    figures = sorted({k for r in rows.get("model", []) for k in r if k not in ROW_INFO})
     paired = {f"model_vs_{other}": {k: paired_test(rows["model"], rows[other], k) for k in figures}
               for other in ("peer", "base") if other in rows and "model" in rows}
-    return {"target": args.target, "model": str(args.model), "peer": str(args.peer), "steps": args.steps,
-            "seed": args.seed, "threads": args.threads,
-            "summary": {v: summarise(r) for v, r in rows.items()}, "paired": paired, "rows": rows}
+    out = {"target": args.target, "model": str(args.model), "peer": str(args.peer), "steps": args.steps,
+           "seed": args.seed, "threads": args.threads,
+           "summary": {v: summarise(r) for v, r in rows.items()}, "paired": paired, "rows": rows}
+    if any(not r["has_ct"] for r in rows.get(args.variants[0], [])):
+        out["summary_with_ct"] = {v: summarise([r for r in rs if r["has_ct"]]) for v, rs in rows.items()}
+    return out
+
+
+def quality_figures(target: str, rows: list[dict]) -> dict:
+    """The quality gate's record of ``target`` from the model's rows (``inference.quality``).
+
+    OAR: the Dice pooled over cases and OARs, each OAR's mean Dice and mean HD95; CT: mean MAE in
+    the body; PTV: mean PTV70 Dice. Empty when the target is not an imputation target.
+    """
+    if target == "oar":
+        pairs = [(k.split("/", 1)[1], r[k]) for r in rows for k in r if k.startswith("dice/")]
+        names = sorted({n for n, _ in pairs})
+        hd = {n: [r[f"hd95_mm/{n}"] for r in rows if _finite(r.get(f"hd95_mm/{n}"))] for n in names}
+        figures = {"mean_dice": round(float(np.mean([d for _, d in pairs])), 4),
+                   "dice": {n: round(float(np.mean([d for m, d in pairs if m == n])), 4) for n in names},
+                   "hd95_mm": {n: round(float(np.mean(v)), 2) for n, v in hd.items() if v}}
+        cases = sum(any(k.startswith("dice/") for k in r) for r in rows)
+    elif target == "ct":
+        values = [r["mae_hu"] for r in rows if _finite(r.get("mae_hu"))]
+        figures, cases = {"mae_hu": round(float(np.mean(values)), 2)}, len(values)
+    elif target == "ptv":
+        values = [r["dice/PTV70"] for r in rows if _finite(r.get("dice/PTV70"))]
+        figures, cases = {"dice_high": round(float(np.mean(values)), 4)}, len(values)
+    else:
+        return {}
+    return {"figures": figures, "cases": int(cases)}
+
+
+def record_quality(model: str, target: str, rows: list[dict], report: str, date: str) -> dict:
+    """Write ``target``'s figures into the model checkpoint's ``meta["quality"]`` (its digest changes)."""
+    from diffkt3d.inference.quality import quality_record
+    from diffkt3d.models.checkpoint import read_checkpoint, update_meta
+
+    rec = quality_figures(target, rows)
+    if not rec:
+        raise SystemExit(f"{target} is not an imputation target: the quality gate records ct, oar and ptv")
+    quality = dict(read_checkpoint(model).get("meta", {}).get("quality") or {})
+    quality[target] = quality_record(target, rec["figures"], rec["cases"], report, date)
+    update_meta(model, {"quality": quality})
+    return quality[target]
 
 
 def report_lines(results: dict, machine: str, started: dt.datetime) -> list[str]:
@@ -195,6 +293,12 @@ def report_lines(results: dict, machine: str, started: dt.datetime) -> list[str]
              "| figure | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
     lines += [f"| {k} | " + " | ".join(f"{summary[v].get(k, float('nan')):.4g}" for v in variants) + " |"
               for k in figures]
+    if "summary_with_ct" in results:
+        sub = results["summary_with_ct"]
+        lines += ["", "The same figures over the cases that have a CT:", "",
+                  "| figure | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
+        lines += [f"| {k} | " + " | ".join(f"{sub[v].get(k, float('nan')):.4g}" for v in variants) + " |"
+                  for k in figures]
     for name, tests in results["paired"].items():
         lines += ["", f"Paired Wilcoxon, {name.replace('_', ' ')} (mean difference, cases the model is better, p):", "",
                   "| figure | n | mean diff | model better | p |", "|---|---|---|---|---|"]
@@ -215,7 +319,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--out", default=None, help="results path without suffix (default benchmarks/results/full_res_<target>)")
+    p.add_argument("--record-quality", action="store_true",
+                   help="write the model's figures into --model's metadata (the imputation quality gate's record)")
     args = p.parse_args(argv)
+    if args.record_quality and (args.target == "dose" or "model" not in args.variants):
+        p.error("--record-quality needs an imputation --target (ct, oar, ptv) and the model variant")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = dt.datetime.now(dt.timezone.utc)
     results = run(args)
@@ -224,6 +332,10 @@ def main(argv: list[str] | None = None) -> None:
 
     write_results(out, report_lines(results, describe_machine(), started), started, **results)
     log.info("wrote %s.md and .json", out)
+    if args.record_quality:
+        rec = record_quality(args.model, args.target, results["rows"]["model"], f"{out.name}.md",
+                             started.date().isoformat())
+        log.info("quality record of %s written to %s: passes %s", args.target, args.model, rec["passes"])
 
 
 if __name__ == "__main__":

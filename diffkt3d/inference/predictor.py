@@ -305,7 +305,14 @@ class Predictor:
             raise CaseError(f"nothing to condition the {target} imputation on", case=case.case_id)
         stage = self.full_res.get(target)
         progress = StageProgress(on_step, stage is not None)
-        x0 = self._sample(conditions, target, [int(seed)], int(steps), progress.sampling())[0]
+        if stage is not None and not stage.config.coarse_input:
+            # a stage that reads no coarse prediction (a peer): no sampling run to throw away
+            steps = 0
+            x0 = torch.zeros((self.encoding.channels()[target], *self.encoding.grid))
+        else:
+            if stage is not None and stage.config.coarse_steps:
+                steps = stage.config.coarse_steps  # the coarse prediction the stage was trained on
+            x0 = self._sample(conditions, target, [int(seed)], int(steps), progress.sampling())[0]
         t1 = time.perf_counter()
         result = ImputationResult(target=target, steps=int(steps), seed=int(seed), model_version=self.model_version)
         if stage is not None:

@@ -63,6 +63,10 @@ class FullResConfig:
             the crop is padded).
         ptv_levels_gy: prescription levels of a ``ptv`` stage, one output channel each
             (masks named ``PTV<level>``).
+        coarse_steps: sampling steps of the coarse prediction the stage was trained on (set by
+            the trainer). An imputation through the stage samples exactly this many steps, whatever
+            the request asks: the stage learned on that prediction, and a 1-step coarse input
+            keeps the training precompute affordable on a CPU. None: the request's steps.
     """
 
     target: str = "dose"
@@ -71,6 +75,7 @@ class FullResConfig:
     coarse_input: bool = True
     crop: tuple[int, int, int] = (96, 96, 64)
     ptv_levels_gy: tuple[float, ...] = DEFAULT_PTV_LEVELS_GY
+    coarse_steps: int | None = None
 
     def __post_init__(self) -> None:
         self.features = tuple(self.features)
@@ -97,6 +102,8 @@ class FullResConfig:
         # needs more than one voxel there: 32 is the smallest side that works.
         if len(self.crop) != 3 or not all(isinstance(c, int) and c >= MIN_CROP for c in self.crop):
             raise ConfigError(f"full-res stage crop must be three ints >= {MIN_CROP}, found {list(self.crop)}")
+        if self.coarse_steps is not None and (not isinstance(self.coarse_steps, int) or self.coarse_steps < 1):
+            raise ConfigError(f"full-res stage coarse_steps must be an int >= 1 or null, found {self.coarse_steps!r}")
         if self.target == "ptv" and (not self.ptv_levels_gy or any(v <= 0 for v in self.ptv_levels_gy)):
             raise ConfigError(f"a full-res ptv stage needs positive prescription levels, found "
                               f"{list(self.ptv_levels_gy)}")

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import random
@@ -67,6 +69,11 @@ class FullResTrainer:
                               "Any2Any model")
         self.encoding = self.predictor.encoding
         self.stage_config: FullResConfig = cfg.stage.resolved(tuple(self.predictor.model.config.modalities))
+        if self.stage_config.coarse_input:  # serving samples the coarse input as it was trained on
+            if cfg.stage.coarse_steps not in (None, cfg.coarse_steps):
+                raise ConfigError(f"stage.coarse_steps {cfg.stage.coarse_steps} differs from coarse_steps "
+                                  f"{cfg.coarse_steps}; set coarse_steps only")
+            self.stage_config = dataclasses.replace(self.stage_config, coarse_steps=int(cfg.coarse_steps))
         torch.manual_seed(cfg.seed)
         self.stage = FullResStage(self.stage_config, self.encoding).to(self.device)
         self.optimizer = torch.optim.AdamW(self.stage.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

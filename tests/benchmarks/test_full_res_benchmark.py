@@ -77,3 +77,51 @@ def test_paired_test_direction_follows_the_figure():
     assert dice["n"] == 2 and dice["a_better"] == 1 and dice["higher_is_better"]
     hd = bench.paired_test(model, peer, "hd95_mm/X")
     assert hd["n"] == 1 and hd["a_better"] == 1 and not hd["higher_is_better"]
+
+
+def test_inputs_come_from_a_folder_without_the_targets_files(models, tmp_path):
+    from diffkt3d.io.case_folder import load_case_folder
+
+    folder = models["cases"] / "pt_0"
+    case = load_case_folder(folder)
+    for target, gone in (("oar", set(case.oars)), ("ptv", set(case.targets))):
+        inp = load_case_folder(bench.held_out_folder(folder, case, target, tmp_path / target))
+        assert gone and not gone & set(inp.structures) and inp.ct_hu is not None
+        assert set(inp.structures) == set(case.structures) - gone
+    ct = load_case_folder(bench.held_out_folder(folder, case, "ct", tmp_path / "ct"))
+    assert ct.ct_hu is None and set(ct.structures) == set(case.structures)
+
+
+def test_record_quality_writes_the_oar_figures_into_the_model(models, tmp_path):
+    import shutil
+
+    from diffkt3d.inference.quality import target_quality
+    from diffkt3d.models.checkpoint import read_checkpoint
+
+    model = tmp_path / "model.pt"
+    shutil.copy(models["model"], model)
+    cases = tmp_path / "cases"
+    shutil.copytree(models["cases"], cases)
+    (cases / "pt_1" / "ct.nii.gz").unlink()  # a case without CT: scored, and set apart in the report
+    out = tmp_path / "full_res_oar"
+    bench.main(["--target", "oar", "--model", str(model), "--peer", str(models["peer"]), "--cases", str(cases),
+                "--steps", "1", "--threads", "1", "--variants", "model", "peer", "--record-quality",
+                "--out", str(out)])
+    blob = json.loads(out.with_suffix(".json").read_text())
+    rows = blob["rows"]["model"]
+    assert [r["has_ct"] for r in rows] == [True, False]
+    assert blob["summary_with_ct"]["model"]["mean_dice (n)"] == 1
+    assert "cases that have a CT" in out.with_suffix(".md").read_text()
+    record = read_checkpoint(model)["meta"]["quality"]["oar"]
+    pooled = [r[k] for r in rows for k in r if k.startswith("dice/")]
+    assert record["cases"] == 2 and record["benchmark"] == "full_res_oar.md"
+    assert abs(record["figures"]["mean_dice"] - sum(pooled) / len(pooled)) < 1e-4
+    assert set(record["figures"]["dice"]) == {k.split("/", 1)[1] for r in rows for k in r if k.startswith("dice/")}
+    quality = target_quality(read_checkpoint(model)["meta"], "oar")
+    assert quality.status == "experimental" and "at least 20 are needed" in quality.reason
+
+
+def test_record_quality_needs_an_imputation_target(models, tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["--target", "dose", "--model", str(models["model"]), "--peer", str(models["peer"]),
+                    "--cases", str(models["cases"]), "--record-quality", "--out", str(tmp_path / "x")])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffkt3d.errors import Cancelled, CaseError
+from diffkt3d.errors import Cancelled, CaseError, ConfigError
 from diffkt3d.inference import Predictor
 from diffkt3d.inference.full_res import coarse_on_case_grid, refine_dose
 from diffkt3d.models.checkpoint import load_checkpoint, write_full_res_stages
@@ -105,3 +105,28 @@ def test_a_full_res_stage_is_the_last_step_of_the_progress_count(tiny_checkpoint
 
     with pytest.raises(Cancelled):  # before the stage runs
         staged.impute(synthetic_case, "ct", steps=3, on_step=cancel_at_last_sampling_step)
+
+
+def test_an_imputation_samples_the_coarse_steps_its_stage_was_trained_on(tiny_checkpoint, tmp_path, synthetic_case):
+    """The stage learned on an N-step coarse prediction; a request for 3 steps must not hand it another."""
+    staged = Predictor.load(with_stages(tiny_checkpoint, tmp_path / "m.pt", ["oar"], perturb=True, coarse_steps=1),
+                            device="cpu")
+    seen = []
+    oar = staged.impute(synthetic_case, "oar", steps=3, seed=2, on_step=lambda done, total: seen.append((done, total)))
+    assert oar.steps == 1 and seen == [(1, 2), (2, 2)]
+    again = staged.impute(synthetic_case, "oar", steps=1, seed=2)
+    assert all(np.array_equal(oar.masks[n], again.masks[n]) for n in oar.masks)
+
+
+def test_a_stage_without_coarse_input_runs_no_sampling(tiny_checkpoint, tmp_path, synthetic_case):
+    staged = Predictor.load(with_stages(tiny_checkpoint, tmp_path / "m.pt", ["oar"], perturb=True,
+                                        coarse_input=False), device="cpu")
+    seen = []
+    oar = staged.impute(synthetic_case, "oar", steps=5, on_step=lambda done, total: seen.append((done, total)))
+    assert oar.full_res and oar.steps == 0 and seen == [(1, 1)]
+    assert list(oar.masks) == list(staged.encoding.oar_channels)
+
+
+def test_coarse_steps_must_be_positive():
+    with pytest.raises(ConfigError, match="coarse_steps must be an int >= 1 or null, found 0"):
+        FullResConfig(target="oar", coarse_steps=0)

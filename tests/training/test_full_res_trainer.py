@@ -59,6 +59,7 @@ def test_trains_three_steps_then_resumes_where_it_stopped(tmp_path, base_model, 
     # the output is the base model plus the stage, and the Predictor serves it
     bundle = load_checkpoint(final)
     assert sorted(bundle.full_res) == ["oar"] and bundle.full_res["oar"].config.conditions == ("ct", "ptv", "body", "dose")
+    assert bundle.full_res["oar"].config.coarse_steps == 1  # served on the coarse prediction it learned on
     assert "train_state" not in read_checkpoint(final) and bundle.meta["name"] == "run"
     assert Predictor.load(final).full_res["oar"].config.target == "oar"
 
@@ -70,6 +71,7 @@ def test_dose_peer_without_coarse_input_trains_with_dvh_loss_and_flips(tmp_path,
     record = read_checkpoint(final)["meta"]["full_res"]["dose"]
     assert record["step"] == 2 and record["coarse_cpu_minutes"] == 0  # the peer computes no coarse prediction
     assert not load_checkpoint(final).full_res["dose"].config.coarse_input
+    assert load_checkpoint(final).full_res["dose"].config.coarse_steps is None
 
 
 def test_the_cpu_budget_counts_the_coarse_precompute(tmp_path, base_model, openkbp_root):
