@@ -26,11 +26,29 @@ from infer_tasks.common import (
     MAX_STEPS,
     SOURCE_KEY,
     ModelProvider,
+    TaskError,
     case_summary,
     int_param,
     load_request_case,
+    shown,
 )
 from infer_tasks.jobs import JOB_ID_KEY, JobTable
+
+MAX_STRUCTURES = 64
+
+
+def structures_param(request: dict[str, Any]) -> list[str] | None:
+    """The request's ``structures``: a JSON list of names, or one comma-separated text (a form field)."""
+    value = request.get("structures")
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) <= 4096:
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) and 0 < len(v) <= 128 for v in value) \
+            or len(value) > MAX_STRUCTURES:
+        raise TaskError(422, f"parameter 'structures' must be a list of at most {MAX_STRUCTURES} structure names, "
+                             f"found {shown(value)}")
+    return value
 
 
 class ImputeTask(InferTask):
@@ -60,7 +78,8 @@ class ImputeTask(InferTask):
         self.max_upload_bytes = max_upload_bytes
         self.image_limits = image_limits
         self.jobs = jobs or JobTable()
-        self.param_names = frozenset({"steps", "seed", JOB_ID_KEY})  # every key a client may send
+        # every key a client may send; `structures` (ptv / oar): the masks to return, default all
+        self.param_names = frozenset({"steps", "seed", JOB_ID_KEY} | ({"structures"} if target != "ct" else set()))
 
     def is_valid(self) -> bool:
         return True
@@ -88,10 +107,16 @@ class ImputeTask(InferTask):
         seed = int_param(request, "seed", DEFAULT_SEED, 0, MAX_SEED)
         case = load_request_case(request, self.max_upload_bytes, self.image_limits)
         predictor = self.models.get()
+        kwargs = {}
+        if self.target != "ct":
+            try:  # refused before any work, naming what the model imputes
+                kwargs["structures"] = predictor.check_structures(case, self.target, structures_param(request))
+            except ValueError as exc:
+                raise TaskError(422, f"parameter 'structures': {exc}") from None
         with self.jobs.track(request, f"impute_{self.target}") as job, self.models.run_lock:
             JobTable.start(job)  # a job cancelled while it waited for the model stops here
             res = predictor.impute(case, target=self.target, steps=steps, seed=seed,
-                                   on_step=JobTable.step_hook(job))
+                                   on_step=JobTable.step_hook(job), **kwargs)
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix=f"impute-{self.target}-", delete=False).name
         result: dict[str, Any] = {"task": f"impute_{self.target}", "target": self.target,
                                   "case": case_summary(case, str(request.get(SOURCE_KEY))),

@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "files, the imputed structures added or replacing those of the same name, and plan.json "
                         "with their roles, prescriptions and `imputed_by` (model version); ROOT/<case> must not "
                         "hold files yet")
+    p.add_argument("--structures", nargs="+", default=None, metavar="NAME",
+                   help="(--target ptv / oar) the structures to write, e.g. SpinalCord Larynx (default: every one "
+                        "the model imputes; an unknown name is refused with the list of known ones)")
     add_latent_model_args(p)
     g = p.add_argument_group("CT backbone", "PRDiT as an alternative CT-imputation backbone")
     g.add_argument("--ct-backbone", choices=CT_BACKBONES, default="any2any",
@@ -53,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if args.write_case and args.target not in MASK_ROLES:
         raise ConfigError(f"--write-case writes imputed structures (--target {' / '.join(MASK_ROLES)}); an imputed "
                           "CT is written as ROOT/<case>/ct.nii.gz without it")
+    if args.structures and args.target == "ct":
+        raise ConfigError("--structures selects masks of --target ptv / oar; a CT imputation has none")
     ct_config = CTImputationConfig(backbone=args.ct_backbone, prdit_model=args.prdit_model,
                                    prdit_k=args.prdit_k, prdit_sampler=args.prdit_sampler)
     if ct_config.uses_prdit:
@@ -68,7 +73,13 @@ def run(args: argparse.Namespace) -> int:
         if out.resolve() == Path(folder).resolve():
             raise ConfigError(f"--out {args.out} would write into the input case folder {folder}; choose another "
                               "--out (the input case is never overwritten)")
-        res = predictor.impute(case, args.target, steps=args.steps, seed=args.seed)
+        kwargs = {}
+        if args.structures:
+            try:
+                kwargs["structures"] = predictor.check_structures(case, args.target, args.structures)
+            except ValueError as exc:
+                raise ConfigError(f"--structures: {exc}") from None
+        res = predictor.impute(case, args.target, steps=args.steps, seed=args.seed, **kwargs)
         extra: dict = {}
         if args.write_case:
             written_case = write_imputed_case(folder, case, res.masks, args.target, res.model_version, out)

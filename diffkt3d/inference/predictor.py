@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -288,17 +289,54 @@ class Predictor:
                               full_res=full_res_s is not None)
 
     # -- imputation ------------------------------------------------------------------------
+    def imputable_structures(self, case: Case, target: str) -> list[str]:
+        """Names of the masks an ``oar`` / ``ptv`` imputation of ``case`` returns, in their order.
+
+        OARs: the model's OAR channels. PTVs: one per prescription level, the levels of the case's
+        targets (OpenKBP's when it has none), or those a full-res PTV stage was trained on.
+        """
+        from diffkt3d.inference.full_res import mask_names
+
+        if target not in ("oar", "ptv"):
+            raise ValueError(f"{target!r} imputation returns no structures (only oar and ptv do)")
+        if target in self.full_res:
+            return mask_names(self.full_res[target])
+        if target == "oar":
+            return list(self.encoding.oar_channels)
+        levels = sorted({s.prescription_gy for s in case.targets.values() if s.prescription_gy}) or \
+            [float(n[3:]) for n in OPENKBP_PTVS]
+        return [f"PTV{rx:g}" for rx in sorted(levels)]
+
+    def check_structures(self, case: Case, target: str, structures: Sequence[str] | None) -> list[str] | None:
+        """The requested structure names, checked: unknown names raise a ValueError naming the known ones."""
+        if structures is None:
+            return None
+        if isinstance(structures, str) or not all(isinstance(n, str) for n in structures):
+            raise ValueError(f"structures must be a list of names, found {structures!r}")
+        known = self.imputable_structures(case, target)
+        unknown = [n for n in structures if n not in known]
+        if unknown or not structures:
+            raise ValueError(f"cannot impute {target} structure(s) {unknown or '[] (an empty list)'} with this model; "
+                             f"it imputes {known}")
+        return list(dict.fromkeys(structures))
+
     def impute(self, case: Case, target: str, steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED,
-               on_step: StepCallback | None = None) -> ImputationResult:
+               on_step: StepCallback | None = None, structures: Sequence[str] | None = None) -> ImputationResult:
         """Generate a missing modality (ct / ptv / oar) from everything else the case has.
 
         The dose may be a condition here (Any2Any), unlike in dose prediction. `on_step`: as in
         `predict_dose` (called ``steps`` times, ``steps + 1`` when a full-res stage runs).
+        `structures`: oar / ptv only, the masks to return (default: every one the model imputes,
+        :meth:`imputable_structures`); checked before any work, unknown names raise a ValueError.
+        The model imputes its structures jointly, so a subset costs the same time.
         """
         if target not in IMPUTABLE:
             raise ValueError(f"cannot impute {target!r}; imputable modalities: {IMPUTABLE}")
         if target not in self.model.config.modalities:
             raise ConfigError(f"this model was not trained with modality {target!r}")
+        if structures is not None and target == "ct":
+            raise ValueError("structures select masks of an oar or ptv imputation; a ct imputation has none")
+        wanted = self.check_structures(case, target, structures) if target != "ct" else None
         t0 = time.perf_counter()
         conditions = self.encode_conditions(case, exclude={target})
         if not conditions:
@@ -335,6 +373,8 @@ class Predictor:
             levels = sorted({s.prescription_gy for s in case.targets.values() if s.prescription_gy}) or \
                 [float(n[3:]) for n in OPENKBP_PTVS]
             result.masks = decode_ptv(x0, case.grid, self.encoding, levels)
+        if wanted is not None:
+            result.masks = {n: result.masks[n] for n in wanted}
         if target in ("oar", "ptv") and case.body is not None:
             result.masks = {n: m & case.body for n, m in result.masks.items()}
         result.timings = {"total_s": round(time.perf_counter() - t0, 4), "sample_s": round(t1 - t0, 4)}

@@ -118,3 +118,25 @@ def test_write_case_refusals_keep_the_input_case(tmp_path, synthetic_case_dir, t
         assert "would write into the input case folder" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in synthetic_case_dir.iterdir()} == before
     assert not (tmp_path / "o").exists()
+
+
+def test_structures_selects_the_masks_written(tmp_path, synthetic_case_dir, tiny_checkpoint, capsys):
+    out = tmp_path / "out"
+    rc = main(["impute", str(synthetic_case_dir), "--target", "oar", "--out", str(out), "--steps", "1",
+               "--model", str(tiny_checkpoint), "--structures", "SpinalCord", "Brainstem"])
+    assert rc == 0, capsys.readouterr().err
+    case_out = next(out.iterdir())
+    assert sorted(f.name for f in case_out.glob("*.nii.gz")) == ["Brainstem.nii.gz", "SpinalCord.nii.gz"]
+    assert json.loads((case_out / "impute_oar.json").read_text())["files"] == ["SpinalCord.nii.gz", "Brainstem.nii.gz"]
+
+
+def test_an_unknown_structure_is_refused_naming_the_known_ones(tmp_path, synthetic_case_dir, tiny_checkpoint, capsys):
+    out = tmp_path / "out"
+    rc = main(["impute", str(synthetic_case_dir), "--target", "oar", "--out", str(out), "--steps", "1",
+               "--model", str(tiny_checkpoint), "--structures", "Heart"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--structures: cannot impute oar structure(s) ['Heart']" in err and "SpinalCord" in err
+    assert "Traceback" not in err and not out.exists()
+    rc = main(["impute", str(synthetic_case_dir), "--target", "ct", "--out", str(out), "--steps", "1",
+               "--model", str(tiny_checkpoint), "--structures", "Heart"])
+    assert rc == 2 and "a CT imputation has none" in capsys.readouterr().err

@@ -137,3 +137,22 @@ def test_flip_average_reports_one_progress_count_over_both_passes(tiny_checkpoin
     predictor.predict_dose(synthetic_case, steps=3, template=None, with_dvh=False, flip_average=True,
                            on_step=lambda done, total: seen.append((done, total)))
     assert seen == [(k, 6) for k in range(1, 7)]
+
+
+def test_imputable_structures_and_a_requested_subset(tiny_checkpoint, synthetic_case):
+    from diffkt3d.inference import Predictor
+
+    pred = Predictor.load(tiny_checkpoint, device="cpu")
+    assert pred.imputable_structures(synthetic_case, "oar") == list(pred.encoding.oar_channels)
+    levels = sorted({s.prescription_gy for s in synthetic_case.targets.values()})
+    assert pred.imputable_structures(synthetic_case, "ptv") == [f"PTV{v:g}" for v in levels]
+    res = pred.impute(synthetic_case, "oar", steps=1, structures=["SpinalCord", "SpinalCord", "Brainstem"])
+    assert list(res.masks) == ["SpinalCord", "Brainstem"]
+    full = pred.impute(synthetic_case, "oar", steps=1)
+    assert all(np.array_equal(res.masks[n], full.masks[n]) for n in res.masks)  # a subset, not another answer
+    for bad, message in ((["Heart"], r"cannot impute oar structure\(s\) \['Heart'\]"), ([], "an empty list"),
+                         ("SpinalCord", "must be a list of names")):
+        with pytest.raises(ValueError, match=message):
+            pred.impute(synthetic_case, "oar", steps=1, structures=bad)
+    with pytest.raises(ValueError, match="a ct imputation has none"):
+        pred.impute(synthetic_case, "ct", steps=1, structures=["SpinalCord"])

@@ -214,6 +214,17 @@ def test_impute_ct_and_oar(server):
         assert sorted(w.split(":")[0] for w in meta["warnings"][1:]) == empty
 
 
+def test_impute_returns_the_requested_structures_only(server):
+    r = _infer(server, "impute_oar", {"steps": 1, "structures": ["SpinalCord", "Larynx"]}, image="pt_201")
+    assert r.status_code == 200, r.text
+    meta, _ = _multipart(r)
+    assert list(meta["labels"]) == ["SpinalCord", "Larynx"] and list(meta["voxels"]) == ["SpinalCord", "Larynx"]
+    r = _infer(server, "impute_oar", {"steps": 1, "structures": ["Heart"]}, image="pt_201")
+    assert r.status_code == 422 and "cannot impute oar structure(s) ['Heart']" in r.text and "Mandible" in r.text
+    r = _infer(server, "impute_ct", {"steps": 1, "structures": ["SpinalCord"]}, image="pt_201")
+    assert r.status_code == 422 and "structures" in r.text  # a CT has no structures: an unknown parameter
+
+
 # -- preferences and active learning ------------------------------------------------------------------
 # The candidates the dose requests above served: pt_201 two from seed 3, pt_202 two from seed 0 (a
 # preference must be about candidates the server served for the case, or say "external": true;
