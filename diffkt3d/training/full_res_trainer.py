@@ -7,8 +7,8 @@
    for longer on the same total compute.
 2. Steps on random crops of the case grid: AdamW, warm-up then constant lr with a final linear
    decay over the CPU budget (``time.process_time``, as ``training.trainer``). Losses: dose L1 in
-   the body (+ the DVH moment loss if asked), CT L1 in the body, masks MONAI ``DiceCELoss`` on
-   sigmoid logits over the structures each case has.
+   the body (+ the DVH moment loss if asked), CT L1 in the body, masks :func:`mask_loss` (Dice +
+   binary cross-entropy on sigmoid logits) over the structures each case has.
 3. Output: the base checkpoint plus the stage (``final.pt``), one file to serve; ``last.pt`` is
    the same plus the trainer state (weights, optimiser, rng, step, CPU counters), from which a
    run resumes. Each invocation adds a piece (start, machine, steps, CPU minutes) to the record.
@@ -26,7 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from monai.losses import DiceCELoss
+import torch.nn.functional as F
+from monai.losses import DiceLoss
 
 from diffkt3d.errors import ConfigError
 from diffkt3d.machine import describe_machine
@@ -46,6 +47,26 @@ from diffkt3d.training.full_res_data import (
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict], None]
+
+
+_DICE = DiceLoss(sigmoid=True, reduction="none")
+
+
+def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Multi-label segmentation loss on logits: binary cross-entropy per voxel + soft Dice (MONAI)
+    over the channels that have foreground in the crop.
+
+    Why not MONAI's ``DiceCELoss(sigmoid=True)``: with more than one channel it takes the
+    *softmax* cross-entropy across channels, which is zero on every background voxel (a target of
+    all zeros), so nothing teaches the network what is not an organ; a stage trained with it
+    predicted p ~ 0.5 everywhere. Overlapping multi-label masks need a sigmoid per channel, i.e.
+    BCE. A channel without foreground in the crop has a Dice of ~0 whatever the prediction (a
+    constant 1 in the loss, no gradient), so it is left to the BCE.
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    dice = _DICE(logits, target).reshape(target.shape[:2])
+    has = target.flatten(2).sum(-1) > 0
+    return bce + (dice[has].mean() if has.any() else dice.sum() * 0.0)
 
 
 class FullResTrainer:
@@ -84,7 +105,6 @@ class FullResTrainer:
         self.pieces: list[dict] = []
         self.history: list[dict] = []
         self.cropper: CaseCropper | None = None
-        self.dice_ce = DiceCELoss(sigmoid=True)
 
     # -- data ------------------------------------------------------------------------------
     def load_data(self) -> None:
@@ -138,7 +158,7 @@ class FullResTrainer:
         out = stage(batch.conditions.to(self.device), coarse)
         ref = batch.target.to(self.device)
         if target in ("oar", "ptv"):
-            terms = [self.dice_ce(out[b: b + 1, keep], ref[b: b + 1, keep])
+            terms = [mask_loss(out[b: b + 1, keep], ref[b: b + 1, keep])
                      for b in range(out.shape[0]) if (keep := batch.present[b]).any()]
             return torch.stack(terms).mean() if terms else out.sum() * 0.0
         pred = stage.combine(coarse, out)

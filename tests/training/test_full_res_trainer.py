@@ -109,3 +109,25 @@ def test_recipe_overrides_make_the_peer(tmp_path):
     assert cfg.max_cpu_minutes == 5 and cfg.train_roots == [str(tmp_path / "cases")]
     with pytest.raises(ConfigError, match="unknown full-res stage config keys \\['width'\\]"):
         load_full_res_recipe(recipe, {"stage.width": 3}, data_root=tmp_path)
+
+
+def test_mask_loss_teaches_the_background_of_every_channel():
+    """Multi-label masks: a p = 0.5 guess everywhere must cost more than the truth; MONAI's DiceCELoss
+    (softmax cross-entropy over channels) scores both alike on background voxels, which let a stage
+    learn p ~ 0.5 everywhere."""
+    from monai.losses import DiceCELoss
+
+    from diffkt3d.training.full_res_trainer import mask_loss
+
+    target = torch.zeros(1, 3, 16, 16, 16)
+    target[0, 0, 4:8, 4:8, 4:8] = 1
+    target[0, 1, 6:10, 6:10, 6:10] = 1  # overlaps channel 0: multi-label; channel 2 has no foreground
+    truth = (target * 2 - 1) * 10.0
+    guess = torch.zeros_like(target)
+    assert mask_loss(truth, target) < 0.01
+    assert mask_loss(guess, target) > 0.69 + 0.5  # BCE log(2) on every voxel, plus a poor Dice
+    empty_wrong = truth.clone()
+    empty_wrong[0, 2] = 10.0  # organ everywhere in a channel without foreground: only the BCE sees it
+    assert mask_loss(empty_wrong, target) > 3.0
+    # what went wrong with DiceCELoss: its cross-entropy ignores background voxels
+    assert abs(DiceCELoss(sigmoid=True)(guess, target) - DiceCELoss(sigmoid=True, lambda_ce=0)(guess, target)) < 0.2
