@@ -13,7 +13,7 @@ reads them, in [-1, 1]) and the DiT's coarse prediction of the target upsampled 
 - dose and CT: a residual added to the coarse prediction. The last layer is zero-initialised, so
   a fresh stage returns the coarse output exactly and training starts from the DiT's answer;
 - oar (one channel per OAR, multi-label) and ptv (one channel per prescription level): logits,
-  thresholded at sigmoid 0.5 (logit 0).
+  thresholded at sigmoid 0.5 (logit 0); the last layer's bias starts at the logit of a 1 % prior.
 
 With ``coarse_input=False`` the stage never sees the coarse prediction and predicts the target
 outright: it is then a plain MONAI BasicUNet with the same inputs, crops, loss and budget, which
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,6 +38,7 @@ from diffkt3d.errors import ConfigError, reject_unknown_fields
 FULL_RES_TARGETS: tuple[str, ...] = ("dose", "ct", "oar", "ptv")
 # Targets whose stage output is added to the coarse prediction; the others are mask logits.
 RESIDUAL_TARGETS: tuple[str, ...] = ("dose", "ct")
+MASK_PRIOR = 0.01  # initial foreground probability of a mask stage's logits
 MASK_TARGETS: tuple[str, ...] = ("oar", "ptv")
 DEFAULT_FEATURES: tuple[int, ...] = (8, 16, 32, 64, 128, 8)
 DEFAULT_PTV_LEVELS_GY: tuple[float, ...] = (56.0, 63.0, 70.0)
@@ -188,10 +190,14 @@ class FullResStage(nn.Module):
         with contextlib.redirect_stdout(io.StringIO()):  # BasicUNet prints its features; stdout is the CLI's
             self.net = BasicUNet(spatial_dims=3, in_channels=self.condition_channels + self.coarse_channels,
                                  out_channels=self.out_channels, features=config.features)
+        final = self.net.final_conv.conv if hasattr(self.net.final_conv, "conv") else self.net.final_conv
         if self.residual:
-            final = self.net.final_conv.conv if hasattr(self.net.final_conv, "conv") else self.net.final_conv
             nn.init.zeros_(final.weight)
             nn.init.zeros_(final.bias)
+        elif config.target in MASK_TARGETS:
+            # Organs fill ~1 % of a crop: start every logit at that prior instead of p = 0.5, or the
+            # first hundreds of steps (the bias moves ~lr per step) are spent learning "background".
+            nn.init.constant_(final.bias, math.log(MASK_PRIOR / (1.0 - MASK_PRIOR)))
 
     @property
     def residual(self) -> bool:

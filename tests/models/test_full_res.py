@@ -96,3 +96,20 @@ def test_wrong_inputs_are_named():
         s(cond[:, :3], coarse)
     with pytest.raises(ConfigError, match="coarse prediction with 1 channels, found None"):
         s(cond, None)
+
+
+def test_a_fresh_mask_stage_starts_at_the_organ_prior():
+    """Logits start at the logit of a 1 % prior, not at p = 0.5 (the bias would take hundreds of steps)."""
+    import math
+
+    from diffkt3d.data.encoding import EncodingConfig
+    from diffkt3d.models.full_res import MASK_PRIOR, FullResConfig, FullResStage
+
+    enc = EncodingConfig(grid=(16, 16, 16), modalities=("ct", "oar", "body", "dose"))
+    config = FullResConfig(target="oar", features=(4, 4, 8, 8, 16, 4), crop=(32, 32, 32), conditions=("ct", "body"))
+    torch.manual_seed(0)
+    stage = FullResStage(config, enc)
+    with torch.no_grad():
+        p = torch.sigmoid(stage(torch.zeros(1, 2, 32, 32, 32), torch.zeros(1, 7, 32, 32, 32)))
+    assert abs(math.log(MASK_PRIOR / (1 - MASK_PRIOR)) - stage.net.final_conv.bias.mean().item()) < 1e-6
+    assert float(p.mean()) < 0.1
