@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from diffkt3d.cli.main import main
 from diffkt3d.data.encoding import EncodingConfig
@@ -39,7 +40,8 @@ def test_full_res_recipe_smoke_run(tmp_path, openkbp_root, capsys, recipe, peer)
     target = "oar" if "oar" in recipe else "dose"
     record = read_checkpoint(out / "final.pt")["meta"]["full_res"][target]
     assert record["step"] == 1 and record["cases"] == 1
-    assert record["train_config"]["max_cpu_minutes"] == 300  # the recipe's budget, untouched by the smoke limits
+    budget = yaml.safe_load((REPO / "configs" / recipe).read_text())["max_cpu_minutes"]
+    assert record["train_config"]["max_cpu_minutes"] == budget  # the recipe's budget, untouched by the smoke limits
     assert load_checkpoint(out / "final.pt").full_res[target].config.coarse_input is not peer
 
 
