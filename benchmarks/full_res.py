@@ -326,7 +326,12 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--record-quality needs an imputation --target (ct, oar, ptv) and the model variant")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = dt.datetime.now(dt.timezone.utc)
-    results = run(args)
+    from diffkt3d.errors import DiffKT3DError
+
+    try:
+        results = run(args)
+    except DiffKT3DError as exc:  # a missing data root or a bad case: one line, not a traceback
+        raise SystemExit(f"full_res benchmark: {exc}") from None
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"full_res_{args.target}")
     from machine_info import describe_machine
 
