@@ -33,7 +33,7 @@ from diffkt3d.models.full_res import FullResStage, full_res_encoding, stage_cond
 # Overlap of the inference windows; Gaussian blending hides the seams between them.
 WINDOW_OVERLAP = 0.25
 
-__all__ = ["WINDOW_OVERLAP", "coarse_on_case_grid", "refine_ct", "refine_dose", "refine_masks", "run_stage",
+__all__ = ["WINDOW_OVERLAP", "coarse_on_case_grid", "largest_component", "refine_ct", "refine_dose", "refine_masks", "run_stage",
            "stage_inputs"]
 
 
@@ -132,7 +132,28 @@ def mask_names(stage: FullResStage) -> list[str]:
 
 def refine_masks(stage: FullResStage, case: Case, x0: torch.Tensor,
                  device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
-    """{name: bool mask} on the case grid: the stage's logits > 0 (sigmoid > 0.5)."""
+    """{name: bool mask} on the case grid: the stage's logits > 0 (sigmoid > 0.5).
+
+    Each OAR keeps only its largest connected component: every OpenKBP OAR is one organ (left and
+    right parotids are separate channels), and a stray blob elsewhere, e.g. "brainstem" in the
+    shoulder, is what a planner would have to delete by hand (it also dominates the 95 %
+    Hausdorff distance). PTVs are left whole: a target may be several volumes.
+    """
     coarse = coarse_on_case_grid(x0, stage.config.target, case, stage.encoding)
     logits = run_stage(stage, stage_inputs(case, stage), coarse, device)
-    return {name: (logits[i] > 0).numpy() for i, name in enumerate(mask_names(stage))}
+    masks = {name: (logits[i] > 0).numpy() for i, name in enumerate(mask_names(stage))}
+    if stage.config.target == "oar":
+        masks = {name: largest_component(m) for name, m in masks.items()}
+    return masks
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a bool mask (the mask itself when it has one or none)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax())

@@ -130,3 +130,15 @@ def test_a_stage_without_coarse_input_runs_no_sampling(tiny_checkpoint, tmp_path
 def test_coarse_steps_must_be_positive():
     with pytest.raises(ConfigError, match="coarse_steps must be an int >= 1 or null, found 0"):
         FullResConfig(target="oar", coarse_steps=0)
+
+
+def test_an_oar_keeps_its_largest_connected_component():
+    from diffkt3d.inference.full_res import largest_component
+
+    mask = np.zeros((12, 12, 12), bool)
+    mask[1:5, 1:5, 1:5] = True  # 64 voxels: the organ
+    mask[8:10, 8:10, 8:10] = True  # 8 voxels elsewhere: a stray blob
+    mask[5, 5, 5] = True  # touches the organ by a corner: 26-connected, so part of it
+    kept = largest_component(mask)
+    assert kept.sum() == 65 and not kept[8:10, 8:10, 8:10].any() and kept[5, 5, 5]
+    assert largest_component(np.zeros((4, 4, 4), bool)).sum() == 0
