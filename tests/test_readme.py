@@ -93,6 +93,9 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
                                                "test_dose_benchmark_one_case_preview",),
         "python benchmarks/fit_gap.py": ("tests/benchmarks/test_fit_gap.py::"
                                          "test_validation_figure_is_the_one_the_trainer_selected_on",),
+        "python benchmarks/full_res.py --target oar --model runs/ship/cascade.pt --peer runs/full-res-oar-peer/final.pt "
+        "--variants model peer --threads 2 --record-quality": (
+            "tests/benchmarks/test_full_res_benchmark.py::test_record_quality_writes_the_oar_figures_into_the_model",),
     },
     "docs/full-res.md": {
         "diffkt3d train configs/full-res-dose.yaml --stage full-res --data-root DIR": (FULL_RES_TRAIN,),
