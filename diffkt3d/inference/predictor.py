@@ -97,6 +97,12 @@ class StageProgress:
             self.on_step(sampling_total + 1, sampling_total + 1)
 
 
+def ptv_levels(case: Case) -> list[float]:
+    """Prescription levels (Gy, ascending) a PTV imputation returns: the case's, OpenKBP's if it has none."""
+    return sorted({s.prescription_gy for s in case.targets.values() if s.prescription_gy}) or \
+        sorted(float(n[3:]) for n in OPENKBP_PTVS)
+
+
 class Predictor:
     """A loaded model ready to predict. Thread-safe for sequential calls (one model, no state)."""
 
@@ -303,9 +309,7 @@ class Predictor:
             return mask_names(self.full_res[target])
         if target == "oar":
             return list(self.encoding.oar_channels)
-        levels = sorted({s.prescription_gy for s in case.targets.values() if s.prescription_gy}) or \
-            [float(n[3:]) for n in OPENKBP_PTVS]
-        return [f"PTV{rx:g}" for rx in sorted(levels)]
+        return [f"PTV{rx:g}" for rx in ptv_levels(case)]
 
     def check_structures(self, case: Case, target: str, structures: Sequence[str] | None) -> list[str] | None:
         """The requested structure names, checked: unknown names raise a ValueError naming the known ones."""
@@ -370,9 +374,7 @@ class Predictor:
         elif target == "oar":
             result.masks = decode_oar(x0, case.grid, self.encoding)
         else:
-            levels = sorted({s.prescription_gy for s in case.targets.values() if s.prescription_gy}) or \
-                [float(n[3:]) for n in OPENKBP_PTVS]
-            result.masks = decode_ptv(x0, case.grid, self.encoding, levels)
+            result.masks = decode_ptv(x0, case.grid, self.encoding, ptv_levels(case))
         if wanted is not None:
             result.masks = {n: result.masks[n] for n in wanted}
         if target in ("oar", "ptv") and case.body is not None:
