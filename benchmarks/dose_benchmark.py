@@ -177,14 +177,9 @@ def quality_figures(rows: list[dict]) -> dict[str, dict]:
 
 def record_quality(model: str, rows: list[dict], report: str, date: str) -> dict[str, dict]:
     """Write the imputation figures into the checkpoint's ``meta["quality"]`` (its digest changes)."""
-    from diffkt3d.inference.quality import quality_record
-    from diffkt3d.models.checkpoint import read_checkpoint, update_meta
+    from diffkt3d.inference.quality import write_quality_records
 
-    quality = dict(read_checkpoint(model).get("meta", {}).get("quality") or {})
-    for target, rec in quality_figures(rows).items():
-        quality[target] = quality_record(target, rec["figures"], rec["cases"], report, date)
-    update_meta(model, {"quality": quality})
-    return quality
+    return write_quality_records(model, quality_figures(rows), report, date)
 
 
 def prior_dose(predictor, folder: Path) -> np.ndarray:

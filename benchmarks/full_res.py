@@ -271,16 +271,12 @@ def quality_figures(target: str, rows: list[dict]) -> dict:
 
 def record_quality(model: str, target: str, rows: list[dict], report: str, date: str) -> dict:
     """Write ``target``'s figures into the model checkpoint's ``meta["quality"]`` (its digest changes)."""
-    from diffkt3d.inference.quality import quality_record
-    from diffkt3d.models.checkpoint import read_checkpoint, update_meta
+    from diffkt3d.inference.quality import write_quality_records
 
     rec = quality_figures(target, rows)
     if not rec:
         raise SystemExit(f"{target} is not an imputation target: the quality gate records ct, oar and ptv")
-    quality = dict(read_checkpoint(model).get("meta", {}).get("quality") or {})
-    quality[target] = quality_record(target, rec["figures"], rec["cases"], report, date)
-    update_meta(model, {"quality": quality})
-    return quality[target]
+    return write_quality_records(model, {target: rec}, report, date)[target]
 
 
 def report_lines(results: dict, machine: str, started: dt.datetime) -> list[str]:

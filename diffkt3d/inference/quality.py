@@ -17,6 +17,7 @@ label-mean guess, a PTV that overlaps the planner's.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,6 +90,22 @@ def quality_record(target: str, figures: dict[str, Any], cases: int, benchmark: 
             "passes": meets_acceptance(target, figures)}
 
 
+def write_quality_records(path: str | Path, records: dict[str, dict[str, Any]], benchmark: str,
+                          date: str) -> dict[str, dict[str, Any]]:
+    """Merge ``{target: {"figures": ..., "cases": n}}`` into the checkpoint's ``meta["quality"]``.
+
+    The other targets' records are kept; the file is rewritten (``update_meta``), so its digest
+    and model version change. Returns the whole quality record as written.
+    """
+    from diffkt3d.models.checkpoint import read_checkpoint, update_meta
+
+    quality = dict(read_checkpoint(path).get("meta", {}).get("quality") or {})
+    for target, rec in records.items():
+        quality[target] = quality_record(target, rec["figures"], rec["cases"], benchmark, date)
+    update_meta(path, {"quality": quality})
+    return quality
+
+
 def empty_mask_warnings(masks: dict[str, np.ndarray]) -> list[str]:
     """One warning per structure the imputation left empty: an empty contour is never a result."""
     return [f"{name}: the imputed mask is empty" for name, mask in masks.items() if not np.any(mask)]
@@ -106,4 +123,4 @@ def _brief(target: str, figures: dict[str, Any]) -> str:
 
 
 __all__ = ["ACCEPTANCE", "EXPERIMENTAL", "MIN_CASES", "VALIDATED", "TargetQuality", "empty_mask_warnings",
-           "meets_acceptance", "quality_record", "target_quality"]
+           "meets_acceptance", "quality_record", "target_quality", "write_quality_records"]
