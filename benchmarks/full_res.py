@@ -34,6 +34,7 @@ import argparse
 import datetime as dt
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,6 +64,11 @@ ROW_INFO = ("case", "seconds", "has_ct")
 
 
 # -- inputs ----------------------------------------------------------------------------------
+def target_structures(case, target: str) -> set[str]:
+    """Names of the case's structures that are the ``target`` (none for ct and dose)."""
+    return set(case.oars if target == "oar" else case.targets if target == "ptv" else ())
+
+
 def target_files(case, target: str) -> set[str]:
     """Names of the files in a case folder that hold ``target`` (what an input must not contain)."""
     from diffkt3d.constants import CT_FILE, DOSE_FILE
@@ -71,8 +77,7 @@ def target_files(case, target: str) -> set[str]:
         return {CT_FILE}
     if target == "dose":
         return {DOSE_FILE}
-    names = case.oars if target == "oar" else case.targets
-    return {f"{n}{ext}" for n in names for ext in (".nii.gz", ".nii")}
+    return {f"{n}{ext}" for n in target_structures(case, target) for ext in (".nii.gz", ".nii")}
 
 
 def held_out_folder(folder: Path, case, target: str, tmp: Path) -> Path:
@@ -89,7 +94,7 @@ def held_out_folder(folder: Path, case, target: str, tmp: Path) -> Path:
             continue
         if f.name == PLAN_FILE and target in ("oar", "ptv"):
             plan = json.loads(f.read_text())
-            names = case.oars if target == "oar" else case.targets
+            names = target_structures(case, target)
             plan["structures"] = {k: v for k, v in (plan.get("structures") or {}).items() if k not in names}
             (out / f.name).write_text(json.dumps(plan))
         else:
@@ -212,8 +217,6 @@ def run(args: argparse.Namespace) -> dict:
                "base": lambda c: predict(without_stages(model), c, args.target, args.steps, args.seed),
                "peer": lambda c: predict_peer(peer_bundle.full_res[args.target], c, args.target)}
     rows: dict[str, list[dict]] = {v: [] for v in args.variants}
-    import tempfile
-
     for folder in list_case_dirs([args.cases])[: args.limit or None]:
         case = load_case_folder(folder)
         if args.target == "dose" and (case.dose_gy is None or case.body is None):
@@ -224,10 +227,10 @@ def run(args: argparse.Namespace) -> dict:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             inp_folder = held_out_folder(folder, case, args.target, Path(tmp))
-            inputs = {v: load_case_folder(inp_folder, with_dose=args.target != "dose") for v in args.variants}
+            inputs = load_case_folder(inp_folder, with_dose=args.target != "dose")  # no variant changes it
         for variant in args.variants:
             t0 = time.perf_counter()
-            output = runners[variant](inputs[variant])
+            output = runners[variant](inputs)
             seconds = time.perf_counter() - t0
             row = {"case": case.case_id, "seconds": round(seconds, 3), "has_ct": case.ct_hu is not None,
                    **case_figures(case, args.target, output, model.encoding.oar_channels)}
