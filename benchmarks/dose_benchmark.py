@@ -37,13 +37,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine_info import describe_machine, openkbp_dir, write_results  # noqa: E402
+from machine_info import case_dirs, describe_machine, openkbp_dir, write_results  # noqa: E402
 
 from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TEMPLATE, PREVIEW_STEPS  # noqa: E402
 from diffkt3d.io.case_folder import load_case_folder  # noqa: E402
 from diffkt3d.metrics.image import dice, masked_mae_hu, psnr, ssim  # noqa: E402
 from diffkt3d.metrics.openkbp import score_case_object  # noqa: E402
-from diffkt3d.training.dataset import list_case_dirs  # noqa: E402
 
 log = logging.getLogger("dose_benchmark")
 
@@ -76,7 +75,7 @@ def run_child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     template = load_template(args.template)
-    cases = list_case_dirs([args.cases])[: args.limit or None]
+    cases = case_dirs([args.cases], args.limit)
     rows = []
     if args.child in ("dit10", "dit1", "dit10flip", "impute", "prior", "grid"):
         from diffkt3d.inference import Predictor
@@ -84,7 +83,8 @@ def run_child(args: argparse.Namespace) -> None:
         predictor = Predictor.load(args.model)
         meta = predictor.bundle.meta
         model_info = {"version": predictor.model_version, "total_cpu_minutes": meta.get("total_cpu_minutes"),
-                      "global_step": meta.get("global_step"), "pieces": meta.get("pieces")}
+                      "global_step": meta.get("global_step"), "pieces": meta.get("pieces"),
+                      "full_res": stage_records(meta)}
     else:
         model_info = None
     if args.child == "peer":
@@ -221,6 +221,31 @@ def reference_through_grid(predictor, folder: Path) -> np.ndarray:
     return decode_dose(x0, case.grid, predictor.encoding, case.body)
 
 
+KNOWN_VARIANTS = ("dit10", "dit1", "dit10flip", "peer", "prior", "grid", "impute")
+
+
+def stage_records(meta: dict) -> dict[str, dict]:
+    """Per full-res stage of a checkpoint: steps, CPU minutes and whether it reads a coarse prediction."""
+    out = {}
+    for target, rec in (meta.get("full_res") or {}).items():
+        cfg = rec.get("train_config") or {}
+        out[target] = {"steps": rec.get("step"), "cpu_minutes": rec.get("total_cpu_minutes"),
+                       "coarse_input": (cfg.get("stage") or {}).get("coarse_input"),
+                       "coarse_steps": cfg.get("coarse_steps")}
+    return out
+
+
+def model_line(info: dict) -> str:
+    """One line of a checkpoint's training record: version, steps, CPU minutes of the DiT and of its stages."""
+    line = f"model version {info['version']}, {info.get('global_step')} DiT training steps"
+    if info.get("total_cpu_minutes") is not None:
+        line += f", {info['total_cpu_minutes']:.1f} DiT CPU-minutes"
+    for target, rec in (info.get("full_res") or {}).items():
+        line += (f"; full-res {target} stage: {rec.get('steps')} steps, {rec.get('cpu_minutes') or 0:.1f} CPU-minutes, "
+                 f"coarse input {rec.get('coarse_input')} ({rec.get('coarse_steps')} steps)")
+    return line + "."
+
+
 # Per-case figures the paired table compares, and whether higher is better.
 PAIRED_FIGURES = {"dose_score": ("dose score, Gy", False), "dvh_case": ("DVH score, Gy", False),
                   "scorecard": ("Scorecard", True)}
@@ -268,6 +293,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=["dit10", "dit1", "peer", "prior", "grid", "impute"])
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/dose_benchmark"))
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=CKPT",
+                   help="another checkpoint predicted like dit10 (10 steps, default settings) in the same run, "
+                        "reported as NAME and paired with dit10 (repeatable; e.g. a full-res U-Net peer or the "
+                        "previous shipped model)")
     p.add_argument("--record-quality", action="store_true",
                    help="write the imputation figures into --model's metadata (the quality gate's record; "
                         "the file's digest and model version change)")
@@ -280,14 +309,27 @@ def main() -> None:
     if args.child:
         run_child(args)
         return
+    case_dirs([args.cases])  # a missing data folder: one line here, not a traceback from every child
+    compare = {}
+    for item in args.compare:
+        name, sep, ckpt = item.partition("=")
+        if not sep or not name or not ckpt:
+            p.error(f"--compare takes NAME=CKPT, found {item!r}")
+        if name in KNOWN_VARIANTS or name in compare:
+            p.error(f"--compare name {name!r} is already a variant")
+        if not Path(ckpt).is_file():
+            p.error(f"--compare {name}: no checkpoint at {ckpt}")
+        compare[name] = ckpt
     results = {}
     started = dt.datetime.now(dt.timezone.utc)
 
     def launch(variant: str, threads: int) -> tuple[str, str, subprocess.Popen]:
         child_out = f"{args.out}.{variant}.tmp.json"
-        cmd = [sys.executable, __file__, "--child", variant, "--child-out", child_out, "--cases", args.cases,
+        model = compare.get(variant, args.model)
+        cmd = [sys.executable, __file__, "--child", "dit10" if variant in compare else variant,
+               "--child-out", child_out, "--cases", args.cases,
                "--peer", args.peer, "--template", args.template, "--limit", str(args.limit),
-               "--threads", str(threads)] + (["--model", args.model] if args.model else [])
+               "--threads", str(threads)] + (["--model", model] if model else [])
         log.info("running %s", " ".join(cmd))
         return variant, child_out, subprocess.Popen(cmd)
 
@@ -303,10 +345,10 @@ def main() -> None:
     for variant in [v for v in args.variants if v in TIMED]:
         collect(*launch(variant, args.threads))
     # Phase 2: untimed-by-target variants in parallel, one thread each.
-    running = [launch(v, 1) for v in args.variants if v not in TIMED]
+    running = [launch(v, 1) for v in [*args.variants, *compare] if v not in TIMED]
     for item in running:
         collect(*item)
-    write_report(args, results, started)
+    write_report(args, results, started, compare)
     if args.record_quality:
         report = str(Path(args.out).with_suffix(".md").relative_to(ROOT)) if Path(args.out).is_relative_to(ROOT) \
             else Path(args.out).name + ".md"
@@ -342,7 +384,9 @@ def scorecard_item_lines(results: dict, names: dict[str, str]) -> list[str]:
     return lines
 
 
-def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) -> None:
+def write_report(args: argparse.Namespace, results: dict, started: dt.datetime,
+                 compare: dict[str, str] | None = None) -> None:
+    compare = compare or {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     label = args.label or ("DiffKT3D cpu-default" if args.model is None else f"DiffKT3D {Path(args.model).name}")
@@ -350,7 +394,8 @@ def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) 
              "dit10flip": f"{label}, 10 steps, test-time flip average",
              "peer": "MONAI BasicUNet peer (L1 regression)",
              "prior": "geometric dose prior alone (no network; what the DiT starts from)",
-             "grid": "reference dose through the working grid (encode, then decode: the floor for any prediction made on this grid)"}
+             "grid": "reference dose through the working grid (encode, then decode: the floor for any prediction made on this grid)",
+             **{k: f"{k} ({Path(v).name}), 10 steps" for k, v in compare.items()}}
     lines = [f"# Dose benchmark: OpenKBP validation ({started:%Y-%m-%d %H:%M} UTC)", "",
              f"Machine: {describe_machine()}", "",
              f"Command: `python benchmarks/dose_benchmark.py {' '.join(sys.argv[1:])}`", "",
@@ -369,7 +414,8 @@ def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) 
                      f"{np.mean(ref_scores):.2f} | | | |")
     lines += scorecard_item_lines(results, names)
     pairs = [(a, b) for a, b in (("dit10", "peer"), ("dit10", "prior"), ("dit1", "peer"), ("dit1", "prior"),
-                                                 ("dit10flip", "dit10"), ("dit10flip", "peer")) if a in results and b in results]
+                                                 ("dit10flip", "dit10"), ("dit10flip", "peer"),
+                                                 *(("dit10", k) for k in compare)) if a in results and b in results]
     if pairs:
         lines += ["", "## Paired per-case comparison (Wilcoxon signed-rank, two-sided)", "",
                   "DVH: each case's mean DVH error. Scorecard: higher is better.", "",
@@ -402,7 +448,11 @@ def write_report(args: argparse.Namespace, results: dict, started: dt.datetime) 
         lines.append(f"\nPeer training: {meta.get('steps')} steps in {meta.get('cpu_minutes', 0):.1f} CPU-minutes, "
                      f"L1 loss over {'the body' if meta.get('loss_region') == 'body' else 'every voxel'} "
                      "(compare with the DiT's budget in docs/model-card.md; equal budgets are the target).")
-    info = next((r["model"] for r in results.values() if isinstance(r, dict) and r.get("model")), None)
+    for name in compare:
+        if name in results and results[name].get("model"):
+            lines.append(f"\n{name}: " + model_line(results[name]["model"]))
+    info = next((r["model"] for k, r in results.items() if k not in compare and isinstance(r, dict) and r.get("model")),
+                None)
     if info:
         pieces = info.get("pieces") or []
         budget = (f"{info['total_cpu_minutes']:.1f} CPU-minutes recorded in {len(pieces)} piece(s)"

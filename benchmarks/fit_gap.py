@@ -27,10 +27,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from machine_info import describe_machine, openkbp_dir, write_results  # noqa: E402
+from machine_info import case_dirs, describe_machine, openkbp_dir, write_results  # noqa: E402
 
 from diffkt3d.models.checkpoint import load_checkpoint  # noqa: E402
-from diffkt3d.training.dataset import EncodedCaseSet, build_cache, list_case_dirs  # noqa: E402
+from diffkt3d.training.dataset import EncodedCaseSet, build_cache  # noqa: E402
 from diffkt3d.training.trainer import one_step_dose_mae  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def case_sets(encoding, args: argparse.Namespace) -> dict[str, EncodedCaseSet]:
     encoded, so a few cases cost seconds, not the whole split."""
     out = {}
     for split, roots in (("train", args.train_roots), ("validation", args.val_roots)):
-        dirs = list_case_dirs(roots)
+        dirs = case_dirs(roots)
         if split == "train":
             random.Random(args.seed).shuffle(dirs)
         files = build_cache(dirs[: args.cases], encoding, args.cache_dir, with_plates=True)

@@ -30,3 +30,19 @@ def openkbp_dir(split: str = "") -> str:
 
     root = os.environ.get(DATA_ROOT_ENV) or f"${DATA_ROOT_ENV}"
     return str(Path(root) / "openkbp" / split) if split else str(Path(root) / "openkbp")
+
+
+def case_dirs(roots: list[str | Path], limit: int = 0) -> list[Path]:
+    """The case folders under ``roots`` (the first ``limit``; 0 = all), or a one-line exit naming the
+    missing folder and the variable that places the data, instead of a traceback."""
+    from diffkt3d.errors import DiffKT3DError
+    from diffkt3d.training.dataset import list_case_dirs
+    from diffkt3d.training.recipe import DATA_ROOT_ENV
+
+    try:
+        dirs = list_case_dirs(list(roots))
+    except DiffKT3DError as exc:
+        raise SystemExit(f"{exc} (set ${DATA_ROOT_ENV} to the folder holding openkbp/, or pass the cases' "
+                         "folder; README: how to get and import OpenKBP)") from None
+    return dirs[: limit or None]
+

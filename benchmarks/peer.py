@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-from machine_info import openkbp_dir
+from machine_info import case_dirs, openkbp_dir
 from monai.networks.nets import BasicUNet
 
 from diffkt3d.data.encoding import PTV_RESAMPLING, EncodingConfig
-from diffkt3d.training.dataset import EncodedCaseSet, build_cache, list_case_dirs
+from diffkt3d.training.dataset import EncodedCaseSet, build_cache
 from diffkt3d.training.trainer import body_mean
 
 log = logging.getLogger("peer")
@@ -72,7 +72,7 @@ def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     enc = EncodingConfig(grid=tuple(args.grid), ptv_resampling=args.ptv_resampling)
-    files = build_cache(list_case_dirs(args.train_roots), enc, args.cache_dir, with_plates=True)
+    files = build_cache(case_dirs(args.train_roots), enc, args.cache_dir, with_plates=True)
     data = EncodedCaseSet.from_cache(files)
     cases = data.with_modality("dose")
     model = build_peer(enc)

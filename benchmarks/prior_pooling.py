@@ -26,14 +26,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from dose_benchmark import dose_figures, prior_dose_from  # noqa: E402
-from machine_info import describe_machine, openkbp_dir, write_results  # noqa: E402
+from machine_info import case_dirs, describe_machine, openkbp_dir, write_results  # noqa: E402
 
 from diffkt3d.constants import DEFAULT_TEMPLATE  # noqa: E402
 from diffkt3d.data.encoding import encode_case  # noqa: E402
 from diffkt3d.inference import Predictor  # noqa: E402
 from diffkt3d.io.case_folder import load_case_folder  # noqa: E402
 from diffkt3d.scorecard import load_template  # noqa: E402
-from diffkt3d.training.dataset import list_case_dirs, prepare_case  # noqa: E402
+from diffkt3d.training.dataset import prepare_case  # noqa: E402
 
 
 def prior_doses(predictor: Predictor, folder: Path) -> dict[str, np.ndarray]:
@@ -58,7 +58,7 @@ def main() -> None:
     predictor = Predictor.load(None)
     template = load_template(DEFAULT_TEMPLATE)
     rows: dict[str, list[dict]] = {"area": [], "max": []}
-    for folder in list_case_dirs([args.cases])[: args.limit or None]:
+    for folder in case_dirs([args.cases], args.limit):
         ref = load_case_folder(folder)
         if ref.dose_gy is None:
             continue

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine_info import describe_machine, openkbp_dir
+from machine_info import case_dirs, describe_machine, openkbp_dir
 
 from diffkt3d.constants import DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TEMPLATE
 
@@ -154,14 +154,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from diffkt3d.io.case_folder import load_case_folder
     from diffkt3d.metrics.openkbp import score_case_object
     from diffkt3d.scorecard import load_template, score_case
-    from diffkt3d.training.dataset import list_case_dirs
 
     torch.set_num_threads(1)
     learned = json.loads((OUT / "prefs.json").read_text())["learned_weights_n200"]
     shipped = load_template(DEFAULT_TEMPLATE)
     learned_tpl = shipped.with_weights(learned)
     pred = Predictor.load(args.model, device="cpu")
-    dirs = list_case_dirs([DATA / "validation"])
+    dirs = case_dirs([DATA / "validation"])
     k, n = (int(v) for v in args.shard.split("/"))
     dirs = dirs[k::n]
     rows = []

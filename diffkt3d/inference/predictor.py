@@ -213,6 +213,10 @@ class Predictor:
 
         Args:
             steps: Euler steps (network evaluations per candidate); `preview` forces PREVIEW_STEPS.
+                With a full-res dose stage the DiT samples the steps the stage was trained on
+                (its ``coarse_steps``), and a stage that reads no coarse prediction runs alone (no
+                sampling, one candidate, ``steps`` 0 in the result). A preview skips a stage that
+                refines the DiT's dose: it is the DiT's 1-step dose on the working grid.
             candidates: independent samples from seeds seed, seed+1, ...
             aggregate: "best" = the candidate with the highest Scorecard total (best-of-n);
                 "mean" = the per-voxel mean of the candidates (scored as its own entry).
@@ -234,11 +238,19 @@ class Predictor:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         case.validate(require=DOSE_PREDICTION_INPUTS)
         steps = PREVIEW_STEPS if preview else int(steps)
+        stage = self.full_res.get("dose")
+        if stage is not None and not stage.config.coarse_input:
+            # the stage predicts the dose outright: no sampling, and one deterministic candidate
+            return self._predict_dose_stage_only(case, seed, preview, template, with_dvh, on_step)
+        if stage is not None and preview:
+            stage = None  # a preview is the DiT's quick look; the stage's seconds belong to the full prediction
+        if stage is not None and stage.config.coarse_steps:
+            steps = stage.config.coarse_steps  # the coarse prediction the stage was trained on
         t0 = time.perf_counter()
         conditions = self.encode_conditions(case, exclude={"dose"})  # a stored dose is never an input
         t1 = time.perf_counter()
         seeds = [int(seed) + k for k in range(int(candidates))]
-        progress = StageProgress(on_step, "dose" in self.full_res)
+        progress = StageProgress(on_step, stage is not None)
         sampling_step = progress.sampling()
         if not flip_average:
             x0 = self._sample(conditions, "dose", seeds, steps, sampling_step)
@@ -293,6 +305,34 @@ class Predictor:
                               template=str(template) if template else None, preview=bool(preview),
                               case=CaseInfo.of(case), dvh=dvh, timings={k: round(v, 4) for k, v in timings.items()},
                               full_res=full_res_s is not None)
+
+    def _predict_dose_stage_only(self, case: Case, seed: int, preview: bool,
+                                 template: str | ScorecardTemplate | None, with_dvh: bool,
+                                 on_step: StepCallback | None) -> DosePrediction:
+        """The dose of a full-res stage that reads no coarse prediction (a plain U-Net stage)."""
+        from diffkt3d.inference.full_res import refine_dose
+
+        t0 = time.perf_counter()
+        stage = self.full_res["dose"]
+        dose = refine_dose(stage, case, np.zeros(case.grid.shape, np.float32), device=self.device)
+        t1 = time.perf_counter()
+        if on_step is not None:
+            on_step(1, 1)
+        cand = Candidate(id=f"c0-seed{int(seed)}", seed=int(seed), dose_gy=dose)
+        if template:
+            from diffkt3d.scorecard import load_template, score_case
+
+            cand.scorecard = score_case(dose, case, load_template(template))
+        t2 = time.perf_counter()
+        dvh = dvh_table(dose, case) if with_dvh else {}
+        t3 = time.perf_counter()
+        timings = {"encode_s": 0.0, "sample_s": 0.0, "decode_s": 0.0, "full_res_s": t1 - t0,
+                   "scorecard_s": t2 - t1, "dvh_s": t3 - t2, "total_s": t3 - t0}
+        return DosePrediction(candidates=[cand], chosen_id=cand.id, steps=0, seed=int(seed),
+                              model_version=self.model_version, aggregate="best",
+                              template=str(template) if template else None, preview=bool(preview),
+                              case=CaseInfo.of(case), dvh=dvh, timings={k: round(v, 4) for k, v in timings.items()},
+                              full_res=True)
 
     # -- imputation ------------------------------------------------------------------------
     def imputable_structures(self, case: Case, target: str) -> list[str]:

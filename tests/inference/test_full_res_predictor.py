@@ -127,6 +127,41 @@ def test_a_stage_without_coarse_input_runs_no_sampling(tiny_checkpoint, tmp_path
     assert list(oar.masks) == list(staged.encoding.oar_channels)
 
 
+def test_a_dose_samples_the_coarse_steps_its_stage_was_trained_on(tiny_checkpoint, tmp_path, synthetic_case):
+    staged = Predictor.load(with_stages(tiny_checkpoint, tmp_path / "m.pt", ["dose"], perturb=True, coarse_steps=1),
+                            device="cpu")
+    seen = []
+    pred = staged.predict_dose(synthetic_case, steps=4, seed=3, template=None, with_dvh=False,
+                               on_step=lambda done, total: seen.append((done, total)))
+    assert pred.full_res and pred.steps == 1 and seen == [(1, 2), (2, 2)]
+    again = staged.predict_dose(synthetic_case, steps=1, seed=3, template=None, with_dvh=False)
+    np.testing.assert_array_equal(pred.dose_gy, again.dose_gy)
+
+
+def test_a_dose_stage_without_coarse_input_predicts_alone(tiny_checkpoint, tmp_path, synthetic_case):
+    staged = Predictor.load(with_stages(tiny_checkpoint, tmp_path / "m.pt", ["dose"], perturb=True,
+                                        coarse_input=False), device="cpu")
+    stage = staged.full_res["dose"]
+    seen = []
+    pred = staged.predict_dose(synthetic_case, steps=5, candidates=3, seed=7,
+                               on_step=lambda done, total: seen.append((done, total)))
+    assert pred.full_res and pred.steps == 0 and seen == [(1, 1)] and len(pred.candidates) == 1
+    expected = refine_dose(stage, synthetic_case, np.zeros(synthetic_case.grid.shape, np.float32))
+    np.testing.assert_array_equal(pred.dose_gy, expected)
+    assert pred.chosen.scorecard is not None and pred.dvh  # the planner's tables, as for any prediction
+    assert (pred.dose_gy[~synthetic_case.body] == 0).all()
+
+
+def test_a_preview_is_the_dits_quick_look_without_the_stage(plain, tiny_checkpoint, tmp_path, synthetic_case):
+    staged = Predictor.load(with_stages(tiny_checkpoint, tmp_path / "m.pt", ["dose"], perturb=True), device="cpu")
+    a = staged.predict_dose(synthetic_case, preview=True, seed=1, template=None, with_dvh=False)
+    b = plain.predict_dose(synthetic_case, preview=True, seed=1, template=None, with_dvh=False)
+    assert not a.full_res and "full_res_s" not in a.timings
+    np.testing.assert_array_equal(a.dose_gy, b.dose_gy)
+    full = staged.predict_dose(synthetic_case, steps=1, seed=1, template=None, with_dvh=False)
+    assert full.full_res and not np.array_equal(full.dose_gy, a.dose_gy)
+
+
 def test_coarse_steps_must_be_positive():
     with pytest.raises(ConfigError, match="coarse_steps must be an int >= 1 or null, found 0"):
         FullResConfig(target="oar", coarse_steps=0)
