@@ -221,6 +221,26 @@ def test_impute_ptv_and_ct(workflow, loaded_case, nifti_kji):
     np.testing.assert_allclose(util.arrayFromVolume(node), nifti_kji(ct_file)[0], atol=1e-3)
 
 
+def test_impute_only_the_structures_asked_for(workflow, loaded_case):
+    ct, seg = loaded_case
+    rs = workflow.scene_logic.segment_roles(seg)
+    for r in rs:
+        if r.role == "target":
+            r.role = "ignore"
+    errors, out = [], []
+    _run(workflow, workflow.request_imputation("ptv", ct, seg, rs, on_done=out.append, on_error=errors.append,
+                                               steps=1, structures=[" PTV70 ", ""]))
+    assert not errors, errors
+    assert list(out[0]["params"]["labels"]) == ["PTV70"]
+    assert set(out[0]["segments"]) <= {"PTV70"}
+    # a name the model does not impute: the server's answer names the ones it does
+    _run(workflow, workflow.request_imputation("oar", ct, seg, rs, on_done=out.append, on_error=errors.append,
+                                               steps=1, structures=["Heart"]))
+    assert len(errors) == 1 and "Heart" in str(errors[0]) and "SpinalCord" in str(errors[0])
+    with pytest.raises(ValueError, match="a CT imputation has none"):
+        workflow.request_imputation("ct", None, seg, rs, structures=["PTV70"])
+
+
 def test_module_selftest_flow(scene, diffkt3d_server, case_dir, case_structures):
     """The flow DiffKT3DTest runs inside Slicer, here on slicer-core (same function)."""
     from DiffKT3DLib.selftest import run_flow

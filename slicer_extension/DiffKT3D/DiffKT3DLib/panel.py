@@ -47,7 +47,7 @@ WIDGET_CLASSES = {
     "sendPreferenceButton": "QPushButton", "nextCaseButton": "QPushButton", "nextCaseLabel": "QLabel",
     "trainTaskComboBox": "QComboBox", "startTrainingButton": "QPushButton", "stopTrainingButton": "QPushButton",
     "trainingProgressBar": "QProgressBar", "trainingStatusLabel": "QLabel", "imputeTargetComboBox": "QComboBox",
-    "imputeButton": "QPushButton", "statusLabel": "QLabel",
+    "imputeStructuresLineEdit": "QLineEdit", "imputeButton": "QPushButton", "statusLabel": "QLabel",
 }
 
 
@@ -292,11 +292,12 @@ class Panel:
 
     def on_impute(self) -> None:
         target = self.ui.imputeTargetComboBox.currentText
+        structures = [n.strip() for n in self.ui.imputeStructuresLineEdit.text.split(",") if n.strip()]
         try:
             self.job = self.workflow.request_imputation(
                 target, self.ui.ctSelector.currentNode(), self.ui.segmentationSelector.currentNode(), self.roles(),
                 on_done=lambda out: (self.busy(False), self.fill_roles()), on_error=self.error,
-                on_progress=self.progress)
+                on_progress=self.progress, structures=structures if target != "ct" else None)
         except ValueError as exc:
             return self.error(exc)
         self.busy(True)

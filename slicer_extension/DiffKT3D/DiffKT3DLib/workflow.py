@@ -16,7 +16,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -381,16 +381,21 @@ class Workflow(CasesAndTraining):
                            on_done: Callable[[dict], None] | None = None,
                            on_error: Callable[[BaseException], None] | None = None,
                            on_progress: Callable[[float | None, str], None] | None = None,
-                           steps: int | None = None) -> Job:
+                           steps: int | None = None, structures: Sequence[str] | None = None) -> Job:
         """Impute the CT ("ct") or target / OAR masks ("ptv" / "oar") and load the result.
 
         The CT result becomes a new volume; masks become segments "<name> (imputed)" added to
         `segmentation_node`. `on_done` receives {"params", "volume_node"} or {"params", "segments"}.
         Like a dose request, the imputation runs as a server job: its sampling steps reach
         `on_progress` and Cancel stops it on the server. `steps`: None for the server's default.
+        `structures`: the names of the masks to impute (None or empty: all the model imputes); the
+        server refuses a name it does not know, naming those it does.
         """
         if target not in IMPUTE_TASKS:
             raise ValueError(f"unknown imputation target {target!r} (expected one of {sorted(IMPUTE_TASKS)})")
+        structures = [str(n).strip() for n in (structures or []) if str(n).strip()]
+        if structures and target == "ct":
+            raise ValueError("structures select masks of a PTV or OAR imputation; a CT imputation has none")
         if segmentation_node is None:
             raise ValueError("select a segmentation (it also gives the grid when the CT is missing)")
         task = IMPUTE_TASKS[target]
@@ -406,7 +411,9 @@ class Workflow(CasesAndTraining):
             session_id = client.upload_case(exported.files, cancel=ctx)
             ctx.check_cancelled()
             ctx.progress(0.2, f"imputing {target}")
-            params = {} if steps is None else {"steps": int(steps)}
+            params: dict[str, Any] = {} if steps is None else {"steps": int(steps)}
+            if structures:
+                params["structures"] = structures
             res = self._infer_as_job(ctx, task, folder / "result", session_id, params, f"imputing {target}",
                                      span=(0.2, 0.95))
             return {"params": res.params, "image": res.image_path}
