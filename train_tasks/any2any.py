@@ -172,7 +172,7 @@ class Any2AnyTrainTask(TrainTask):
             _recipe_record(cfg), train_ids, val_ids, datastore, vcfg)
         stats = {"status": "done", "run_dir": str(run_dir), "cases": len(train_ids),
                  "from_scratch": cfg.init_from is None, **outcome, "seconds": round(time.time() - t0, 1)}
-        self._write_stats(stats)
+        stats = self._write_stats(stats)
         log.info("any2any training done in %.1f s: version %s", stats["seconds"], outcome["version"])
         return stats
 
@@ -199,8 +199,11 @@ class Any2AnyTrainTask(TrainTask):
                                 f"see the train log and {run_dir}")
         return run_dir / "final.pt"
 
-    def _write_stats(self, stats: dict[str, Any]) -> None:
+    def _write_stats(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """Write the stats /info shows; returns them as shown (server paths relative to the model folder)."""
         self.out.mkdir(parents=True, exist_ok=True)
+        stats = lifecycle.shown_paths(stats, self.out.parent)
         tmp = self.out / "train_stats.json.part"
         tmp.write_text(json.dumps(stats))
         os.replace(tmp, self.out / "train_stats.json")
+        return stats

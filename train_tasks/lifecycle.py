@@ -30,6 +30,21 @@ PREFIX = "validation"
 RULE = "validation-rule"
 
 
+# Fields of a training run's stats that hold a path on the server.
+PATH_FIELDS = ("run_dir", "adapter")
+
+
+def shown_paths(stats: dict[str, Any], model_dir: Path) -> dict[str, Any]:
+    """The stats as ``/info`` and the train answer show them: paths relative to the app's model
+    folder, so a client can name a run without learning the server's file-system layout."""
+    out = dict(stats)
+    for key in PATH_FIELDS:
+        if isinstance(out.get(key), str | Path):
+            path = Path(out[key])
+            out[key] = path.relative_to(model_dir).as_posix() if path.is_relative_to(model_dir) else path.name
+    return out
+
+
 def split_request(request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the request without its validation keys, the validation overrides without their prefix)."""
     rest, overrides = {}, {}

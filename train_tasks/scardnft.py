@@ -142,12 +142,15 @@ class ScardNFTTrainTask(TrainTask):
                  "base_model": parent or base.name, "iterations": result.iterations,
                  "cpu_minutes": round(result.cpu_minutes, 2), "item_weights": result.item_weights,
                  "weight_fit": result.weight_fit, **outcome, "seconds": round(time.time() - t0, 1)}
-        self._write_stats(stats)
+        stats = self._write_stats(stats)
         log.info("scardnft done in %.1f s: version %s", stats["seconds"], outcome["version"])
         return stats
 
-    def _write_stats(self, stats: dict[str, Any]) -> None:
+    def _write_stats(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """Write the stats /info shows; returns them as shown (server paths relative to the model folder)."""
         self.out.mkdir(parents=True, exist_ok=True)
+        stats = lifecycle.shown_paths(stats, self.out.parent)
         tmp = self.out / "train_stats.json.part"
         tmp.write_text(json.dumps(stats, default=str))
         os.replace(tmp, self.out / "train_stats.json")
+        return stats

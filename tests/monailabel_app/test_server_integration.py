@@ -302,6 +302,9 @@ def test_short_scardnft_run_adds_a_version_that_too_few_cases_keep_from_service(
     assert stats["promoted"] is False and "min_cases = 3" in stats["validation"]["reasons"][0], stats
     assert len(stats["validation"]["cases"]) == 1 and stats["validation"]["candidate_means"]["dose_score_gy"] > 0
     assert (server["root"] / "state" / "models" / "versions" / stats["version"] / "model.pt").is_file()
+    # where the run lives, named inside the app's model folder, not as a path of the server's disk
+    assert stats["run_dir"].startswith("scardnft/runs/") and stats["adapter"].startswith(stats["run_dir"] + "/")
+    assert str(server["root"]) not in json.dumps(info["train_stats"])
     assert info["diffkt3d"]["model_version"] == before["model_version"]  # kept, not served
     assert info["diffkt3d"]["served_model"]["id"] == before["served_model"]["id"] == "shipped"
 
@@ -324,6 +327,7 @@ def test_short_any2any_fine_tune_promoted_by_the_rule_serves_the_next_inference(
     info = requests.get(f"{url}/info/", timeout=30).json()
     stats = info["train_stats"]["any2any"]
     assert stats["status"] == "done" and stats["from_scratch"] is False and stats["promoted"] is True, stats
+    assert stats["run_dir"].startswith("any2any/runs/") and str(server["root"]) not in json.dumps(stats)
     served = info["diffkt3d"]["served_model"]
     assert served["id"] == stats["version"] and served["task"] == "any2any" and served["parent"] is not None
     # the promoted model takes over at the next request
