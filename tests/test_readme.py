@@ -139,7 +139,7 @@ COVERAGE: dict[str, dict[str, tuple[str, ...]]] = {
     "docs/model-card.md": {
         "diffkt3d train --config configs/cpu-default.yaml --data-root DIR": (SMOKE_TRAIN,),
         # the smoke test loads the run's best.pt as a servable model, which is what this copy ships
-        "cp runs/cpu-default/best.pt diffkt3d/weights/cpu-default.pt": (SMOKE_TRAIN,),
+        "cp runs/cpu-default/full-res-0/final.pt diffkt3d/weights/cpu-default.pt": (SMOKE_TRAIN,),
     },
     "docs/gpu.md": {
         "pip install \"torch==2.13.0\" --index-url https://download.pytorch.org/whl/cu128": (

@@ -38,9 +38,10 @@ log = logging.getLogger(__name__)
 RECIPE = CONFIGS / "cpu-default.yaml"
 # Recipe fields the server sets: the datastore's cases (validation is the lifecycle's, after the
 # run, so no evaluation during it), the run folder under the app's model dir, the served model as
-# the start; log_every follows the shortest stage.
+# the start; log_every follows the shortest stage. The recipe's full-res stages are not trained by
+# the server: a fine-tune changes the DiT only.
 SERVER_DECIDED = frozenset({"train_roots", "val_roots", "out_dir", "cache_dir", "eval_every", "log_every",
-                            "init_from"})
+                            "init_from", "full_res_stages"})
 FROM_SCRATCH = "from_scratch"
 # Recipe fields that describe a new model: they only apply with from_scratch (a fine-tune keeps the
 # served model's architecture and encoding).
@@ -72,7 +73,7 @@ def train_config_from_request(request: dict[str, Any], case_dirs: list[str], run
             raise ConfigError(f'no served model to fine-tune; send "{FROM_SCRATCH}": true to train a new one')
     server = {"train_roots": [str(d) for d in case_dirs], "val_roots": [], "out_dir": str(run_dir),
               "cache_dir": str(cache_dir), "eval_every": 0,
-              "init_from": None if scratch else str(base_model)}
+              "init_from": None if scratch else str(base_model), "full_res_stages": []}
     cfg = load_recipe(recipe, {**recipe_overrides(request, SERVER_DECIDED), **server})
     # A short request run still shows progress lines in GET /train/.
     cfg.log_every = max(1, min([cfg.log_every, *(s.steps for s in cfg.stages)]))

@@ -99,19 +99,31 @@ def run(args: argparse.Namespace) -> int:
         return _run_scardnft(args)
     if args.stage == "full-res":
         return _run_full_res(args)
+    from diffkt3d.training.pipeline import run_pipeline
+
+    cfg = train_config_from_args(args)
+    train_dit = None
     if args.nproc:
         if smoke:
             raise ConfigError("--max-steps/--max-cases are not supported with --nproc")
+        from pathlib import Path
+
+        from diffkt3d.errors import DiffKT3DError
         from diffkt3d.training.distributed import launch_distributed
 
         extra = (["--out-dir", args.out_dir] if args.out_dir else []) + (["--no-resume"] if args.no_resume else [])
         extra += (["--data-root", args.data_root] if args.data_root else [])
         extra += [a for item in args.overrides for a in ("--set", item)]
-        return launch_distributed(config_path(args), args.nproc, extra_args=extra).returncode
-    from diffkt3d.training.trainer import run_training
 
-    path = run_training(train_config_from_args(args), device=args.device, resume=not args.no_resume)
-    print(f"final checkpoint: {path}")
+        def train_dit() -> Path:
+            code = launch_distributed(config_path(args), args.nproc, extra_args=extra).returncode
+            if code != 0:
+                raise DiffKT3DError(f"distributed DiT training failed (exit {code}); the full-res stages were not run")
+            return Path(cfg.out_dir) / "final.pt"
+    path = run_pipeline(cfg, data_root=args.data_root, device=args.device, resume=not args.no_resume,
+                        max_steps=args.max_steps, max_cases=args.max_cases, train_dit=train_dit)
+    stages = f" (the DiT + {len(cfg.full_res_stages)} full-res stage(s))" if cfg.full_res_stages else ""
+    print(f"final checkpoint{stages}: {path}")
     return 0
 
 

@@ -162,6 +162,10 @@ class TrainConfig:
             shift are used, so `model_preset`, `model_overrides`, `grid` and `ptv_resampling` do
             not apply; the stages, losses and budgets are this config's. A clinic adapting its
             served model to its own cases starts here instead of from random weights.
+        full_res_stages: full-resolution stages trained after the DiT, in order, each under the
+            checkpoint the previous step wrote (``training.pipeline``): ``{"recipe": path of a
+            full-res recipe, relative to this recipe's folder, "set": {field: value}}``. The last
+            one's final.pt is the model the recipe makes (the DiT with every stage inside).
     """
 
     model_preset: str = "cpu-default"
@@ -185,8 +189,14 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     init_from: str | None = None
+    full_res_stages: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for i, spec in enumerate(self.full_res_stages):
+            if not isinstance(spec, dict) or not isinstance(spec.get("recipe"), str) or \
+                    set(spec) - {"recipe", "set"} or not isinstance(spec.get("set", {}), dict):
+                raise ConfigError(f"full_res_stages[{i}] must be {{recipe: <full-res recipe path>, set: {{field: "
+                                  f"value}}}}, found {spec!r}")
         if self.loss_space not in ("v", "x0"):
             raise ConfigError(f"loss_space must be 'v' or 'x0', found {self.loss_space!r}")
         if self.ptv_resampling not in PTV_RESAMPLING:

@@ -261,7 +261,11 @@ def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None,
         overrides: dotted or nested field overrides (see the module docstring).
         data_root: folder that relative `train_roots`/`val_roots` are under; None = $DIFFKT3D_DATA_ROOT.
     """
-    return build_train_config(read_recipe(path), overrides, data_root, source=str(path))
+    cfg = build_train_config(read_recipe(path), overrides, data_root, source=str(path))
+    for spec in cfg.full_res_stages:  # stage recipes are named relative to the recipe that lists them
+        if not Path(spec["recipe"]).is_absolute():
+            spec["recipe"] = str(Path(path).parent / spec["recipe"])
+    return cfg
 
 
 def load_scardnft_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None,

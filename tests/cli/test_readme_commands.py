@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "sample-data"
@@ -111,8 +112,8 @@ def test_train_cpu_default_recipe_smoke_run(tmp_path: Path, openkbp_root: Path) 
     """README: `diffkt3d train --config configs/cpu-default.yaml --data-root DIR`, capped by the
     documented smoke options; the real recipe file, data folders and encoded-case cache are used unchanged."""
     out = tmp_path / "run"
-    diffkt3d("train", "--config", "configs/cpu-default.yaml", "--data-root", str(openkbp_root.parent),
-             "--set", "seed=1", "--max-steps", "2", "--max-cases", "2", "--out-dir", str(out))
+    proc = diffkt3d("train", "--config", "configs/cpu-default.yaml", "--data-root", str(openkbp_root.parent),
+                    "--set", "seed=1", "--max-steps", "2", "--max-cases", "2", "--out-dir", str(out))
     assert json.loads((out / "progress.json").read_text())["stage"] == "dose"
     meta = torch.load(out / "final.pt", map_location="cpu", weights_only=False)["meta"]
     assert meta["global_step"] == 4 and meta["stage"] == "done"
@@ -122,6 +123,12 @@ def test_train_cpu_default_recipe_smoke_run(tmp_path: Path, openkbp_root: Path) 
     assert len(meta["train_config"]["train_roots"]) == 2  # --max-cases: two explicit case folders
     for name in ("best.pt", "last.pt", "stage_any2any.pt", "stage_dose.pt"):
         assert (out / name).exists(), name
+    # then the recipe's full-res stages, each under the step before, capped by the same smoke options
+    recipe = yaml.safe_load((REPO / "configs" / "cpu-default.yaml").read_text())
+    last = out / f"full-res-{len(recipe['full_res_stages']) - 1}" / "final.pt"
+    assert f"full-res stage(s)): {last}" in proc.stdout
+    stages = torch.load(last, map_location="cpu", weights_only=False)["meta"]["full_res"]
+    assert all(rec["step"] == 2 and rec["cases"] <= 2 for rec in stages.values()) and "oar" in stages
 
 
 @pytest.mark.slow

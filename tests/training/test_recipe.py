@@ -48,8 +48,18 @@ def test_shipped_recipe_writes_every_field_and_is_the_checkpoints_own(data_root:
     assert recorded["val_roots"] == raw["val_roots"] == ["openkbp/validation"]
     cfg = load_recipe(CPU_DEFAULT, data_root=data_root)
     assert cfg.train_roots == [str(data_root / "openkbp/train")]
-    relative = dataclasses.replace(cfg, train_roots=raw["train_roots"], val_roots=raw["val_roots"])
+    # the DiT's own recipe; its full-res stages record theirs with them
+    relative = dataclasses.replace(cfg, train_roots=raw["train_roots"], val_roots=raw["val_roots"], full_res_stages=[])
     assert relative == TrainConfig.from_dict(recorded)
+    from diffkt3d.training.pipeline import stage_config
+
+    stages = read_checkpoint(REPO / "diffkt3d/weights/cpu-default.pt")["meta"]["full_res"]
+    where = ("base_model", "out_dir", "cache_dir", "train_roots")  # where a run was, not what it was
+    for i in range(len(cfg.full_res_stages)):
+        listed = stage_config(cfg, i, Path("base.pt"), data_root=data_root).to_dict()
+        shipped = stages[listed["stage"]["target"]]["train_config"]
+        assert {k: v for k, v in listed.items() if k not in where} == \
+            {k: v for k, v in shipped.items() if k not in where}, listed["stage"]["target"]
 
 
 def test_stage_override_keeps_the_rest_of_the_stage(data_root: Path) -> None:
