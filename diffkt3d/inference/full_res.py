@@ -33,8 +33,8 @@ from diffkt3d.models.full_res import FullResStage, full_res_encoding, stage_cond
 # Overlap of the inference windows; Gaussian blending hides the seams between them.
 WINDOW_OVERLAP = 0.25
 
-__all__ = ["WINDOW_OVERLAP", "coarse_on_case_grid", "largest_component", "refine_ct", "refine_dose", "refine_masks", "run_stage",
-           "stage_inputs"]
+__all__ = ["WINDOW_OVERLAP", "coarse_on_case_grid", "largest_component", "mirrored_condition_order", "refine_ct",
+           "refine_dose", "refine_masks", "run_stage", "run_stage_flip_averaged", "stage_inputs"]
 
 
 def coarse_on_case_grid(x0: torch.Tensor, target: str, case: Case, encoding: EncodingConfig) -> torch.Tensor:
@@ -82,6 +82,34 @@ def run_stage(stage: FullResStage, conditions: torch.Tensor, coarse: torch.Tenso
     return out[0].float().cpu()
 
 
+def mirrored_condition_order(conditions: tuple[str, ...], oar_channels: tuple[str, ...]) -> list[int]:
+    """Channel order of a stage's condition tensor after a left-right mirror: each Left/Right OAR
+    channel takes its partner's place, so the "LeftParotid" channel still holds the left parotid."""
+    from diffkt3d.training.augment import mirrored_channels
+
+    order = list(range(sum(len(oar_channels) if m == "oar" else 1 for m in conditions)))
+    if "oar" in conditions:
+        start = sum(len(oar_channels) if m == "oar" else 1 for m in conditions[: conditions.index("oar")])
+        order[start: start + len(oar_channels)] = [start + j for j in mirrored_channels(oar_channels)]
+    return order
+
+
+def run_stage_flip_averaged(stage: FullResStage, conditions: torch.Tensor, coarse: torch.Tensor | None,
+                            device: torch.device | str = "cpu") -> torch.Tensor:
+    """:func:`run_stage` averaged with its run on the left-right mirrored case, mirrored back (the
+    OpenKBP winner's test-time flip). Only for single-channel outputs (dose, CT): a mask stage
+    would also need its output channels swapped."""
+    from diffkt3d.training.augment import LEFT_RIGHT_AXIS
+
+    if stage.config.target not in ("dose", "ct"):
+        raise ValueError(f"test-time flip averaging is for dose and ct stages, not {stage.config.target}")
+    dim = 1 + LEFT_RIGHT_AXIS  # (C, I, J, K)
+    order = mirrored_condition_order(stage.config.conditions, stage.encoding.oar_channels)
+    out = run_stage(stage, conditions, coarse, device)
+    mirrored = run_stage(stage, conditions.flip(dim)[order], None if coarse is None else coarse.flip(dim), device)
+    return 0.5 * (out + mirrored.flip(dim))
+
+
 def _check_grid(case: Case, coarse: np.ndarray | torch.Tensor | None) -> None:
     if coarse is not None and tuple(coarse.shape[-3:]) != tuple(case.grid.shape):
         raise CaseError(f"coarse prediction has grid {tuple(coarse.shape[-3:])}, expected the case grid "
@@ -89,14 +117,16 @@ def _check_grid(case: Case, coarse: np.ndarray | torch.Tensor | None) -> None:
 
 
 def refine_dose(stage: FullResStage, case: Case, coarse_gy: np.ndarray, conditions: torch.Tensor | None = None,
-                device: torch.device | str = "cpu") -> np.ndarray:
+                device: torch.device | str = "cpu", flip_average: bool = False) -> np.ndarray:
     """(I, J, K) Gy: the coarse dose plus the stage's residual (or the peer's own dose), >= 0, zero
-    outside the body. ``conditions``: :func:`stage_inputs` of the case, when already computed."""
+    outside the body. ``conditions``: :func:`stage_inputs` of the case, when already computed.
+    ``flip_average``: the stage's output averaged over the case and its mirror (twice the time)."""
     _check_grid(case, coarse_gy)
     scale = stage.encoding.dose_scale_gy
     conditions = stage_inputs(case, stage) if conditions is None else conditions
     coarse = torch.from_numpy(np.asarray(coarse_gy, dtype=np.float32))[None] / scale * 2.0 - 1.0
-    out = run_stage(stage, conditions, coarse, device)[0].numpy()
+    run = run_stage_flip_averaged if flip_average else run_stage
+    out = run(stage, conditions, coarse, device)[0].numpy()
     if stage.residual:
         gy = coarse_gy + np.float32(0.5 * scale) * out  # a zero residual returns coarse_gy unchanged
     else:

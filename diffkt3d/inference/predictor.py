@@ -192,7 +192,7 @@ class Predictor:
         x0 = self._sample(conditions, target, [int(seed)], int(steps))[0]
         return coarse_on_case_grid(x0, target, case, self.encoding)
 
-    def _refine_doses(self, case: Case, cands: list[Candidate]) -> float:
+    def _refine_doses(self, case: Case, cands: list[Candidate], flip_average: bool = False) -> float:
         """Replace each candidate's dose by the full-res stage's; returns the seconds it took."""
         from diffkt3d.inference.full_res import refine_dose, stage_inputs
 
@@ -200,7 +200,7 @@ class Predictor:
         stage = self.full_res["dose"]
         conditions = stage_inputs(case, stage)
         for c in cands:
-            c.dose_gy = refine_dose(stage, case, c.dose_gy, conditions, self.device)
+            c.dose_gy = refine_dose(stage, case, c.dose_gy, conditions, self.device, flip_average=flip_average)
         return time.perf_counter() - t0
 
     # -- dose ------------------------------------------------------------------------------
@@ -230,7 +230,8 @@ class Predictor:
                 stage, when the checkpoint has one, is counted as one more step (`StageProgress`).
             flip_average: test-time augmentation: each candidate is the mean of the sample on the
                 case and the mirrored sample on its left-right mirror (the OpenKBP winner's
-                test-time flip); twice the sampling time (`on_step` counts both passes). Off by default.
+                test-time flip); twice the sampling time (`on_step` counts both passes). A full-res
+                dose stage is flip-averaged the same way (twice its time). Off by default.
         """
         if steps < 1 or candidates < 1:
             raise ValueError(f"steps and candidates must be >= 1 (got steps={steps}, candidates={candidates})")
@@ -241,7 +242,7 @@ class Predictor:
         stage = self.full_res.get("dose")
         if stage is not None and not stage.config.coarse_input:
             # the stage predicts the dose outright: no sampling, and one deterministic candidate
-            return self._predict_dose_stage_only(case, seed, preview, template, with_dvh, on_step)
+            return self._predict_dose_stage_only(case, seed, preview, template, with_dvh, on_step, flip_average)
         if stage is not None and preview:
             stage = None  # a preview is the DiT's quick look; the stage's seconds belong to the full prediction
         if stage is not None and stage.config.coarse_steps:
@@ -274,7 +275,7 @@ class Predictor:
                  for k, s in enumerate(seeds)]
         full_res_s = None
         if progress.stage:
-            full_res_s = self._refine_doses(case, cands)
+            full_res_s = self._refine_doses(case, cands, flip_average)
             progress.stage_done(steps * (2 if flip_average else 1))
         if aggregate == "mean" and len(cands) > 1:
             mean = np.mean([c.dose_gy for c in cands], axis=0).astype(np.float32)
@@ -308,13 +309,14 @@ class Predictor:
 
     def _predict_dose_stage_only(self, case: Case, seed: int, preview: bool,
                                  template: str | ScorecardTemplate | None, with_dvh: bool,
-                                 on_step: StepCallback | None) -> DosePrediction:
+                                 on_step: StepCallback | None, flip_average: bool = False) -> DosePrediction:
         """The dose of a full-res stage that reads no coarse prediction (a plain U-Net stage)."""
         from diffkt3d.inference.full_res import refine_dose
 
         t0 = time.perf_counter()
         stage = self.full_res["dose"]
-        dose = refine_dose(stage, case, np.zeros(case.grid.shape, np.float32), device=self.device)
+        dose = refine_dose(stage, case, np.zeros(case.grid.shape, np.float32), device=self.device,
+                           flip_average=flip_average)
         t1 = time.perf_counter()
         if on_step is not None:
             on_step(1, 1)

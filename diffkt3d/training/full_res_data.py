@@ -191,13 +191,12 @@ class CaseCropper:
     def _mirror(self, crop: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Left-right mirror; the Left/Right OAR channels swap in the conditions and an oar target."""
         dim = 1 + LEFT_RIGHT_AXIS
+        from diffkt3d.inference.full_res import mirrored_condition_order
+
         order = mirrored_channels(self.oar_channels)
         out = {k: (v.flip(dim) if k != "present" else v) for k, v in crop.items()}
         if "oar" in self.cfg.conditions:
-            start = _channel_offset(self.cfg.conditions, "oar", len(self.oar_channels))
-            idx = list(range(out["conditions"].shape[0]))
-            idx[start: start + len(order)] = [start + j for j in order]
-            out["conditions"] = out["conditions"][idx]
+            out["conditions"] = out["conditions"][mirrored_condition_order(self.cfg.conditions, self.oar_channels)]
         if self.cfg.target == "oar":
             for k in ("target", "coarse", "present"):
                 if k in out:
@@ -211,10 +210,6 @@ class CaseCropper:
                          target=torch.stack([c["target"] for c in crops]),
                          body=torch.stack([c["body"] for c in crops]),
                          present=torch.stack([c["present"] for c in crops]))
-
-
-def _channel_offset(conditions: tuple[str, ...], modality: str, n_oar: int) -> int:
-    return sum(n_oar if m == "oar" else 1 for m in conditions[: conditions.index(modality)])
 
 
 def _crop(volume: torch.Tensor, center, size: tuple[int, ...], pad_value) -> torch.Tensor:

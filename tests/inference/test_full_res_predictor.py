@@ -152,6 +152,41 @@ def test_a_dose_stage_without_coarse_input_predicts_alone(tiny_checkpoint, tmp_p
     assert (pred.dose_gy[~synthetic_case.body] == 0).all()
 
 
+def test_flip_averaging_a_stage_is_the_mean_over_the_case_and_its_mirror(tiny_checkpoint, tmp_path, synthetic_case):
+    """Independent check: mirror the case itself (arrays flipped, Left/Right structures renamed; the
+    plates mirrored as drawn, the convention of training's flips), run the stage on it, mirror its
+    dose back and average with the plain run."""
+    import copy
+
+    from diffkt3d.data.plates import ensure_plates
+    from diffkt3d.training.augment import LEFT_RIGHT_AXIS
+
+    staged = Predictor.load(with_stages(tiny_checkpoint, tmp_path / "m.pt", ["dose"], perturb=True,
+                                        coarse_input=False), device="cpu")
+    stage = staged.full_res["dose"]
+    case = ensure_plates(synthetic_case)
+    zero = np.zeros(case.grid.shape, np.float32)
+    mirror = copy.deepcopy(case)
+    for name in ("ct_hu", "body", "beam_plate", "angle_plate"):
+        setattr(mirror, name, np.flip(getattr(case, name), LEFT_RIGHT_AXIS).copy())
+    swap = {n: n.replace("Left", "@").replace("Right", "Left").replace("@", "Right") for n in case.structures}
+    assert any(a != b for a, b in swap.items()), "the synthetic case needs a Left or Right structure"
+    mirror.structures = {}
+    for name, s in case.structures.items():
+        s = copy.deepcopy(s)
+        s.mask = np.flip(s.mask, LEFT_RIGHT_AXIS).copy()
+        s.name = swap[name]
+        mirror.structures[swap[name]] = s
+    plain = refine_dose(stage, case, zero)
+    mirrored = np.flip(refine_dose(stage, mirror, zero), LEFT_RIGHT_AXIS)
+    averaged = refine_dose(stage, case, zero, flip_average=True)
+    expected = np.where(case.body, np.clip(0.5 * (plain + mirrored), 0, None), 0)
+    np.testing.assert_allclose(averaged, expected, atol=2e-3)
+    assert np.abs(averaged - plain).max() > 1e-3  # the mirror changed something
+    pred = staged.predict_dose(case, flip_average=True, template=None, with_dvh=False)
+    np.testing.assert_array_equal(pred.dose_gy, averaged)
+
+
 def test_a_preview_is_the_dits_quick_look_without_the_stage(plain, tiny_checkpoint, tmp_path, synthetic_case):
     staged = Predictor.load(with_stages(tiny_checkpoint, tmp_path / "m.pt", ["dose"], perturb=True), device="cpu")
     a = staged.predict_dose(synthetic_case, preview=True, seed=1, template=None, with_dvh=False)
