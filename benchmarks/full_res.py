@@ -1,6 +1,6 @@
 """Full-resolution stage benchmark: the cascade (DiT + stage) vs its plain U-Net peer vs the DiT alone.
 
-For each of the first N cases of a split (OpenKBP validation by default), three variants of one
+For each of the first N cases of a split (OpenKBP validation by default), these variants of one
 target:
 
 - ``model``: the checkpoint with its full-res stage, through ``Predictor`` (what a user gets);
@@ -8,7 +8,9 @@ target:
   stage is meant to lift);
 - ``peer``: the same trainer with ``stage.coarse_input: false`` (a MONAI BasicUNet with the same
   inputs, crops, loss and CPU budget), run directly on the case grid (``inference.full_res``),
-  so its seconds are its own and not those of a DiT sampling run it would ignore.
+  so its seconds are its own and not those of a DiT sampling run it would ignore;
+- ``baseline`` (ct and ptv): the simple baseline of ``benchmarks/baselines.py``, fitted on the
+  first ``--baseline-cases`` training cases: the label-mean CT, the PTV70 atlas.
 
 Figures per target: dose, the OpenKBP dose and DVH scores (Gy, lower is better); ct, the MAE in
 the body (HU); oar, per-OAR Dice and 95 % Hausdorff distance (mm, MONAI metrics); ptv, PTV70
@@ -56,7 +58,9 @@ from diffkt3d.training.full_res_data import has_target  # noqa: E402
 log = logging.getLogger("full_res_benchmark")
 
 TARGETS = ("dose", "ct", "oar", "ptv")
-VARIANTS = ("model", "base", "peer")
+VARIANTS = ("model", "base", "peer", "baseline")
+# Targets with a simple baseline (benchmarks/baselines.py): the label-mean CT, the PTV atlas.
+BASELINE_TARGETS = ("ct", "ptv")
 # Figures where a larger value is better; every other figure is an error.
 HIGHER_IS_BETTER = ("dice", "mean_dice")
 # Row keys that are not figures.
@@ -216,6 +220,9 @@ def run(args: argparse.Namespace) -> dict:
     runners = {"model": lambda c: predict(model, c, args.target, args.steps, args.seed),
                "base": lambda c: predict(without_stages(model), c, args.target, args.steps, args.seed),
                "peer": lambda c: predict_peer(peer_bundle.full_res[args.target], c, args.target)}
+    baseline_info = None
+    if "baseline" in args.variants:
+        runners["baseline"], baseline_info = fit_baseline(args.target, args.baseline_train, args.baseline_cases)
     rows: dict[str, list[dict]] = {v: [] for v in args.variants}
     for folder in list_case_dirs([args.cases])[: args.limit or None]:
         case = load_case_folder(folder)
@@ -238,13 +245,43 @@ def run(args: argparse.Namespace) -> dict:
             log.info("%s %s: %s", variant, case.case_id, {k: round(v, 3) for k, v in row.items() if k != "case"})
     figures = sorted({k for r in rows.get("model", []) for k in r if k not in ROW_INFO})
     paired = {f"model_vs_{other}": {k: paired_test(rows["model"], rows[other], k) for k in figures}
-              for other in ("peer", "base") if other in rows and "model" in rows}
+              for other in ("peer", "base", "baseline") if other in rows and "model" in rows}
     out = {"target": args.target, "model": str(args.model), "peer": str(args.peer), "steps": args.steps,
-           "seed": args.seed, "threads": args.threads,
+           "seed": args.seed, "threads": args.threads, "baseline": baseline_info,
            "summary": {v: summarise(r) for v, r in rows.items()}, "paired": paired, "rows": rows}
     if any(not r["has_ct"] for r in rows.get(args.variants[0], [])):
         out["summary_with_ct"] = {v: summarise([r for r in rs if r["has_ct"]]) for v, rs in rows.items()}
     return out
+
+
+def fit_baseline(target: str, train_root: str, n_cases: int):
+    """(runner, description) of the target's simple baseline, fitted on the first ``n_cases`` training cases."""
+    from baselines import LabelMeanCT, PTVAtlas
+    from machine_info import case_dirs
+
+    if target not in BASELINE_TARGETS:
+        raise SystemExit(f"no baseline for {target} (baselines: {', '.join(BASELINE_TARGETS)})")
+    t0 = time.process_time()
+    cases = [load_case_folder(d) for d in case_dirs([train_root], n_cases)]
+    if target == "ct":
+        fitted = LabelMeanCT.fit(cases)
+        info = {"name": "label-mean CT", "cases": len(cases),
+                "means_hu": dict(zip(("outside", "body", "oar", "ptv"), fitted.means_hu, strict=True))}
+
+        def run_ct(case):
+            return np.where(case.body, fitted.predict(case), -1000.0).astype(np.float32)
+        runner = run_ct
+    else:
+        fitted = PTVAtlas.fit(cases)
+        info = {"name": f"{fitted.name} atlas in body-box coordinates", "cases": fitted.cases,
+                "threshold": fitted.threshold}
+
+        def run_ptv(case):
+            return {fitted.name: fitted.predict(case)}
+        runner = run_ptv
+    info["fit_cpu_minutes"] = round((time.process_time() - t0) / 60, 2)
+    log.info("baseline: %s", info)
+    return runner, info
 
 
 def quality_figures(target: str, rows: list[dict]) -> dict:
@@ -288,7 +325,8 @@ def report_lines(results: dict, machine: str, started: dt.datetime) -> list[str]
     lines = [f"# Full-res {results['target']} stage: cascade vs peer vs base", "",
              f"Machine: {machine}. Date: {started.isoformat(timespec='seconds')}. Model {results['model']}, peer "
              f"{results['peer']}, {results['steps']} sampling steps, seed {results['seed']}, "
-             f"{results['threads']} threads.", "",
+             f"{results['threads']} threads." + (f" Baseline: {results['baseline']}." if results.get("baseline") else ""),
+             "",
              "| figure | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
     lines += [f"| {k} | " + " | ".join(f"{summary[v].get(k, float('nan')):.4g}" for v in variants) + " |"
               for k in figures]
@@ -316,11 +354,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                   help="default: model, base, peer, and baseline for ct and ptv")
+    p.add_argument("--baseline-train", default=openkbp_dir("train"),
+                   help="training cases the baseline is fitted on (ct, ptv)")
+    p.add_argument("--baseline-cases", type=int, default=40, help="how many of them (the first N)")
     p.add_argument("--out", default=None, help="results path without suffix (default benchmarks/results/full_res_<target>)")
     p.add_argument("--record-quality", action="store_true",
                    help="write the model's figures into --model's metadata (the imputation quality gate's record)")
     args = p.parse_args(argv)
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS if v != "baseline" or args.target in BASELINE_TARGETS]
+    if "baseline" in args.variants and args.target not in BASELINE_TARGETS:
+        p.error(f"the baseline variant is for {' and '.join(BASELINE_TARGETS)}, not {args.target}")
     if args.record_quality and (args.target == "dose" or "model" not in args.variants):
         p.error("--record-quality needs an imputation --target (ct, oar, ptv) and the model variant")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

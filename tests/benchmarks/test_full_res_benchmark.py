@@ -125,3 +125,20 @@ def test_record_quality_needs_an_imputation_target(models, tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--target", "dose", "--model", str(models["model"]), "--peer", str(models["peer"]),
                     "--cases", str(models["cases"]), "--record-quality", "--out", str(tmp_path / "x")])
+
+
+def test_baselines_are_fitted_on_training_cases_and_only_for_ct_and_ptv(models, capsys):
+    from diffkt3d.io.case_folder import load_case_folder
+
+    run_ptv, info = bench.fit_baseline("ptv", str(models["cases"]), 2)
+    assert info["cases"] == 2 and info["name"].startswith("PTV70 atlas")
+    case = load_case_folder(models["cases"] / "pt_0")
+    masks = run_ptv(case)
+    assert list(masks) == ["PTV70"] and masks["PTV70"].shape == case.grid.shape and masks["PTV70"].any()
+    run_ct, info = bench.fit_baseline("ct", str(models["cases"]), 2)
+    ct = run_ct(case)
+    assert info["name"] == "label-mean CT" and (ct[~case.body] == -1000).all()
+    with pytest.raises(SystemExit):
+        bench.main(["--target", "oar", "--model", str(models["model"]), "--peer", str(models["peer"]),
+                    "--variants", "baseline"])
+    assert "the baseline variant is for ct and ptv, not oar" in capsys.readouterr().err
