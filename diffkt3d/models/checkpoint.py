@@ -178,6 +178,37 @@ def write_full_res_stages(base_path: str | Path, out_path: str | Path, stages: d
     return out_path
 
 
+def carry_full_res_stages(source_path: str | Path, out_path: str | Path) -> Path:
+    """Give ``out_path``, a checkpoint whose DiT was derived from ``source_path`` (a fine-tune, a
+    ScardNFT merge), the full-resolution stages of ``source_path`` and their training records.
+
+    Why: the served model is the DiT with its stages; a training run that rewrites the DiT alone
+    would otherwise drop them (OAR auto-contouring, the full-res dose), and a model validated and
+    promoted on its dose would silently stop contouring. A stage that reads no coarse prediction
+    serves exactly as before, so its quality-gate record is kept; every other record measured
+    outputs of the old DiT and is dropped (the target is experimental until benchmarked again).
+    Stages ``out_path`` already has are kept. Returns ``out_path`` (unchanged when the source has none).
+    """
+    source = read_checkpoint(source_path)
+    carried = dict(source.get("full_res") or {})
+    if not carried:
+        return Path(out_path)
+    blob = read_checkpoint(out_path)
+    own = dict(blob.get("full_res") or {})
+    blob["full_res"] = {**carried, **own}
+    src_meta, meta = dict(source.get("meta") or {}), dict(blob.get("meta") or {})
+    records = {t: r for t, r in dict(src_meta.get("full_res") or {}).items() if t in carried and t not in own}
+    meta["full_res"] = {**records, **dict(meta.get("full_res") or {})}
+    unchanged = {t for t, entry in carried.items() if t not in own and not entry["config"].get("coarse_input", True)}
+    meta["quality"] = {t: q for t, q in dict(src_meta.get("quality") or {}).items() if t in unchanged}
+    blob["meta"] = meta
+    out_path = Path(out_path)
+    tmp = out_path.with_name(out_path.name + ".part")
+    torch.save(blob, tmp)
+    tmp.replace(out_path)
+    return out_path
+
+
 def load_full_res_stages(blob: dict[str, Any], encoding: EncodingConfig, path: str | Path,
                          device: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
     """The full-res stages of a raw checkpoint dict, built and loaded (eval mode); {} without any."""

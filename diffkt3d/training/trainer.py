@@ -30,7 +30,12 @@ from diffkt3d.data.encoding import EncodingConfig
 from diffkt3d.flow.matching import FlowConfig, add_noise, predict_x0, sample_timesteps, velocity_target
 from diffkt3d.machine import describe_machine
 from diffkt3d.models.any2any_dit import Any2AnyDiT
-from diffkt3d.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from diffkt3d.models.checkpoint import (
+    carry_full_res_stages,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from diffkt3d.models.config import DiTConfig, get_config
 from diffkt3d.training.augment import augment_case
 from diffkt3d.training.config import StageConfig, TrainConfig
@@ -225,8 +230,11 @@ class Trainer:
                      "best_val": self.best_val, "rng": json.dumps(self.rng.getstate()),
                      "generator": self.generator.get_state(), "history": json.dumps(self.history),
                      "pieces": json.dumps(self.pieces)}
-        return save_checkpoint(self.out_dir / name, self.ema, self.model_config, self.encoding,
+        path = save_checkpoint(self.out_dir / name, self.ema, self.model_config, self.encoding,
                                self.flow.shift, meta=self.meta(), train_state=state)
+        if self.cfg.init_from and not with_state:
+            carry_full_res_stages(self.cfg.init_from, path)  # a fine-tune keeps the model's full-res stages
+        return path
 
     def try_resume(self) -> bool:
         path = self.out_dir / "last.pt"

@@ -81,3 +81,22 @@ def test_config_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("iterations: [1, 2\n")
     assert main(["train", "--stage", "scardnft", "--config", str(bad)]) == 2
+
+
+def test_the_merged_model_keeps_the_base_models_full_res_stages(tiny_checkpoint, synthetic_case_dir, tmp_path):
+    """ScardNFT changes the DiT only; the served model's stages (e.g. OAR auto-contouring) stay in merged.pt."""
+    from diffkt3d.models.checkpoint import read_checkpoint, write_full_res_stages
+    from diffkt3d.models.full_res import FullResConfig, FullResStage
+
+    enc = load_checkpoint(tiny_checkpoint).encoding
+    config = FullResConfig(target="oar", features=(4, 4, 8, 8, 16, 4), crop=(32, 32, 32),
+                           coarse_input=False).resolved(enc.modalities)
+    staged = write_full_res_stages(tiny_checkpoint, tmp_path / "staged.pt",
+                                   {"oar": (config, FullResStage(config, enc).state_dict())})
+    res = run_scardnft(ScardNFTConfig(**{**TINY, "iterations": 1}, base_model=str(staged)),
+                       case_dirs=[synthetic_case_dir], out_dir=tmp_path / "o")
+    merged, base = read_checkpoint(res.merged_path), read_checkpoint(staged)
+    assert sorted(merged["full_res"]) == ["oar"]
+    for k, v in base["full_res"]["oar"]["state_dict"].items():
+        assert torch.equal(merged["full_res"]["oar"]["state_dict"][k], v)
+    assert sorted(load_checkpoint(res.merged_path).full_res) == ["oar"]

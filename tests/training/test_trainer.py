@@ -279,3 +279,38 @@ def test_init_from_fine_tunes_the_checkpoint_with_its_own_architecture(tmp_path,
     differ = sum(float((scratch.model.state_dict()[k] - v).abs().sum()) for k, v in base["state_dict"].items())
     close = sum(float((final["state_dict"][k] - v).abs().sum()) for k, v in base["state_dict"].items())
     assert close < differ / 3  # ... from the checkpoint's weights, not from a new random model
+
+
+def test_a_fine_tune_keeps_the_models_full_res_stages(tmp_path, data_root, tiny_checkpoint):
+    """The served model is the DiT with its stages: fine-tuning the DiT must not drop them (the OAR
+    stage reads no coarse prediction and keeps its quality record; the dose stage's is stale)."""
+    from diffkt3d.models.checkpoint import load_checkpoint, write_full_res_stages
+    from diffkt3d.models.full_res import FullResConfig, FullResStage
+
+    torch.set_num_threads(1)
+    enc = load_checkpoint(tiny_checkpoint).encoding
+    stages = {}
+    for target, coarse in (("oar", False), ("dose", True)):
+        config = FullResConfig(target=target, features=(4, 4, 8, 8, 16, 4), crop=(32, 32, 32),
+                               coarse_input=coarse).resolved(enc.modalities)
+        stages[target] = (config, FullResStage(config, enc).state_dict())
+    quality = {t: {"passes": False, "figures": {}} for t in ("oar", "ct")}
+    staged = write_full_res_stages(tiny_checkpoint, tmp_path / "staged.pt", stages,
+                                   meta_updates={"full_res": {"oar": {"step": 7}}})
+    blob = read_checkpoint(staged)
+    blob["meta"]["quality"] = quality  # as a benchmark of the staged model records it
+    torch.save(blob, staged)
+    cfg = dataclasses.replace(tiny_config(tmp_path, data_root, steps_a=1, steps_b=1), init_from=str(staged),
+                              val_roots=[], eval_every=0)
+    final = read_checkpoint(Trainer(cfg, device="cpu").run(resume=False))
+    source = read_checkpoint(staged)
+    assert sorted(final["full_res"]) == ["dose", "oar"]
+    for target in ("dose", "oar"):
+        for k, v in source["full_res"][target]["state_dict"].items():
+            assert torch.equal(final["full_res"][target]["state_dict"][k], v)
+    assert final["meta"]["full_res"]["oar"] == {"step": 7}
+    assert sorted(final["meta"]["quality"]) == ["oar"]  # the DiT changed: ct's record no longer holds
+    assert "full_res" not in read_checkpoint(tmp_path / "run" / "last.pt")  # resumption state: the DiT only
+    # and from scratch there is nothing to carry
+    scratch = dataclasses.replace(cfg, init_from=None, out_dir=str(tmp_path / "scratch"))
+    assert "full_res" not in read_checkpoint(Trainer(scratch, device="cpu").run(resume=False))

@@ -22,7 +22,7 @@ from diffkt3d.errors import ConfigError
 from diffkt3d.flow.matching import FlowConfig, add_noise, sample_timesteps, velocity_target
 from diffkt3d.flow.sampler import sample_with_seeds
 from diffkt3d.io.case_folder import load_case_folder
-from diffkt3d.models.checkpoint import file_digest, load_checkpoint, save_checkpoint
+from diffkt3d.models.checkpoint import carry_full_res_stages, file_digest, load_checkpoint, save_checkpoint
 from diffkt3d.training.reward import advantages_to_r, candidate_reward, group_advantages
 from diffkt3d.training.scardnft.adapter import save_adapter
 from diffkt3d.training.scardnft.config import ScardNFTConfig
@@ -246,6 +246,7 @@ class ScardNFTTrainer:
                       "scardnft": {"base_digest": file_digest(self.base_path), **meta}})
         merged = save_checkpoint(self.out_dir / "merged.pt", merged_model, self.bundle.model.config, self.encoding,
                                  self.bundle.flow_shift, meta=bmeta)
+        carry_full_res_stages(self.base_path, merged)  # the served model's stages stay in the merged model
         result = ScardNFTResult(adapter, merged, iterations, cpu_minutes, self.reward_cfg.item_weights,
                                 self.weight_fit, self.history)
         summary = {"config": self.cfg.to_dict(), "base_model": str(self.base_path), "adapter": str(adapter),
